@@ -1,0 +1,109 @@
+"""Filling typed config dataclasses from YAML files, `key=value` overrides and CLI flags.
+
+Each concern owns its dataclass (ModelConfig in models.py, TaskConfig in tasks, MethodConfig in
+methods, RunConfig in runs.py) and validates itself in `__post_init__`, raising ConfigError with
+one sentence that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad user input, reported as one line naming the problem and the fix."""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], where)
+    if origin is dict:
+        if isinstance(value, str):
+            import yaml
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping like {{a: 1}}, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}={value!r} is not a boolean; use true or false")
+    if tp in (int, float):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} is not a {tp.__name__}; give a number") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def build(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, checking names and types first."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown option {section}.{unknown[0]}; known options of {section}: {', '.join(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings -> {section: {key: value}} (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. method.lr=1e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"config file {path} must map sections (model, task, method, run) to options")
+    return data
+
+
+def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

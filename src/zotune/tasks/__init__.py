@@ -1,0 +1,9 @@
+"""Tasks: data sources, prompt templates and verbalizers -> batches, a loss and a metric.
+
+Tasks know models only through a tokenizer and a forward call; they know no optimizer.
+"""
+
+from zotune.tasks.classification import Batch, ClassificationTask, TaskConfig, build_task
+from zotune.tasks.sources import load_examples
+
+__all__ = ["Batch", "ClassificationTask", "TaskConfig", "build_task", "load_examples"]

@@ -1,0 +1,171 @@
+"""Classification with a prompt template and verbalizer words.
+
+The loss is the cross-entropy over the verbalizer tokens' logits at the last prompt position
+(MeZO's formulation); the metric is accuracy of the arg-max over the same logits.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from zotune.config import ConfigError
+from zotune.tasks.sources import Example, load_examples
+
+RT_VERBALIZER = {"fresh": "great", "rotten": "terrible"}
+
+
+@dataclass
+class TaskConfig:
+    """What to learn: the data, how an example becomes a prompt, and the fixed seeded split.
+
+    The split is fixed by `split_seed`: the data is shuffled once, test examples come first, then
+    dev, then train, so changing a size never moves an example between splits.
+    """
+
+    data: str = "rotten_tomatoes"
+    text_column: str = "text"
+    label_column: str = "label"
+    template: str = "{text} It was"
+    verbalizer: dict[str, str] = field(default_factory=lambda: dict(RT_VERBALIZER))
+    n_train: int = 0  # 0: every example not in dev or test
+    n_dev: int = 200
+    n_test: int = 500
+    split_seed: int = 0
+    max_length: int = 128
+
+    def __post_init__(self):
+        fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        if fields != ["text"]:
+            bad = next((f for f in fields if f != "text"), None)
+            why = f"has an unknown field {{{bad}}}" if bad is not None else "has no {text} field"
+            raise ConfigError(f"task.template={self.template!r} {why}; use exactly one {{text}}, e.g. '{{text}} It was'")
+        if not self.verbalizer or len(self.verbalizer) < 2:
+            raise ConfigError("task.verbalizer needs at least two labels, e.g. {fresh: great, rotten: terrible}")
+        empty = [k for k, v in self.verbalizer.items() if not str(v).strip()]
+        if empty:
+            raise ConfigError(f"task.verbalizer gives label {empty[0]!r} an empty word; give every label a word")
+        for name in ("n_train", "n_dev", "n_test"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"task.{name}={getattr(self, name)} must be >= 0")
+        if self.n_test < 1:
+            raise ConfigError("task.n_test must be >= 1: accuracy before and after is measured on the test split")
+        if self.max_length < 8:
+            raise ConfigError(f"task.max_length={self.max_length} is too short for a prompt; use >= 8 tokens")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last: torch.Tensor  # index of the last real token of each row (right padding)
+    labels: torch.Tensor  # class index into the verbalizer
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.last, self.labels)))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class ClassificationTask:
+    """Splits, tokenization, the verbalizer loss and batched accuracy for one classification task."""
+
+    def __init__(self, cfg: TaskConfig, tokenizer, examples: list[Example]):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.labels = list(cfg.verbalizer)
+        labels_seen = sorted({label for _, label in examples})
+        unmapped = [label for label in labels_seen if label not in cfg.verbalizer]
+        if unmapped:
+            raise ConfigError(
+                f"label {unmapped[0]!r} in {cfg.data} has no verbalizer word; add it to task.verbalizer "
+                f"(labels in the data: {', '.join(labels_seen)})")
+        self.label_token_ids = self._verbalizer_ids()
+        order = list(range(len(examples)))
+        random.Random(cfg.split_seed).shuffle(order)
+        shuffled = [examples[i] for i in order]
+        if cfg.n_test + cfg.n_dev >= len(shuffled):
+            raise ConfigError(
+                f"{cfg.data} has {len(shuffled)} examples, too few for n_test={cfg.n_test} + n_dev={cfg.n_dev} "
+                f"and a train split; lower task.n_test / task.n_dev")
+        self.test = shuffled[: cfg.n_test]
+        self.dev = shuffled[cfg.n_test: cfg.n_test + cfg.n_dev]
+        train = shuffled[cfg.n_test + cfg.n_dev:]
+        self.train = train[: cfg.n_train] if cfg.n_train else train
+
+    def _verbalizer_ids(self) -> list[int]:
+        """First token of each verbalizer word as it follows the prompt (with a leading space)."""
+        ids = []
+        for label in self.labels:
+            word = self.cfg.verbalizer[label]
+            spaced = word if self.cfg.template.endswith((" ", "\n")) or word.startswith(" ") else " " + word
+            tokens = self.tokenizer(spaced, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ConfigError(f"verbalizer word {word!r} of label {label!r} tokenizes to nothing; choose another word")
+            ids.append(tokens[0])
+        if len(set(ids)) < len(ids):
+            raise ConfigError(
+                f"verbalizer words {list(self.cfg.verbalizer.values())} share a first token; choose words that start differently")
+        return ids
+
+    def collate(self, examples: list[Example]) -> Batch:
+        prompts = [self.cfg.template.format(text=text) for text, _ in examples]
+        tok = self.tokenizer
+        # Keep the end of long prompts: the template's suffix is where the answer is read.
+        side, tok.truncation_side = tok.truncation_side, "left"
+        try:
+            enc = tok(prompts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
+        finally:
+            tok.truncation_side = side
+        mask = enc["attention_mask"]
+        if tok.padding_side == "left":  # normalise to right padding: last real token at lengths - 1
+            ids = torch.full_like(enc["input_ids"], tok.pad_token_id)
+            lengths = mask.sum(1)
+            new_mask = torch.zeros_like(mask)
+            for r, n in enumerate(lengths.tolist()):
+                ids[r, :n] = enc["input_ids"][r, mask.shape[1] - n:]
+                new_mask[r, :n] = 1
+            enc = {"input_ids": ids}
+            mask = new_mask
+        last = mask.sum(1) - 1
+        labels = torch.tensor([self.labels.index(label) for _, label in examples])
+        return Batch(enc["input_ids"], mask, last, labels)
+
+    def class_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, C) logits of the verbalizer tokens at each row's last real position.
+
+        The LM head sees only the last position of each row (a pre-hook gathers it), so the
+        head costs one vocabulary projection per row, not one per token.
+        """
+        head = model.get_output_embeddings()
+        rows = torch.arange(len(batch), device=batch.last.device)
+
+        def pick_last(module, args):
+            return (args[0][rows, batch.last].unsqueeze(1),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(pick_last)
+        try:
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            handle.remove()
+        return out.logits[:, -1, self.label_token_ids].float()
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.class_logits(model, batch), batch.labels)
+
+    def batches(self, examples: list[Example], batch_size: int, by_length: bool = False):
+        """Fixed-size batches; `by_length` groups similar lengths to cut padding (evaluation)."""
+        if by_length:
+            lengths = [len(self.tokenizer(self.cfg.template.format(text=t))["input_ids"]) for t, _ in examples]
+            examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
+        for start in range(0, len(examples), batch_size):
+            yield self.collate(examples[start: start + batch_size])
+
+
+def build_task(cfg: TaskConfig, tokenizer) -> ClassificationTask:
+    return ClassificationTask(cfg, tokenizer, load_examples(cfg.data, cfg.text_column, cfg.label_column))
