@@ -1,1 +1,102 @@
-def main(): pass
+"""The `zotune` command: it parses, then calls train.py or bench/. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
+
+# flag -> (section, option): shortcuts for the most used options; any option is also `section.key=value`.
+FLAGS = {
+    "--model": ("model", "name"), "--trainable": ("model", "trainable"), "--dtype": ("model", "dtype"),
+    "--data": ("task", "data"), "--template": ("task", "template"),
+    "--method": ("method", "name"), "--lr": ("method", "lr"), "--eps": ("method", "eps"),
+    "--weight-decay": ("method", "weight_decay"), "--n-directions": ("method", "n_directions"),
+    "--out": ("run", "out"), "--steps": ("run", "steps"), "--batch-size": ("run", "batch_size"),
+    "--eval-every": ("run", "eval_every"), "--seed": ("run", "seed"), "--device": ("run", "device"),
+}
+
+
+def _sections():
+    from zotune.methods import MethodConfig
+    from zotune.models import ModelConfig
+    from zotune.runs import RunConfig
+    from zotune.tasks import TaskConfig
+
+    return {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig}
+
+
+def resolve_configs(config_file: str | None, overrides: list[str], flags: dict[str, dict]) -> dict:
+    """Defaults < YAML file < key=value overrides < flags; every section validated before step 0."""
+    layers = [load_yaml(config_file)] if config_file else []
+    values = merge(*layers, parse_overrides(overrides), flags)
+    sections = _sections()
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(sections)}")
+    return {name: build(cls, values.get(name, {}), name) for name, cls in sections.items()}
+
+
+def _train(args) -> int:
+    from zotune.train import train
+
+    flags: dict[str, dict] = {}
+    for flag, (section, key) in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    cfgs = resolve_configs(args.config, args.overrides, flags)
+    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"])
+    return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
+
+
+def _bench(args) -> int:
+    from zotune.bench.step import run_step_bench
+
+    result = run_step_bench(repeats=args.repeats, batch=args.batch, seq=args.seq, shape=args.shape,
+                            log=(lambda *a, **k: None) if args.json else print)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models with forward passes only.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune (defaults: SmolLM2-135M-Instruct on Rotten Tomatoes, offline)",
+                       description="Options come from defaults, then --config FILE, then section.key=value, then flags.")
+    t.add_argument("--config", help="YAML file with sections model, task, method, run")
+    for flag, (section, key) in FLAGS.items():
+        t.add_argument(flag, default=None, help=f"same as {section}.{key}=VALUE")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. method.lr=1e-3 run.steps=100")
+    t.set_defaults(func=_train)
+
+    b = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    s = bsub.add_parser("step", help="ZO step time / two plain forwards, zotune vs a MeZO-style step")
+    s.add_argument("--shape", default="opt-125m", help="random-weight OPT shape: opt-125m, opt-350m or tiny")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--seq", type=int, default=128)
+    s.add_argument("--repeats", type=int, default=7)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"zotune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

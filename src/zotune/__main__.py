@@ -1,0 +1,5 @@
+import sys
+
+from zotune.cli import main
+
+sys.exit(main())

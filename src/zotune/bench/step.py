@@ -1,0 +1,105 @@
+"""`zotune bench step`: one ZO step / two plain forwards, zotune vs a straightforward MeZO step.
+
+Both are measured side by side in one run, interleaved, on the same random-weight model and batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from zotune.methods import ZOSGD
+
+SHAPES = {  # OPT shapes: (hidden, layers, heads, ffn)
+    "tiny": (64, 2, 4, 256),
+    "opt-125m": (768, 12, 12, 3072),
+    "opt-350m": (1024, 24, 16, 4096),
+}
+
+
+def _model(shape: str):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    hidden, layers, heads, ffn = SHAPES[shape]
+    config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                       word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
+                       dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    return OPTForCausalLM(config).eval()
+
+
+class MezoStep:
+    """The MeZO reference's step: four sweeps, z from the re-seeded global RNG, out-of-place math."""
+
+    def __init__(self, params, lr: float, eps: float, weight_decay: float = 0.0):
+        self.params, self.lr, self.eps, self.wd = list(params), lr, eps, weight_decay
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z * self.eps
+
+    @torch.no_grad()
+    def step(self, closure) -> float:
+        seed = int(torch.randint(0, 2**31, (1,)))
+        self._perturb(seed, 1)
+        plus = float(closure())
+        self._perturb(seed, -2)
+        minus = float(closure())
+        self._perturb(seed, 1)
+        g = (plus - minus) / (2 * self.eps)
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
+            wd = self.wd if p.dim() >= 2 else 0.0
+            p.data = p.data - self.lr * (g * z + wd * p.data)
+        return (plus + minus) / 2
+
+
+def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str = "opt-125m", log=print) -> dict:
+    if shape not in SHAPES:
+        from zotune.config import ConfigError
+        raise ConfigError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    model = _model(shape)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
+
+    def forward():
+        with torch.inference_mode():
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    params = list(model.parameters())
+    zotune = ZOSGD(params, lr=1e-7, eps=1e-3, seed=0)
+    mezo = MezoStep(params, lr=1e-7, eps=1e-3)
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    forward()  # warm-up
+    zotune.step(forward)
+    mezo.step(forward)
+    times: dict[str, list[float]] = {"two_forwards": [], "zotune": [], "mezo": []}
+    log(f"OPT {shape} shape, {n_params / 1e6:.0f}M parameters, batch {batch} x {seq}, fp32, "
+        f"{torch.get_num_threads()} threads, {repeats} interleaved repeats")
+    for _ in range(repeats):
+        times["two_forwards"].append(timed(forward) + timed(forward))
+        times["zotune"].append(timed(lambda: zotune.step(forward)))
+        times["mezo"].append(timed(lambda: mezo.step(forward)))
+    fwd2_min, fwd2_med = min(times["two_forwards"]), statistics.median(times["two_forwards"])
+    result = {"shape": shape, "parameters": n_params, "batch": batch, "seq": seq, "repeats": repeats,
+              "two_forwards_s": round(fwd2_med, 4)}
+    for name in ("zotune", "mezo"):
+        result[f"{name}_step_s"] = round(statistics.median(times[name]), 4)
+        result[f"{name}_ratio"] = round(statistics.median(times[name]) / fwd2_med, 3)
+        result[f"{name}_ratio_min"] = round(min(times[name]) / fwd2_min, 3)
+    log(f"{'':10}{'step s (median)':>17}{'/ two forwards (median)':>25}{'(min / min)':>13}")
+    log(f"{'forwards':10}{fwd2_med:>17.3f}")
+    for name in ("zotune", "mezo"):
+        log(f"{name:10}{result[f'{name}_step_s']:>17.3f}{result[f'{name}_ratio']:>25.2f}{result[f'{name}_ratio_min']:>13.2f}")
+    return result
