@@ -226,7 +226,7 @@ def test_non_finite_loss_stops_with_weights_restored():
     def closure():
         calls.append(1)
         return torch.tensor(float("nan") if len(calls) == 2 else 1.0)
-    with pytest.raises(NonFiniteLossError, match="step 0"):
+    with pytest.raises(NonFiniteLossError, match="step 1"):
         opt.step(closure)
     for a, b in zip(net.parameters(), before):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

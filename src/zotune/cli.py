@@ -87,7 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may stand between flags (`--lr 1e-3 run.steps=5 --out x`): argparse takes the
+    # first run of them positionally and leaves the rest to us.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = args.overrides + extra
     try:
         return args.func(args)
     except ConfigError as e:

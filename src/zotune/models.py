@@ -99,10 +99,29 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
 def load_model(cfg: ModelConfig, log=print):
     """Load (model, tokenizer). GGUF files are converted once to a safetensors cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     source, gguf = resolve_source(cfg)
     dtype = DTYPES[cfg.dtype]
     t0 = time.perf_counter()
+    hf_logging.disable_progress_bar()  # one line from us instead of HF's per-shard bars
+    try:
+        model, tokenizer = _load(cfg, source, gguf, dtype, log)
+    finally:
+        hf_logging.enable_progress_bar()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log(f"loaded {cfg.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{cfg.dtype}) in {time.perf_counter() - t0:.1f}s")
+    return model, tokenizer
+
+
+def _load(cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype, log):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if gguf is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -111,13 +130,6 @@ def load_model(cfg: ModelConfig, log=print):
             raise ConfigError(f"could not load model {cfg.name!r}: {str(e).splitlines()[0]}") from None
     else:
         model, tokenizer = _load_gguf_cached(Path(source) / gguf, dtype, _cache_root(cfg.cache_dir), log)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    log(f"loaded {cfg.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{cfg.dtype}) in {time.perf_counter() - t0:.1f}s")
     return model, tokenizer
 
 

@@ -16,7 +16,7 @@ from zotune.methods import MethodConfig, NonFiniteLossError, make_optimizer
 from zotune.models import ModelConfig, load_model, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.runs import RunConfig, RunFolder
-from zotune.tasks import ClassificationTask, TaskConfig, build_task
+from zotune.tasks import ClassificationTask, TaskConfig, load_examples
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,9 +87,10 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
                       (("model", model_cfg), ("task", task_cfg), ("method", method_cfg), ("run", run_cfg))})
     log(f"run folder: {run.path}")
 
+    examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)  # fail fast
     model, tokenizer = load_model(model_cfg, log=log)
     model.to(device)
-    task = build_task(task_cfg, tokenizer)
+    task = ClassificationTask(task_cfg, tokenizer, examples)
     log(f"task: {task_cfg.data}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test, "
         f"template {task_cfg.template!r}, verbalizer {task_cfg.verbalizer}")
     named = select_trainable(model, model_cfg.trainable, model_cfg.blocks_path)

@@ -106,7 +106,7 @@ class ZOSGD(torch.optim.Optimizer):
                     moved = None
                 if not all(map(math.isfinite, losses)):
                     raise NonFiniteLossError(
-                        f"step {self.steps}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
+                        f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
                         f"the weights were restored; lower lr or eps, or check the data")
         except BaseException:
             if moved is not None:  # e.g. Ctrl-C inside a forward: never leave θ perturbed

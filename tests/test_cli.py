@@ -1,0 +1,147 @@
+"""`zotune train` end to end on a tiny model and tiny data files, and every bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from zotune.cli import main
+
+FAST = ["run.eval_every=2", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu"]
+
+
+def write_csv(path, rows, header="text,label"):
+    path.write_text(header + "\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [(f"film {i} was {'wonderful' if i % 2 else 'awful'}", "pos" if i % 2 else "neg") for i in range(40)]
+    return write_csv(tmp_path / "reviews.csv", rows)
+
+
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+            "task.verbalizer={pos: great, neg: terrible}", *FAST, *extra]
+
+
+def test_train_end_to_end_writes_the_run_folder(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, "--steps", "5", "--lr", "1e-2")) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot" in printed and "fine-tuned" in printed
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "curve.png"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["status"] == "finished"
+    assert 0 <= summary["before"]["accuracy"] <= 1 and 0 <= summary["after"]["accuracy"] <= 1
+    assert summary["seconds"] > 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"]["lr"] == 1e-2 and config["run"]["steps"] == 5
+    assert config["task"]["verbalizer"] == {"pos": "great", "neg": "terrible"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert all(isinstance(r["seed"], int) and len(r["grads"]) == 1 for r in steps)
+    assert [r["step"] for r in rows if "dev_accuracy" in r] == [0, 2, 4, 5]
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_yaml_config_then_overrides_then_flags(tiny_model_dir, data_file, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"method": {"lr": 0.5, "eps": 0.01}, "run": {"steps": 9}}))
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, "--config", str(cfg), "run.steps=2", "--lr", "1e-3")) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["method"]["lr"], config["method"]["eps"], config["run"]["steps"]) == (1e-3, 0.01, 2)
+
+
+def error_of(args, capsys):
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("zotune: error: ")
+    return err[0]
+
+
+def test_missing_model_path(data_file, tmp_path, capsys):
+    err = error_of(train_args(tmp_path / "no-such-model", data_file, tmp_path / "r"), capsys)
+    assert "does not exist" in err and "no-such-model" in err
+
+
+def test_missing_empty_and_columnless_data(tiny_model_dir, tmp_path, capsys):
+    err = error_of(train_args(tiny_model_dir, tmp_path / "nope.csv", tmp_path / "r1"), capsys)
+    assert "nope.csv does not exist" in err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert "has no rows" in error_of(train_args(tiny_model_dir, empty, tmp_path / "r2"), capsys)
+    wrong = write_csv(tmp_path / "wrong.csv", [("a", "pos")], header="review,label")
+    err = error_of(train_args(tiny_model_dir, wrong, tmp_path / "r3"), capsys)
+    assert "no column 'text'" in err and "task.text_column" in err
+
+
+def test_label_without_verbalizer(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "d.csv", [("good", "pos"), ("bad", "neg"), ("meh", "neutral")] * 10)
+    err = error_of(train_args(tiny_model_dir, data, tmp_path / "r"), capsys)
+    assert "'neutral'" in err and "task.verbalizer" in err
+
+
+@pytest.mark.parametrize("override,match", [
+    ("method.eps=0", "method.eps"), ("method.eps=-1e-3", "method.eps"), ("method.lr=-1", "method.lr"),
+    ("method.lr=abc", "not a float"), ("run.steps=-3", "run.steps"), ("method.lrr=1", "unknown option method.lrr"),
+    ("model.trainable=half", "model.trainable"), ("task.template={text} {label}", "unknown field {label}"),
+    ("oops=1", "section.key=value"), ("optim.lr=1", "unknown config section"),
+])
+def test_invalid_values_refused_before_step_0(override, match, tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert match in error_of(train_args(tiny_model_dir, data_file, out, override), capsys)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_existing_run_folder_is_never_overwritten(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, "--steps", "1")) == 0
+    before = (out / "summary.json").read_text()
+    assert "already holds a run" in error_of(train_args(tiny_model_dir, data_file, out, "--steps", "1"), capsys)
+    assert (out / "summary.json").read_text() == before
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.model.norm.weight.data[0] = float("nan")  # what a diverged fp16 run leaves behind
+    model.save_pretrained(broken)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    assert main(train_args(broken, data_file, out, "--steps", "5")) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("step 1: loss is not finite")
+    assert "stopped: step 1" in capsys.readouterr().out
+    assert (out / "config.yaml").exists() and (out / "curve.png").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_log(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "zotune", *train_args(tiny_model_dir, data_file, out, "--steps", "100000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] >= 3
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, summary["steps"] + 1))
+    assert "status interrupted" in stdout

@@ -1,0 +1,92 @@
+"""A matrix over tiny random-weight decoder-only families: blocks, trainable subsets, prefix reuse, ZO."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from zotune import ConfigError, ZOSGD
+from zotune.models import find_blocks, select_trainable
+from zotune.prefix import FrozenPrefix
+from zotune.tasks import ClassificationTask, TaskConfig
+
+EXAMPLES = [(f"review number {i}: {'a wonderful, moving film' if i % 2 else 'a dull and tedious mess'}",
+             "fresh" if i % 2 else "rotten") for i in range(64)]
+
+
+@pytest.fixture(scope="module")
+def task(tokenizer):
+    return ClassificationTask(TaskConfig(data="inline", n_dev=0, n_test=8), tokenizer, EXAMPLES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_blocks_found_by_structure(family):
+    model = tiny_model(family)
+    blocks = find_blocks(model)
+    assert len(blocks) == 3
+    assert len({type(b).__name__ for _, b in blocks}) == 1
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_trainable_subsets(family):
+    model = tiny_model(family)
+    last = select_trainable(model, "last-blocks:1")
+    final = select_trainable(model, "final-norm")
+    assert final and all(p.dim() == 1 for _, p in final)
+    last_block = find_blocks(model)[-1][0]
+    assert {n for n, _ in last} - {n for n, _ in final} == {n for n, _ in model.named_parameters()
+                                                              if n.startswith(last_block + ".")}
+    everything = select_trainable(model, "all")
+    assert len({id(p) for _, p in everything}) == len(everything)  # tied weights listed once
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_frozen_prefix_reuse_is_bit_exact(family, task):
+    model = tiny_model(family)
+    params = [p for _, p in select_trainable(model, "last-blocks:1")]
+    prefix = FrozenPrefix.for_params(model, params)
+    assert prefix is not None and prefix.k == 2
+    batch = task.collate(task.train[:8])
+    with torch.inference_mode():
+        full = task.class_logits(model, batch)
+        prefix.capture(lambda: task.class_logits(model, batch))
+        with prefix.replaying():
+            reused = task.class_logits(model, batch)
+    assert torch.equal(full, reused)
+    assert len(find_blocks(model)) == 3 and all(type(b).__name__ != "_Replay" for _, b in find_blocks(model))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_zo_lowers_training_loss(family, task):
+    model = tiny_model(family)
+    params = [p for _, p in select_trainable(model, "last-blocks:1")]
+    prefix = FrozenPrefix.for_params(model, params)
+    opt = ZOSGD(params, lr=1e-1, eps=1e-3, seed=0)
+    batch = task.collate(task.train[:16])
+
+    def loss():
+        with torch.inference_mode(), prefix.replaying():
+            return task.loss(model, batch)
+
+    prefix.capture(lambda: task.class_logits(model, batch))
+    start = float(loss())
+    for _ in range(60):
+        opt.step(loss)
+    assert float(loss()) < start - 0.05
+
+
+def test_prefix_refused_when_a_trainable_module_runs_early(task):
+    model = tiny_model("llama")  # tied: the trainable LM head is also the input embedding
+    params = [model.get_output_embeddings().weight] + [p for _, p in select_trainable(model, "last-blocks:1")]
+    prefix = FrozenPrefix.for_params(model, params)
+    with pytest.raises(RuntimeError, match="runs before block"):
+        prefix.capture(lambda: task.class_logits(model, task.collate(task.train[:2])))
+
+
+def test_unknown_trainable_spec_and_bad_blocks_path():
+    model = tiny_model("opt")
+    with pytest.raises(ConfigError, match="not understood"):
+        select_trainable(model, "last-blocks:x")
+    with pytest.raises(ConfigError, match="selects no parameter"):
+        select_trainable(model, "re:^nothing$")
+    with pytest.raises(ConfigError, match="ModuleList"):
+        find_blocks(model, "model.decoder.nope")
