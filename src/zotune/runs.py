@@ -18,7 +18,7 @@ class RunConfig:
     """How long to train and where the run goes."""
 
     out: str | None = None  # default: runs/<timestamp>
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     eval_batch_size: int = 32
     eval_every: int = 100  # dev accuracy every N steps (0: only at the end)
