@@ -145,3 +145,14 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_log(tiny_model_dir, data_file, tmp_p
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, summary["steps"] + 1))
     assert "status interrupted" in stdout
+
+
+def test_kept_prefix_outputs_give_the_same_run_as_recomputing(tiny_model_dir, data_file, tmp_path):
+    def losses(out, *extra):
+        assert main(train_args(tiny_model_dir, data_file, out, "--steps", "16", "--lr", "1e-2", *extra)) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["grads"], r["seed"]) for r in rows if "loss" in r]
+    # 28 training examples in batches of 4: 16 steps revisit every batch at least twice.
+    kept = losses(tmp_path / "kept")
+    recomputed = losses(tmp_path / "recomputed", "run.prefix_cache_mb=0")
+    assert kept == recomputed

@@ -90,3 +90,48 @@ def test_unknown_trainable_spec_and_bad_blocks_path():
         select_trainable(model, "re:^nothing$")
     with pytest.raises(ConfigError, match="ModuleList"):
         find_blocks(model, "model.decoder.nope")
+
+
+def test_real_model_loads_from_the_gguf_cache_and_knows_english(tokenizer):
+    from zotune.models import ModelConfig, load_model
+
+    lines = []
+    model, tok = load_model(ModelConfig(), log=lines.append)  # the fixture converted it already
+    assert not any("converting" in line for line in lines)
+    sentence = "The cat sat on the mat because it was warm and comfortable there."
+    shuffled = "mat comfortable The warm sat because and cat there. the on it was"
+
+    def nll(text):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            return float(model(input_ids=ids, labels=ids).loss)
+    assert nll(sentence) + 2.0 < nll(shuffled)
+
+
+def test_missing_gguf_file_is_reported(tmp_path):
+    from zotune.models import ModelConfig, resolve_source
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_source(ModelConfig(name=str(tmp_path / "missing.gguf")))
+
+
+def test_kept_prefix_is_reused_without_running_and_respects_its_budget(task):
+    model = tiny_model("qwen2")
+    params = [p for _, p in select_trainable(model, "last-blocks:1")]
+    batches = [task.collate(task.train[i: i + 4]) for i in (0, 4)]
+    prefix = FrozenPrefix.for_params(model, params, keep_bytes=10**9)
+    runs = []
+
+    def run(b):
+        runs.append(1)
+        return task.class_logits(model, b)
+    prefix.capture(lambda: run(batches[0]), key=0)
+    first = prefix.output
+    prefix.capture(lambda: run(batches[1]), key=1)
+    prefix.capture(lambda: run(batches[0]), key=0)
+    assert len(runs) == 2 and prefix.output is first
+    small = FrozenPrefix.for_params(model, params, keep_bytes=first.numel() * 4)  # room for one batch only
+    small.capture(lambda: run(batches[0]), key=0)
+    small.capture(lambda: run(batches[1]), key=1)
+    small.capture(lambda: run(batches[1]), key=1)
+    assert len(runs) == 5 and small.kept_bytes == first.numel() * 4

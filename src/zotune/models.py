@@ -126,7 +126,7 @@ def _load(cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype, l
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ConfigError(f"could not load model {cfg.name!r}: {str(e).splitlines()[0]}") from None
     else:
         model, tokenizer = _load_gguf_cached(Path(source) / gguf, dtype, _cache_root(cfg.cache_dir), log)

@@ -18,13 +18,14 @@ class RunConfig:
     """How long to train and where the run goes."""
 
     out: str | None = None  # default: runs/<timestamp>
-    steps: int = 300
+    steps: int = 1200
     batch_size: int = 16
     eval_batch_size: int = 32
-    eval_every: int = 100  # dev accuracy every N steps (0: only at the end)
+    eval_every: int = 300  # dev accuracy every N steps (0: only at the end)
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0: torch's default
+    prefix_cache_mb: int = 2048  # frozen-prefix outputs kept across epochs (0: recompute every step)
 
     def __post_init__(self):
         if self.steps < 0:
@@ -35,6 +36,8 @@ class RunConfig:
             raise ConfigError(f"run.eval_every={self.eval_every} must be >= 0 (0 evaluates only at the end)")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
             raise ConfigError(f"run.device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if self.prefix_cache_mb < 0:
+            raise ConfigError(f"run.prefix_cache_mb={self.prefix_cache_mb} must be >= 0 (0 turns the cache off)")
         if self.threads < 0:
             raise ConfigError(f"run.threads={self.threads} must be >= 0")
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -53,7 +54,8 @@ class _StopOnCtrlC:
         self._previous = None
 
     def __enter__(self):
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -68,11 +70,17 @@ class _StopOnCtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _epochs(n: int, seed: int):
-    """Indices of the training set, reshuffled every epoch from an explicit generator."""
+def _batches(n_examples: int, batch_size: int, seed: int):
+    """(batch id, example indices) forever: batches are fixed once, their order reshuffled every epoch.
+
+    Fixed batches let the frozen prefix of each batch be computed once and kept across epochs.
+    """
     gen = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(n_examples, generator=gen).tolist()
+    batches = [shuffled[i: i + batch_size] for i in range(0, n_examples, batch_size)]
     while True:
-        yield from torch.randperm(n, generator=gen).tolist()
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            yield b, batches[b]
 
 
 def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig, run_cfg: RunConfig,
@@ -100,9 +108,10 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
     opt = make_optimizer(method_cfg.name, params, seed=run_cfg.seed,
                          **{k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "name"})
-    prefix = FrozenPrefix.for_params(model, params, model_cfg.blocks_path)
+    prefix = FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
     if prefix is not None:
-        log(f"blocks 0..{prefix.k - 1} are frozen: computed once per step and reused by every probe")
+        log(f"blocks 0..{prefix.k - 1} are frozen: computed once per batch (kept up to {run_cfg.prefix_cache_mb} MiB "
+            f"across epochs) and reused by every probe")
 
     before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test")
     log(f"zero-shot test accuracy {before['accuracy']:.3f} (loss {before['loss']:.4f})")
@@ -113,15 +122,19 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
         run.log({"step": 0, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
         dev_history.append((0, dev["accuracy"]))
 
-    order = _epochs(len(task.train), run_cfg.seed)
+    order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed)
+    collated: dict[int, object] = {}
     status, error, step = "finished", None, 0
     train_started = time.perf_counter()
     bar = tqdm(total=run_cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     with _StopOnCtrlC() as ctrl_c:
         for step in range(1, run_cfg.steps + 1):
-            batch = task.collate([task.train[next(order)] for _ in range(run_cfg.batch_size)]).to(device)
+            batch_id, indices = next(order)
+            if batch_id not in collated:
+                collated[batch_id] = task.collate([task.train[i] for i in indices]).to(device)
+            batch = collated[batch_id]
             if prefix is not None:
-                prefix.capture(lambda: task.class_logits(model, batch))
+                prefix.capture(lambda: task.class_logits(model, batch), key=batch_id)
             replay = prefix.replaying if prefix is not None else contextlib.nullcontext
 
             def closure():

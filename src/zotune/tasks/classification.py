@@ -32,7 +32,7 @@ class TaskConfig:
     label_column: str = "label"
     template: str = "{text} It was"
     verbalizer: dict[str, str] = field(default_factory=lambda: dict(RT_VERBALIZER))
-    n_train: int = 0  # 0: every example not in dev or test
+    n_train: int = 1000  # MeZO's setting; 0: every example not in dev or test
     n_dev: int = 200
     n_test: int = 500
     split_seed: int = 0
