@@ -17,7 +17,7 @@ from zotune.methods import MethodConfig, NonFiniteLossError, make_optimizer
 from zotune.models import ModelConfig, load_model, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.runs import RunConfig, RunFolder
-from zotune.tasks import ClassificationTask, TaskConfig, load_examples
+from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,14 +116,18 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test")
     log(f"zero-shot test accuracy {before['accuracy']:.3f} (loss {before['loss']:.4f})")
     run.log({"step": 0, "test_accuracy": before["accuracy"], "test_loss": before["loss"]})
-    dev_history = []
-    if run_cfg.eval_every and task.dev:
+    track_dev = bool(run_cfg.eval_every and task.dev)
+
+    def log_dev(step: int) -> float:
         dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev")
-        run.log({"step": 0, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
-        dev_history.append((0, dev["accuracy"]))
+        run.log({"step": step, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
+        return dev["accuracy"]
+
+    if track_dev:
+        log_dev(0)
 
     order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed)
-    collated: dict[int, object] = {}
+    collated: dict[int, Batch] = {}
     status, error, step = "finished", None, 0
     train_started = time.perf_counter()
     bar = tqdm(total=run_cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -152,11 +156,8 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
                      "seconds": round(time.perf_counter() - train_started, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update()
-            if run_cfg.eval_every and task.dev and step % run_cfg.eval_every == 0 and step < run_cfg.steps:
-                dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev")
-                run.log({"step": step, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
-                dev_history.append((step, dev["accuracy"]))
-                bar.write(f"step {step}: dev accuracy {dev['accuracy']:.3f}")
+            if track_dev and step % run_cfg.eval_every == 0 and step < run_cfg.steps:
+                bar.write(f"step {step}: dev accuracy {log_dev(step):.3f}")
             if ctrl_c.requested:
                 status = "interrupted"
                 break
@@ -170,9 +171,8 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     if status == "finished":
         after = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "fine-tuned test")
         summary["after"] = after
-        if task.dev and run_cfg.eval_every:
-            dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev")
-            run.log({"step": step, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
+        if track_dev:
+            log_dev(step)
         run.log({"step": step, "test_accuracy": after["accuracy"], "test_loss": after["loss"]})
     else:
         summary["error"] = error or "stopped by Ctrl-C"

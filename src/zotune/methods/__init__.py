@@ -20,7 +20,7 @@ class MethodConfig:
     """Which ZO method and its hyper-parameters."""
 
     name: str = "zosgd"
-    lr: float = 1e-3
+    lr: float = 5e-4
     eps: float = 1e-3
     weight_decay: float = 0.0
     n_directions: int = 1
