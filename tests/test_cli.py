@@ -156,3 +156,9 @@ def test_kept_prefix_outputs_give_the_same_run_as_recomputing(tiny_model_dir, da
     kept = losses(tmp_path / "kept")
     recomputed = losses(tmp_path / "recomputed", "run.prefix_cache_mb=0")
     assert kept == recomputed
+
+
+def test_bench_step_prints_both_ratios_as_json(capsys):
+    assert main(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["zotune_ratio"] > 0 and result["mezo_ratio"] > 0 and result["shape"] == "tiny"
