@@ -37,7 +37,7 @@ class ZOSGD(torch.optim.Optimizer):
 
     Memory stays at inference level: the parameters are moved in place and z is one tensor's
     worth of scratch. `opt.last` holds the StepRecord of the latest step (seed, projected
-    gradients, probe losses, lrs), enough to replay it with `apply_update`.
+    gradients, probe losses, lrs), enough to redo it bit for bit with `replay`.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -73,73 +73,87 @@ class ZOSGD(torch.optim.Optimizer):
         with torch.inference_mode():
             return float(closure())
 
+    def _moves(self):
+        """The in-place moves of one step, in order: (direction, scale, probe after it?).
+
+        Training and replay walk the same list, so replay repeats every rounding of training.
+        With one direction the last move (the restore) is left to `_update`, which fuses it.
+        """
+        eps, n = self.eps, self.n_directions
+        if self.one_sided:
+            yield None, 0.0, True
+        for k in range(n):
+            yield k, eps, True
+            if not self.one_sided:
+                yield k, -2 * eps, True
+            if n > 1:
+                yield k, eps if not self.one_sided else -eps, False
+
+    def _grads(self, losses: list[float]) -> list[float]:
+        eps = self.eps
+        if self.one_sided:
+            return [(plus - losses[0]) / eps for plus in losses[1:]]
+        return [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(self.n_directions)]
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
-        tensors = self._tensors()
-        params = [p for p, _, _ in tensors]
+        params = [p for p, _, _ in self._tensors()]
         seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-        eps, n = self.eps, self.n_directions
         losses: list[float] = []
-        grads: list[float] = []
-        moved: tuple[int, float] | None = None  # (direction, scale) currently applied to θ
+        offset: dict[int, float] = {}  # direction -> scale currently applied to θ
         try:
-            base = self._loss(closure) if self.one_sided else None
-            if base is not None:
-                losses.append(base)
-            for k in range(n):
-                self._directions.sweep(params, seed, k, eps)
-                moved = (k, eps)
-                plus = self._loss(closure)
-                if self.one_sided:
-                    losses.append(plus)
-                    grads.append((plus - base) / eps)
-                else:
-                    self._directions.sweep(params, seed, k, -2 * eps)
-                    moved = (k, -eps)
-                    minus = self._loss(closure)
-                    losses += [plus, minus]
-                    grads.append((plus - minus) / (2 * eps))
-                if n > 1 or not all(map(math.isfinite, losses)):
-                    self._directions.sweep(params, seed, k, -moved[1])
-                    moved = None
-                if not all(map(math.isfinite, losses)):
+            for k, scale, probe in self._moves():
+                if k is not None:
+                    self._directions.sweep(params, seed, k, scale)
+                    offset[k] = offset.get(k, 0.0) + scale
+                if probe:
+                    losses.append(self._loss(closure))
+                if not math.isfinite(losses[-1]):
                     raise NonFiniteLossError(
                         f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
                         f"the weights were restored; lower lr or eps, or check the data")
-        except BaseException:
-            if moved is not None:  # e.g. Ctrl-C inside a forward: never leave θ perturbed
-                self._directions.sweep(params, seed, moved[0], -moved[1])
+        except BaseException:  # a non-finite loss, or e.g. Ctrl-C inside a forward: never leave θ perturbed
+            for k, applied in offset.items():
+                if applied:
+                    self._directions.sweep(params, seed, k, -applied)
             raise
-        # With one direction the restore is fused with the update: z is regenerated once, not twice.
-        for i, (p, lr, wd) in enumerate(tensors):
-            z = None
-            if moved is not None:
-                z = self._directions.z(p, seed, 0, i)
-                p.add_(z, alpha=-moved[1])
-            if wd:
-                p.mul_(1 - lr * wd)
-            for k in range(n):
-                z = z if n == 1 else self._directions.z(p, seed, k, i)
-                p.add_(z, alpha=-lr * grads[k] / n)
-        self.last = StepRecord(self.steps, seed, grads, losses, [g["lr"] for g in self.param_groups])
+        record = StepRecord(self.steps, seed, self._grads(losses), losses, [g["lr"] for g in self.param_groups])
+        self._update(record)
+        self.last = record
         self.steps += 1
         return torch.tensor(sum(losses) / len(losses))
 
     @torch.no_grad()
-    def apply_update(self, record: StepRecord) -> None:
-        """Apply a recorded step's update with no forward at all (replay)."""
-        n = len(record.grads)
+    def replay(self, record: StepRecord) -> None:
+        """Redo a recorded step without any forward: the same moves and update, bit for bit."""
+        params = [p for p, _, _ in self._tensors()]
+        for k, scale, _ in self._moves():
+            if k is not None:
+                self._directions.sweep(params, record.seed, k, scale)
+        self._update(record)
+        self.steps = record.step + 1
+        self.last = record
+
+    def _update(self, record: StepRecord) -> None:
+        """θ_i ← θ_i·(1 − lr·wd) − lr·mean_k g_k z_k,i; with one direction, the restore is fused in."""
+        n, seed = self.n_directions, record.seed
+        restore = (-self.eps if self.one_sided else self.eps) if n == 1 else 0.0
         lrs = record.lrs or [g["lr"] for g in self.param_groups]
         i = 0
         for group, lr in zip(self.param_groups, lrs):
             for p in group["params"]:
                 wd = group["weight_decay"] if p.dim() >= 2 else 0.0
+                z = None
+                if restore:  # z is regenerated once and serves the restore and the update
+                    z = self._directions.z(p, seed, 0, i)
+                    p.add_(z, alpha=restore)
                 if wd:
                     p.mul_(1 - lr * wd)
                 for k in range(n):
-                    p.add_(self._directions.z(p, record.seed, k, i), alpha=-lr * record.grads[k] / n)
+                    z = z if n == 1 and z is not None else self._directions.z(p, seed, k, i)
+                    p.add_(z, alpha=-lr * record.grads[k] / n)
                 i += 1
 
     def state_dict(self):
