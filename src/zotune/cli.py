@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
+from zotune.config import ConfigError, parse_overrides
 
 # flag -> (section, option): shortcuts for the most used options; any option is also `section.key=value`.
 FLAGS = {
@@ -19,28 +19,8 @@ FLAGS = {
 }
 
 
-def _sections():
-    from zotune.methods import MethodConfig
-    from zotune.models import ModelConfig
-    from zotune.runs import RunConfig
-    from zotune.tasks import TaskConfig
-
-    return {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig}
-
-
-def resolve_configs(config_file: str | None, overrides: list[str], flags: dict[str, dict]) -> dict:
-    """Defaults < YAML file < key=value overrides < flags; every section validated before step 0."""
-    layers = [load_yaml(config_file)] if config_file else []
-    values = merge(*layers, parse_overrides(overrides), flags)
-    sections = _sections()
-    unknown = sorted(set(values) - set(sections))
-    if unknown:
-        raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(sections)}")
-    return {name: build(cls, values.get(name, {}), name) for name, cls in sections.items()}
-
-
 def _train(args) -> int:
-    from zotune.train import train
+    from zotune.train import resolve_configs, train
 
     flags: dict[str, dict] = {}
     for flag, (section, key) in FLAGS.items():
@@ -50,6 +30,29 @@ def _train(args) -> int:
     cfgs = resolve_configs(args.config, args.overrides, flags)
     summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"])
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
+
+
+def _resume(args) -> int:
+    from pathlib import Path
+
+    from zotune.train import resolve_configs, train
+
+    config = Path(args.run_dir) / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{args.run_dir} is not a zotune run folder (no config.yaml); pass the folder of a run")
+    changed = parse_overrides(args.overrides)
+    if set(changed) - {"run"}:
+        raise ConfigError("resume takes only run.* overrides (e.g. run.steps=2000): the rest of a run is fixed by its log")
+    cfgs = resolve_configs(config, args.overrides, {"run": {"out": args.run_dir}})
+    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"], resume=True)
+    return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
+
+
+def _rebuild(args) -> int:
+    from zotune.train import rebuild
+
+    rebuild(args.run_dir, args.out, use_snapshots=args.command == "export")
+    return 0
 
 
 def _bench(args) -> int:
@@ -74,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. method.lr=1e-3 run.steps=100")
     t.set_defaults(func=_train)
 
+    r = sub.add_parser("resume", help="continue a stopped or killed run where it stopped, bit for bit")
+    r.add_argument("run_dir")
+    r.add_argument("overrides", nargs="*", metavar="run.key=value", help="e.g. run.steps=2000 to train longer")
+    r.set_defaults(func=_resume)
+    for name, text in (("replay", "rebuild the fine-tuned model from the base model and the step log alone"),
+                       ("export", "write the fine-tuned model as a standard HF folder (snapshot + log)")):
+        e = sub.add_parser(name, help=text)
+        e.add_argument("run_dir")
+        e.add_argument("--out", required=True, help="a new folder for the model")
+        e.set_defaults(func=_rebuild)
+
     b = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bsub = b.add_subparsers(dest="bench", required=True)
     s = bsub.add_parser("step", help="ZO step time / two plain forwards, zotune vs a MeZO-style step")
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may stand between flags (`--lr 1e-3 run.steps=5 --out x`): argparse takes the
     # first run of them positionally and leaves the rest to us.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "resume")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import json
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from zotune.methods import MethodConfig, NonFiniteLossError, make_optimizer
-from zotune.models import ModelConfig, load_model, select_trainable
+from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
+from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer
+from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
-from zotune.runs import RunConfig, RunFolder
+from zotune.runs import RunConfig, RunFolder, is_disk_full, tensor_digest
 from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
+
+SECTIONS = {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig}
+
+
+def resolve_configs(config_file=None, overrides=(), flags=None) -> dict:
+    """Defaults < YAML file < key=value overrides < flags; every section validated before step 0."""
+    layers = [load_yaml(config_file)] if config_file else []
+    values = merge(*layers, parse_overrides(list(overrides)), flags or {})
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+    return {name: build(cls, values.get(name, {}), name) for name, cls in SECTIONS.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,7 +39,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type != "cpu" and not getattr(torch, device.type).is_available():
-        from zotune.config import ConfigError
         raise ConfigError(f"run.device={name!r} is not available on this machine; use run.device=cpu")
     return device
 
@@ -83,56 +96,103 @@ def _batches(n_examples: int, batch_size: int, seed: int):
             yield b, batches[b]
 
 
+class Session:
+    """A loaded model, its trainable tensors and its optimizer, for a new or an existing run."""
+
+    def __init__(self, cfgs: dict, run: RunFolder, device, log):
+        self.cfgs, self.run, self.device, self.log = cfgs, run, device, log
+        model_cfg, method_cfg = cfgs["model"], cfgs["method"]
+        self.model, self.tokenizer = load_model(model_cfg, log=log)
+        self.model.to(device)
+        run.write_base({"model": model_cfg.name, "source": "/".join(str(x) for x in resolve_source(model_cfg) if x),
+                        "hash": tensor_digest(self.model.state_dict().values())})
+        named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
+        self.params = [p for _, p in named]
+        self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed,
+                                  **{k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "name"})
+
+    def restore(self, records: list[StepRecord], use_snapshots: bool = True) -> int:
+        """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
+        self.opt.skip(records)
+        start, note = self.run.latest_snapshot(len(records), self.params) if use_snapshots else (0, None)
+        if note:
+            self.log(note)
+        for rec in tqdm(records[start:], desc="replay", unit="step", leave=False, file=sys.stderr):
+            self.opt.replay(rec)
+        self.log(f"restored step {len(records)}: " + (f"snapshot of step {start}, then " if start else "base weights, then ")
+                 + f"{len(records) - start} steps replayed from the log")
+        return len(records)
+
+
 def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig, run_cfg: RunConfig,
-          log=print) -> dict:
-    """Fine-tune with a ZO method and return the summary written to the run folder."""
+          log=print, resume: bool = False) -> dict:
+    """Fine-tune with a ZO method and return the summary written to the run folder.
+
+    With `resume`, `run_cfg.out` is an existing run: its log is checked (a damaged tail is cut at the
+    last good step), the weights are restored bit for bit, and training continues where it stopped.
+    """
     started = time.perf_counter()
     if run_cfg.threads:
         torch.set_num_threads(run_cfg.threads)
     device = resolve_device(run_cfg.device)
-    run = RunFolder(run_cfg.out)
-    run.write_config({name: dataclasses.asdict(cfg) for name, cfg in
-                      (("model", model_cfg), ("task", task_cfg), ("method", method_cfg), ("run", run_cfg))})
+    run = RunFolder(run_cfg.out, resume=resume)
+    cfgs = {"model": model_cfg, "task": task_cfg, "method": method_cfg, "run": run_cfg}
+    if resume:
+        summary_path = run.path / "summary.json"
+        if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished":
+            raise ConfigError(f"run {run.path} already finished; start a new run with `zotune train --out ...`")
+    run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     log(f"run folder: {run.path}")
 
     examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)  # fail fast
-    model, tokenizer = load_model(model_cfg, log=log)
-    model.to(device)
-    task = ClassificationTask(task_cfg, tokenizer, examples)
+    session = Session(cfgs, run, device, log)
+    model, opt, params = session.model, session.opt, session.params
+    task = ClassificationTask(task_cfg, session.tokenizer, examples)
     log(f"task: {task_cfg.data}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test, "
         f"template {task_cfg.template!r}, verbalizer {task_cfg.verbalizer}")
-    named = select_trainable(model, model_cfg.trainable, model_cfg.blocks_path)
-    params = [p for _, p in named]
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     log(f"trainable ({model_cfg.trainable}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
-    opt = make_optimizer(method_cfg.name, params, seed=run_cfg.seed,
-                         **{k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "name"})
     prefix = FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
     if prefix is not None:
         log(f"blocks 0..{prefix.k - 1} are frozen: computed once per batch (kept up to {run_cfg.prefix_cache_mb} MiB "
             f"across epochs) and reused by every probe")
 
-    before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test")
-    log(f"zero-shot test accuracy {before['accuracy']:.3f} (loss {before['loss']:.4f})")
-    run.log({"step": 0, "test_accuracy": before["accuracy"], "test_loss": before["loss"]})
     track_dev = bool(run_cfg.eval_every and task.dev)
+    is_eval_step = lambda s: track_dev and s % run_cfg.eval_every == 0 and s < run_cfg.steps  # noqa: E731
 
     def log_dev(step: int) -> float:
         dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev")
         run.log({"step": step, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
         return dev["accuracy"]
 
-    if track_dev:
-        log_dev(0)
+    start, before, seconds_before = 0, None, 0.0
+    if resume:
+        records, problem = run.read_steps(repair=True)
+        if problem:
+            log(problem)
+        start = session.restore(records)
+        before, seconds_before = run.rewind_metrics(records, keep_dev=is_eval_step)
+    if before is None:
+        before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test")
+        run.log({"step": 0, "test_accuracy": before["accuracy"], "test_loss": before["loss"], "n": before["n"]})
+    log(f"zero-shot test accuracy {before['accuracy']:.3f} (loss {before['loss']:.4f})")
+    if track_dev:  # a run can stop between a step and its evaluation: evaluate what is missing
+        last_eval = start - start % run_cfg.eval_every
+        if last_eval and not is_eval_step(last_eval):
+            last_eval -= run_cfg.eval_every
+        if not run.has_dev(last_eval):
+            log_dev(last_eval)
 
     order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed)
+    for _ in range(start):  # the data order of the steps already taken
+        next(order)
     collated: dict[int, Batch] = {}
-    status, error, step = "finished", None, 0
+    status, error, step = "finished", None, start
     train_started = time.perf_counter()
-    bar = tqdm(total=run_cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=run_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     with _StopOnCtrlC() as ctrl_c:
-        for step in range(1, run_cfg.steps + 1):
+        for step in range(start + 1, run_cfg.steps + 1):
             batch_id, indices = next(order)
             if batch_id not in collated:
                 collated[batch_id] = task.collate([task.train[i] for i in indices]).to(device)
@@ -152,12 +212,21 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
                 step -= 1
                 break
             rec = opt.last
-            run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],
-                     "seconds": round(time.perf_counter() - train_started, 3)})
+            try:
+                run.append_step(step, rec, loss)  # the checkpoint: from here on, this step is never lost
+                run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],
+                         "seconds": round(seconds_before + time.perf_counter() - train_started, 3)})
+                if is_eval_step(step):
+                    bar.write(f"step {step}: dev accuracy {log_dev(step):.3f}")
+                if run_cfg.snapshot_every and step % run_cfg.snapshot_every == 0:
+                    run.write_snapshot(step, params)
+            except OSError as e:
+                why = "the disk is full" if is_disk_full(e) else e.strerror
+                status, error = "failed", (f"step {step}: could not write to the run folder ({why}); everything logged "
+                                           f"so far is intact: free space, then `zotune resume {run.path}`")
+                break
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update()
-            if track_dev and step % run_cfg.eval_every == 0 and step < run_cfg.steps:
-                bar.write(f"step {step}: dev accuracy {log_dev(step):.3f}")
             if ctrl_c.requested:
                 status = "interrupted"
                 break
@@ -173,16 +242,42 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
         summary["after"] = after
         if track_dev:
             log_dev(step)
-        run.log({"step": step, "test_accuracy": after["accuracy"], "test_loss": after["loss"]})
+        run.log({"step": step, "test_accuracy": after["accuracy"], "test_loss": after["loss"], "n": after["n"]})
+        if run_cfg.snapshot_every and step % run_cfg.snapshot_every:
+            run.write_snapshot(step, params)
     else:
         summary["error"] = error or "stopped by Ctrl-C"
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["forward_passes"] = step * method_cfg.forwards_per_step
-    run.write_summary(summary)
+    try:
+        run.write_summary(summary)
+        run.plot()
+    except OSError as e:
+        log(f"could not write the summary or plot ({e.strerror}); metrics.jsonl and steps.log are intact")
     run.close()
-    run.plot()
     _print_table(summary, log)
     return summary
+
+
+def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
+    """Write the run's fine-tuned model as a standard HF folder (base + snapshot + log, or log alone)."""
+    run = RunFolder(run_dir, resume=True)
+    try:
+        cfgs = resolve_configs(run.path / "config.yaml")
+        session = Session(cfgs, run, resolve_device("cpu"), log)
+        records, problem = run.read_steps()
+        if problem:
+            log(problem)
+        session.restore(records, use_snapshots=use_snapshots)
+    finally:
+        run.close()
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()):
+        raise ConfigError(f"output folder {out} is not empty; pass a new --out")
+    session.model.save_pretrained(out_path)
+    session.tokenizer.save_pretrained(out_path)
+    log(f"wrote {out_path} (step {len(records)}): load it with AutoModelForCausalLM.from_pretrained")
+    return out_path
 
 
 def _print_table(summary: dict, log) -> None:

@@ -100,7 +100,7 @@ class ZOSGD(torch.optim.Optimizer):
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = [p for p, _, _ in self._tensors()]
-        seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        seed = self._next_seed()
         losses: list[float] = []
         offset: dict[int, float] = {}  # direction -> scale currently applied to θ
         try:
@@ -124,6 +124,19 @@ class ZOSGD(torch.optim.Optimizer):
         self.last = record
         self.steps += 1
         return torch.tensor(sum(losses) / len(losses))
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+
+    def skip(self, records: list[StepRecord]) -> None:
+        """Advance the step seeds past recorded steps (on resume), checking that each one matches."""
+        for rec in records:
+            seed = self._next_seed()
+            if seed != rec.seed:
+                raise ConfigError(
+                    f"step {rec.step + 1} of the log was taken with seed {rec.seed}, but this optimizer draws {seed}: "
+                    f"the run's seed or method changed since; resume with the run's own config.yaml")
+        self.steps = len(records)
 
     @torch.no_grad()
     def replay(self, record: StepRecord) -> None:
