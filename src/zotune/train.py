@@ -139,8 +139,10 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     cfgs = {"model": model_cfg, "task": task_cfg, "method": method_cfg, "run": run_cfg}
     if resume:
         summary_path = run.path / "summary.json"
-        if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished":
-            raise ConfigError(f"run {run.path} already finished; start a new run with `zotune train --out ...`")
+        done = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if done.get("status") == "finished" and done.get("steps", 0) >= run_cfg.steps:
+            raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
+                              f"train longer with `zotune resume {run.path} run.steps=N`")
     run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     log(f"run folder: {run.path}")
 

@@ -1,0 +1,228 @@
+"""Runs that never lose work: kill -9 and resume, damaged files, a changed base, a second writer,
+replay and export. Every check compares with an uninterrupted run of the same config."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.cli import main
+from zotune.methods import StepRecord
+from zotune.runs import RunFolder, decode_steps, encode_step
+
+STEPS = 24
+OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=5", "run.snapshot_every=7",
+           "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    path.write_text("text,label\n" + "".join(
+        f"film {i} was {'wonderful' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
+    return path
+
+
+def args(model_dir, data, out, steps=STEPS):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", str(steps), *OPTIONS]
+
+
+def outcome(run):
+    """Everything a finished run leaves that must not depend on interruptions."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds", None)
+    summary = json.loads((run / "summary.json").read_text())
+    final = load_file(run / "snapshots" / f"step-{STEPS:07d}.safetensors")
+    return (run / "steps.log").read_bytes(), rows, summary["after"], summary["steps"], final
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(args(tiny_model_dir, data_file, out)) == 0
+    return outcome(out)
+
+
+def same(a, b):
+    log_a, rows_a, after_a, steps_a, final_a = a
+    log_b, rows_b, after_b, steps_b, final_b = b
+    assert log_a == log_b  # seeds, projected gradients, lrs and losses, bit for bit
+    assert rows_a == rows_b
+    assert after_a == after_b and steps_a == steps_b
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def kill_and_resume(model_dir, data, out, rng):
+    """Start a run, SIGKILL it at a random point, then resume it in this process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "zotune", *args(model_dir, data, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    target = rng.randrange(0, STEPS)
+    log = out / "steps.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and log.stat().st_size >= 41 * target:
+            break
+        time.sleep(0.005)
+    time.sleep(rng.random() * 0.05)  # land anywhere inside a step, a write or an evaluation
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not (out / "config.yaml").exists():  # killed before the run folder existed: start again
+        assert main(args(model_dir, data, out)) == 0
+        return
+    code = main(["resume", str(out)])
+    if code == 2:  # it finished before the kill landed
+        assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_kill_9_anywhere_then_resume_equals_uninterrupted(trial, tiny_model_dir, data_file, tmp_path, reference):
+    out = tmp_path / "run"
+    kill_and_resume(tiny_model_dir, data_file, out, random.Random(trial))
+    same(outcome(out), reference)
+
+
+@pytest.mark.slow
+def test_kill_9_loop_long(tiny_model_dir, data_file, tmp_path, reference):
+    rng = random.Random(1234)
+    for trial in range(25):
+        out = tmp_path / f"run{trial}"
+        kill_and_resume(tiny_model_dir, data_file, out, rng)
+        same(outcome(out), reference)
+
+
+def interrupted_run(model_dir, data, out):
+    """A run of 14 steps (snapshots at 7 and 14), to be resumed up to STEPS steps."""
+    assert main(args(model_dir, data, out, steps=14)) == 0
+
+
+RESUME = ["run.steps=%d" % STEPS]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_step_log_resumes_from_the_last_good_step(damage, tiny_model_dir, data_file, tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    interrupted_run(tiny_model_dir, data_file, out)
+    log = out / "steps.log"
+    data = bytearray(log.read_bytes())
+    if damage == "flip":
+        data[41 * 9 + 20] ^= 0x10  # inside the record of step 10
+    else:
+        data = data[: 41 * 9 + 17]
+    log.write_bytes(bytes(data))
+    assert main(["resume", str(out), *RESUME]) == 0
+    printed = capsys.readouterr().out
+    assert "steps.log is " + ("corrupted (checksum mismatch)" if damage == "flip" else "truncated") + " after step 9" in printed
+    assert "snapshot of step 7, then 2 steps replayed" in printed
+    same(outcome(out), reference)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_snapshot_falls_back_to_an_older_one(damage, tiny_model_dir, data_file, tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    interrupted_run(tiny_model_dir, data_file, out)
+    snap = out / "snapshots" / "step-0000014.safetensors"
+    data = bytearray(snap.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    snap.write_bytes(bytes(data))
+    assert main(["resume", str(out), *RESUME]) == 0
+    printed = capsys.readouterr().out
+    assert "snapshot step-0000014.safetensors is damaged" in printed and "snapshot of step 7" in printed
+    same(outcome(out), reference)
+
+
+def test_damaged_metrics_line_is_rebuilt_from_the_log(tiny_model_dir, data_file, tmp_path, reference):
+    out = tmp_path / "run"
+    interrupted_run(tiny_model_dir, data_file, out)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(rows[:-4]) + "\n" + rows[-4][:10])  # the kill cut a line
+    assert main(["resume", str(out), *RESUME]) == 0
+    same(outcome(out), reference)
+
+
+def test_a_different_base_model_is_refused(tiny_model_dir, data_file, tmp_path, capsys):
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    interrupted_run(model_dir, data_file, out)
+    tiny_model("llama", seed=1).save_pretrained(model_dir)
+    before = (out / "steps.log").read_bytes()
+    capsys.readouterr()
+    assert main(["resume", str(out), *RESUME]) == 2
+    assert "is not the one this run started from" in capsys.readouterr().err
+    assert (out / "steps.log").read_bytes() == before
+
+
+def test_a_second_writer_is_refused(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    interrupted_run(tiny_model_dir, data_file, out)
+    holder = RunFolder(out, resume=True)
+    try:
+        capsys.readouterr()
+        assert main(["resume", str(out), *RESUME]) == 2
+        assert f"is in use by pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        holder.close()
+
+
+def test_full_disk_stops_cleanly_and_resumes(tiny_model_dir, data_file, tmp_path, reference, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    original = RunFolder.append_step
+
+    def fill_up(self, step, record, loss):
+        if step == 11:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, step, record, loss)
+    monkeypatch.setattr(RunFolder, "append_step", fill_up)
+    assert main(args(tiny_model_dir, data_file, out)) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "step 11" in summary["error"] and "disk is full" in summary["error"]
+    assert len(decode_steps((out / "steps.log").read_bytes())[0]) == 10
+    monkeypatch.setattr(RunFolder, "append_step", original)
+    assert main(["resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+def test_replay_and_export_rebuild_the_trained_model(tiny_model_dir, data_file, tmp_path, reference):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(args(tiny_model_dir, data_file, out)) == 0
+    assert main(["replay", str(out), "--out", str(tmp_path / "replayed")]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+    replayed = AutoModelForCausalLM.from_pretrained(tmp_path / "replayed")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    final = reference[4]
+    trainable = [p for n, p in exported.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2.", "model.norm."))]
+    assert len(trainable) == len(final)
+    assert all(torch.equal(p, final[f"t{i}"]) for i, p in enumerate(trainable))  # export == trained, bit for bit
+    for a, b in zip(replayed.state_dict().values(), exported.state_dict().values()):
+        assert torch.equal(a, b)  # the log alone gives the same weights
+    ids = torch.tensor([[1, 500, 600, 700, 800]])
+    with torch.inference_mode():
+        assert torch.equal(replayed(ids).logits, exported(ids).logits)
+        assert not torch.equal(base(ids).logits, exported(ids).logits)
+
+
+def test_log_records_are_small():
+    record = encode_step(20000, StepRecord(19999, 2**61, [0.123456789], [0.7], [1e-6]), 0.7)
+    assert len(record) * 20000 < 1_000_000
+    assert decode_steps(record * 1)[2] is not None  # step 20000 where step 1 is expected: out of order
