@@ -127,13 +127,14 @@ class RunFolder:
                 before = {"accuracy": r["test_accuracy"], "loss": r["test_loss"], "n": r.get("n")}
             elif "loss" in r and 0 < step <= n and step not in seen:
                 seen.add(step)
-                seconds = r.get("seconds") or seconds
+                seconds = max(seconds, r.get("seconds") or 0.0)
             elif not ("dev_accuracy" in r and step <= n and (step == 0 or keep_dev(step))):
                 continue
             kept.append(r)
-        for rec in records[len(seen):]:
-            kept.append({"step": rec.step + 1, "loss": rec.losses[0], "grads": rec.grads, "seed": rec.seed,
-                         "lr": rec.lrs[0], "seconds": None})
+        kept += [{"step": rec.step + 1, "loss": rec.losses[0], "grads": rec.grads, "seed": rec.seed,
+                  "lr": rec.lrs[0], "seconds": None} for rec in records if rec.step + 1 not in seen]
+        # The order an uninterrupted run writes: zero-shot test, then per step its line and its dev eval.
+        kept.sort(key=lambda r: (r["step"], 0 if "test_accuracy" in r else 1 if "loss" in r else 2))
         self._metrics.close()
         self._atomic_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
