@@ -77,6 +77,7 @@ def test_missing_model_path(data_file, tmp_path, capsys):
 def test_missing_empty_and_columnless_data(tiny_model_dir, tmp_path, capsys):
     err = error_of(train_args(tiny_model_dir, tmp_path / "nope.csv", tmp_path / "r1"), capsys)
     assert "nope.csv does not exist" in err
+    assert not (tmp_path / "r1").exists()  # nothing written: the fixed command can use the same --out
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
     assert "has no rows" in error_of(train_args(tiny_model_dir, empty, tmp_path / "r2"), capsys)
@@ -89,6 +90,8 @@ def test_label_without_verbalizer(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "d.csv", [("good", "pos"), ("bad", "neg"), ("meh", "neutral")] * 10)
     err = error_of(train_args(tiny_model_dir, data, tmp_path / "r"), capsys)
     assert "'neutral'" in err and "task.verbalizer" in err
+    fixed = write_csv(tmp_path / "fixed.csv", [("good", "pos"), ("bad", "neg")] * 10)
+    assert main(train_args(tiny_model_dir, fixed, tmp_path / "r", "--steps", "1")) == 0  # the same --out
 
 
 @pytest.mark.parametrize("override,match", [

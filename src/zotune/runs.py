@@ -71,7 +71,8 @@ class RunFolder:
         if resume:
             if not (self.path / "config.yaml").is_file():
                 raise ConfigError(f"{self.path} is not a zotune run folder (no config.yaml); pass the folder of a run")
-        elif (self.path / "summary.json").exists() or (self.path / "metrics.jsonl").exists():
+        elif (self.path / "summary.json").exists() or any(
+                (self.path / name).exists() and (self.path / name).stat().st_size for name in ("steps.log", "metrics.jsonl")):
             raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or `zotune resume {self.path}`")
         try:
             self.path.mkdir(parents=True, exist_ok=True)

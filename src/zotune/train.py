@@ -135,6 +135,9 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     if run_cfg.threads:
         torch.set_num_threads(run_cfg.threads)
     device = resolve_device(run_cfg.device)
+    # Inputs are checked before the run folder exists, so a fixed command can reuse the same --out.
+    resolve_source(model_cfg)
+    examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)
     run = RunFolder(run_cfg.out, resume=resume)
     cfgs = {"model": model_cfg, "task": task_cfg, "method": method_cfg, "run": run_cfg}
     if resume:
@@ -146,7 +149,6 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     log(f"run folder: {run.path}")
 
-    examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)  # fail fast
     session = Session(cfgs, run, device, log)
     model, opt, params = session.model, session.opt, session.params
     task = ClassificationTask(task_cfg, session.tokenizer, examples)
@@ -263,6 +265,9 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
 
 def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
     """Write the run's fine-tuned model as a standard HF folder (base + snapshot + log, or log alone)."""
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()):
+        raise ConfigError(f"output folder {out} is not empty; pass a new --out")
     run = RunFolder(run_dir, resume=True)
     try:
         cfgs = resolve_configs(run.path / "config.yaml")
@@ -273,9 +278,6 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         session.restore(records, use_snapshots=use_snapshots)
     finally:
         run.close()
-    out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()):
-        raise ConfigError(f"output folder {out} is not empty; pass a new --out")
     session.model.save_pretrained(out_path)
     session.tokenizer.save_pretrained(out_path)
     log(f"wrote {out_path} (step {len(records)}): load it with AutoModelForCausalLM.from_pretrained")
