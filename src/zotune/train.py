@@ -100,7 +100,7 @@ class Session:
     """A loaded model, its trainable tensors and its optimizer, for a new or an existing run."""
 
     def __init__(self, cfgs: dict, run: RunFolder, device, log):
-        self.cfgs, self.run, self.device, self.log = cfgs, run, device, log
+        self.run, self.log = run, log
         model_cfg, method_cfg = cfgs["model"], cfgs["method"]
         self.model, self.tokenizer = load_model(model_cfg, log=log)
         self.model.to(device)
