@@ -63,11 +63,9 @@ class ZOSGD(torch.optim.Optimizer):
         self._directions = Directions()
         self.last: StepRecord | None = None
 
-    # -- the parameters, in a fixed order: tensor i of the direction seeds -------------------------
-    def _tensors(self) -> list[tuple[torch.Tensor, float, float]]:
-        """(parameter, lr, weight decay or 0 for dim < 2) for every trainable tensor, in order."""
-        return [(p, g["lr"], g["weight_decay"] if p.dim() >= 2 else 0.0)
-                for g in self.param_groups for p in g["params"]]
+    def _params(self) -> list[torch.Tensor]:
+        """Every trainable tensor in a fixed order: tensor i of the direction seeds."""
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _loss(self, closure: Callable[[], torch.Tensor]) -> float:
         with torch.inference_mode():
@@ -99,7 +97,7 @@ class ZOSGD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
-        params = [p for p, _, _ in self._tensors()]
+        params = self._params()
         seed = self._next_seed()
         losses: list[float] = []
         offset: dict[int, float] = {}  # direction -> scale currently applied to θ
@@ -141,7 +139,7 @@ class ZOSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def replay(self, record: StepRecord) -> None:
         """Redo a recorded step without any forward: the same moves and update, bit for bit."""
-        params = [p for p, _, _ in self._tensors()]
+        params = self._params()
         for k, scale, _ in self._moves():
             if k is not None:
                 self._directions.sweep(params, record.seed, k, scale)

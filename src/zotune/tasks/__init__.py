@@ -3,7 +3,7 @@
 Tasks know models only through a tokenizer and a forward call; they know no optimizer.
 """
 
-from zotune.tasks.classification import Batch, ClassificationTask, TaskConfig, build_task
+from zotune.tasks.classification import Batch, ClassificationTask, TaskConfig
 from zotune.tasks.sources import load_examples
 
-__all__ = ["Batch", "ClassificationTask", "TaskConfig", "build_task", "load_examples"]
+__all__ = ["Batch", "ClassificationTask", "TaskConfig", "load_examples"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
-from zotune.tasks.sources import Example, load_examples
+from zotune.tasks.sources import Example
 
 RT_VERBALIZER = {"fresh": "great", "rotten": "terrible"}
 
@@ -165,7 +165,3 @@ class ClassificationTask:
             examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
         for start in range(0, len(examples), batch_size):
             yield self.collate(examples[start: start + batch_size])
-
-
-def build_task(cfg: TaskConfig, tokenizer) -> ClassificationTask:
-    return ClassificationTask(cfg, tokenizer, load_examples(cfg.data, cfg.text_column, cfg.label_column))
