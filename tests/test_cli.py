@@ -165,3 +165,8 @@ def test_bench_step_prints_both_ratios_as_json(capsys):
     assert main(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["zotune_ratio"] > 0 and result["mezo_ratio"] > 0 and result["shape"] == "tiny"
+
+
+def test_16_bit_training_warns_that_updates_are_lost(tiny_model_dir, data_file, tmp_path, capsys):
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")) == 0
+    assert "warning: the trainable tensors are bfloat16" in capsys.readouterr().out

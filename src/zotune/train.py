@@ -157,6 +157,10 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     log(f"trainable ({model_cfg.trainable}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
+        log(f"warning: the trainable tensors are {model_cfg.dtype}: in-place perturb/restore rounds them by up to "
+            f"{torch.finfo(params[0].dtype).eps:.0e} relative every step and smaller updates are lost; "
+            f"use model.dtype=float32 to train (a 16-bit base with float32 trainable tensors comes with streaming)")
     prefix = FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
     if prefix is not None:
         log(f"blocks 0..{prefix.k - 1} are frozen: computed once per batch (kept up to {run_cfg.prefix_cache_mb} MiB "
