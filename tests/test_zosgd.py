@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zotune import ConfigError, NonFiniteLossError, ZOSGD, make_optimizer
-from zotune.methods.perturb import Directions, direction_seed
+from zotune.methods.perturb import CHUNK, Directions, direction_seed
 
 
 def small_net(seed=0):
@@ -27,11 +27,15 @@ def loss_fn(net, x, y):
 
 
 def materialised_z(params, seed, k):
-    """z for every tensor, drawn independently of zotune's Directions (same seeding scheme)."""
+    """z for every tensor, drawn independently of zotune's Directions (same seeding scheme: chunk c
+    of tensor i from its own seed), sequentially on one thread."""
     out = []
     for i, p in enumerate(params):
-        gen = torch.Generator().manual_seed(direction_seed(seed, k, i))
-        out.append(torch.empty_like(p).normal_(generator=gen))
+        flat = torch.empty(p.numel())
+        for c, start in enumerate(range(0, p.numel(), CHUNK)):
+            gen = torch.Generator().manual_seed(direction_seed(seed, k, i, c))
+            flat[start: start + CHUNK].normal_(generator=gen)
+        out.append(flat.view(p.shape))
     return out
 
 
@@ -269,3 +273,40 @@ def test_step_returns_mean_probe_loss_and_records_seed():
     loss = opt.step(lambda: loss_fn(net, x, y))
     assert math.isclose(float(loss), sum(opt.last.losses) / 2, rel_tol=1e-6)
     assert opt.last.step == 0 and isinstance(opt.last.seed, int) and len(opt.last.grads) == 1
+
+
+def test_multi_chunk_directions_match_the_sequential_reference_whatever_the_threads():
+    from zotune.methods import perturb
+
+    p = torch.zeros(2 * CHUNK + 123)
+    ref = materialised_z([p], 11, 2)[0]
+    for threads in (1, 2, 3):
+        assert torch.equal(Directions(threads=threads).z(p, 11, 2, 0), ref)
+    assert perturb.CHUNK == CHUNK
+
+
+def test_rademacher_directions_are_signs_and_train():
+    p = torch.zeros(CHUNK + 77)
+    z = Directions("rademacher").z(p, 3, 0, 0)
+    assert set(z.unique().tolist()) == {-1.0, 1.0} and abs(float(z.mean())) < 0.01
+    torch.manual_seed(0)
+    target = torch.randn(20)
+    theta = torch.zeros(20)
+    opt = ZOSGD([theta], lr=0.02, eps=1e-3, seed=0, distribution="rademacher")
+    loss = lambda: ((theta - target) ** 2).sum()
+    start = float(loss())
+    for _ in range(300):
+        opt.step(loss)
+    assert float(loss()) < 0.01 * start
+    with pytest.raises(ConfigError, match="distribution"):
+        ZOSGD([theta], distribution="uniform")
+
+
+def test_parameters_that_require_grad_and_span_several_chunks():
+    torch.manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(CHUNK * 2 + 5))  # requires_grad, as in a freshly built model
+    target = torch.randn(CHUNK * 2 + 5)
+    opt = ZOSGD([big], lr=1e-7, eps=1e-3, weight_decay=0.1)
+    before = big.detach().clone()
+    opt.step(lambda: ((big - target) ** 2).sum())
+    assert big.requires_grad and not torch.equal(big.detach(), before)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from zotune.config import ConfigError
+from zotune.methods.perturb import DISTRIBUTIONS
 from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepRecord
 
 METHODS = {"zosgd": ZOSGD}
@@ -25,6 +26,7 @@ class MethodConfig:
     weight_decay: float = 0.0
     n_directions: int = 1
     one_sided: bool = False
+    distribution: str = "gaussian"  # or "rademacher": ±1 directions, cheaper to draw
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -35,6 +37,8 @@ class MethodConfig:
             raise ConfigError(f"method.eps={self.eps} must be a finite number > 0 (e.g. 1e-3)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"method.weight_decay={self.weight_decay} must be a finite number >= 0")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"method.distribution={self.distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
         if self.n_directions < 1:
             raise ConfigError(f"method.n_directions={self.n_directions} must be >= 1")
 
@@ -51,7 +55,8 @@ def make_optimizer(name: str, params, seed: int = 0, **options):
     """`make_optimizer("zosgd", model.parameters(), lr=1e-6, eps=1e-3)`."""
     cfg = MethodConfig(name=name, **options)
     return METHODS[name](params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         n_directions=cfg.n_directions, one_sided=cfg.one_sided, seed=seed)
+                         n_directions=cfg.n_directions, one_sided=cfg.one_sided, seed=seed,
+                         distribution=cfg.distribution)
 
 
 __all__ = ["METHODS", "MethodConfig", "NonFiniteLossError", "StepRecord", "ZOSGD", "list_methods", "make_optimizer"]

@@ -1,17 +1,25 @@
 """Seeded directions and in-place sweeps over parameters: the hot loop of every ZO method.
 
-Direction k of a step with seed s, for trainable tensor i, is regenerated from (s, k, i) with an
-explicit `torch.Generator` on the tensor's device whenever it is needed; it is never stored and the
+Direction k of a step with seed s, for trainable tensor i, is regenerated from (s, k, i) with
+explicit `torch.Generator`s on the tensor's device whenever it is needed; it is never stored and the
 global RNG is never touched, so no other random draw (dropout, sampling) can change it.
+
+A tensor's direction is drawn in fixed chunks of CHUNK values, chunk c from its own seed
+(s, k, i, c). The values therefore do not depend on how many threads draw them, and on CPU the
+chunks of a large tensor are drawn on every core (one `normal_` runs on one thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 _MASK64 = (1 << 64) - 1
+CHUNK = 1 << 20
+DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 def _splitmix64(x: int) -> int:
@@ -21,41 +29,116 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def direction_seed(step_seed: int, direction: int, tensor_index: int) -> int:
-    """A well-mixed 63-bit generator seed for (step seed, direction k, tensor i)."""
+def direction_seed(step_seed: int, direction: int, tensor_index: int, chunk: int = 0) -> int:
+    """A well-mixed 63-bit generator seed for (step seed, direction k, tensor i, chunk c)."""
     h = _splitmix64(step_seed & _MASK64)
     h = _splitmix64(h ^ direction)
     h = _splitmix64(h ^ tensor_index)
+    if chunk:
+        h = _splitmix64(h ^ chunk)
     return h >> 1  # manual_seed wants a value that fits in int64 on every backend
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def draw(out: torch.Tensor, gen: torch.Generator, distribution: str) -> None:
+    """Fill a 1-D `out` with N(0, 1) values, or with ±1 (Rademacher: a valid SPSA direction, cheaper)."""
+    if distribution == "gaussian":
+        out.normal_(generator=gen)
+        return
+    # Rademacher from random bytes: 8 signs per byte, about 3x cheaper than normal_ on CPU.
+    shifts = _SHIFTS.get(out.device)
+    if shifts is None:
+        shifts = _SHIFTS[out.device] = torch.arange(8, dtype=torch.uint8, device=out.device)
+    n = out.numel()
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=out.device).random_(0, 256, generator=gen)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(1), shifts), 1).view(-1)[:n]
+    out.copy_(bits).mul_(2).sub_(1)
 
 
 class Directions:
     """Regenerates z for (step seed, direction, tensor index) into a reused scratch buffer.
 
-    One generator and one scratch buffer per (device, dtype): memory is one tensor's worth of z,
-    whatever the model size.
+    One scratch buffer per (device, dtype): memory is one tensor's worth of z, whatever the model size.
     """
 
-    def __init__(self) -> None:
-        self._generators: dict[torch.device, torch.Generator] = {}
+    def __init__(self, distribution: str = "gaussian", threads: int | None = None) -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution={distribution!r}; use one of {DISTRIBUTIONS}")
+        self.distribution = distribution
+        self.threads = threads or torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._local = threading.local()  # a Generator is not thread-safe: one per thread and device
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gens = getattr(self._local, "gens", None)
+        if gens is None:
+            gens = self._local.gens = {}
+        if device not in gens:
+            gens[device] = torch.Generator(device=device)
+        return gens[device]
+
     def z(self, like: torch.Tensor, step_seed: int, direction: int, tensor_index: int) -> torch.Tensor:
-        """z ~ N(0, I) shaped like `like`. Valid until the next call on the same device and dtype."""
-        device, dtype = like.device, like.dtype
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-        gen.manual_seed(direction_seed(step_seed, direction, tensor_index))
+        """z shaped like `like`. Valid until the next call on the same device and dtype."""
+        device, dtype, n = like.device, like.dtype, like.numel()
         key = (device, dtype)
         buf = self._scratch.get(key)
-        if buf is None or buf.numel() < like.numel():
-            buf = self._scratch[key] = torch.empty(like.numel(), device=device, dtype=dtype)
-        out = buf[: like.numel()].view(like.shape)
-        return out.normal_(generator=gen)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[key] = torch.empty(n, device=device, dtype=dtype)
+        flat = buf[:n]
+
+        def fill(start: int) -> None:
+            gen = self._generator(device)
+            gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
+            draw(flat[start: start + CHUNK], gen, self.distribution)
+
+        starts = range(0, n, CHUNK)
+        if self._pool is not None and device.type == "cpu" and len(starts) > 1:
+            list(self._pool.map(fill, starts))
+        else:
+            for start in starts:
+                fill(start)
+        return flat.view(like.shape)
+
+    def apply(self, p: torch.Tensor, step_seed: int, direction: int, tensor_index: int,
+              fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Call fn(piece of p, the same piece of z) chunk by chunk, in place, on every core.
+
+        Each chunk of z is drawn into a per-thread scratch buffer and used while it is in cache,
+        so z is never materialised for the whole tensor and memory stays at one chunk per thread.
+        """
+        if not p.is_contiguous():
+            fn(p, self.z(p, step_seed, direction, tensor_index))
+            return
+        flat = p.view(-1)
+        device, dtype = p.device, p.dtype
+
+        @torch.no_grad()  # grad mode is per thread: the pool's threads do not inherit the caller's
+        def one(start: int) -> None:
+            scratch = getattr(self._local, "scratch", None)
+            if scratch is None:
+                scratch = self._local.scratch = {}
+            buf = scratch.get((device, dtype))
+            if buf is None:
+                buf = scratch[(device, dtype)] = torch.empty(CHUNK, device=device, dtype=dtype)
+            piece = flat[start: start + CHUNK]
+            z = buf[: piece.numel()]
+            gen = self._generator(device)
+            gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
+            draw(z, gen, self.distribution)
+            fn(piece, z)
+
+        starts = range(0, flat.numel(), CHUNK)
+        if self._pool is not None and device.type == "cpu" and len(starts) > 1:
+            list(self._pool.map(one, starts))
+        else:
+            for start in starts:
+                one(start)
 
     def sweep(self, params: Sequence[torch.Tensor], step_seed: int, direction: int, scale: float) -> None:
         """θ_i += scale · z_i for every tensor, in place."""
         with torch.no_grad():
             for i, p in enumerate(params):
-                p.add_(self.z(p, step_seed, direction, i), alpha=scale)
+                self.apply(p, step_seed, direction, i, lambda piece, z: piece.add_(z, alpha=scale))

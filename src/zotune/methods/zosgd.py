@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zotune.config import ConfigError
-from zotune.methods.perturb import Directions
+from zotune.methods.perturb import DISTRIBUTIONS, Directions
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,6 +33,7 @@ class ZOSGD(torch.optim.Optimizer):
     The closure returns the loss at the current parameters and never calls backward; it runs under
     `torch.inference_mode()`. Per step, with one seed s and z_i regenerated from (s, k, i):
     two-sided: g_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε; one-sided: g_k = (L(θ+εz_k) − L(θ)) / ε;
+    z ~ N(0, I) by default, or ±1 entries with `distribution="rademacher"` (cheaper to draw);
     then θ_i ← θ_i − lr·(wd·θ_i + mean_k g_k·z_k,i), weight decay only for tensors with dim >= 2.
 
     Memory stays at inference level: the parameters are moved in place and z is one tensor's
@@ -41,7 +42,7 @@ class ZOSGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_directions: int = 1, one_sided: bool = False, seed: int = 0):
+                 n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "gaussian"):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ConfigError(f"lr={lr} must be a finite number >= 0 (e.g. 1e-6 for full fine-tuning)")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
@@ -50,6 +51,8 @@ class ZOSGD(torch.optim.Optimizer):
             raise ConfigError(f"weight_decay={weight_decay} must be a finite number >= 0")
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise ConfigError(f"n_directions={n_directions} must be an integer >= 1")
+        if distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"distribution={distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         for group in self.param_groups:
             if group["lr"] < 0 or group["weight_decay"] < 0:
@@ -60,7 +63,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.seed = seed
         self.steps = 0
         self._seeds = torch.Generator().manual_seed(seed)
-        self._directions = Directions()
+        self._directions = Directions(distribution)
         self.last: StepRecord | None = None
 
     def _params(self) -> list[torch.Tensor]:
@@ -156,15 +159,19 @@ class ZOSGD(torch.optim.Optimizer):
         for group, lr in zip(self.param_groups, lrs):
             for p in group["params"]:
                 wd = group["weight_decay"] if p.dim() >= 2 else 0.0
-                z = None
-                if restore:  # z is regenerated once and serves the restore and the update
-                    z = self._directions.z(p, seed, 0, i)
-                    p.add_(z, alpha=restore)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                for k in range(n):
-                    z = z if n == 1 and z is not None else self._directions.z(p, seed, k, i)
-                    p.add_(z, alpha=-lr * record.grads[k] / n)
+                if restore:  # one draw of z serves the restore and the update, chunk by chunk
+                    def fused(piece, z, lr=lr, wd=wd):
+                        piece.add_(z, alpha=restore)
+                        if wd:
+                            piece.mul_(1 - lr * wd)
+                        piece.add_(z, alpha=-lr * record.grads[0])
+                    self._directions.apply(p, seed, 0, i, fused)
+                else:
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    for k in range(n):
+                        step = -lr * record.grads[k] / n
+                        self._directions.apply(p, seed, k, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
                 i += 1
 
     def state_dict(self):
