@@ -135,3 +135,15 @@ def test_kept_prefix_is_reused_without_running_and_respects_its_budget(task):
     small.capture(lambda: run(batches[1]), key=1)
     small.capture(lambda: run(batches[1]), key=1)
     assert len(runs) == 5 and small.kept_bytes == first.numel() * 4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_verbalizer_head_matches_the_full_vocabulary_head(family, task):
+    model = tiny_model(family)
+    head = model.get_output_embeddings()
+    batch = task.collate(task.train[:8])
+    with torch.inference_mode():
+        fast = task.class_logits(model, batch)
+        full = task.class_logits_full_head(model, batch)
+    assert model.get_output_embeddings() is head  # the stand-in is gone after the forward
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)  # a 2-row matmul may round differently

@@ -86,6 +86,7 @@ class ClassificationTask:
                 f"label {unmapped[0]!r} in {cfg.data} has no verbalizer word; add it to task.verbalizer "
                 f"(labels in the data: {', '.join(labels_seen)})")
         self.label_token_ids = self._verbalizer_ids()
+        self._ids_on: dict[torch.device, torch.Tensor] = {}
         order = list(range(len(examples)))
         random.Random(cfg.split_seed).shuffle(order)
         shuffled = [examples[i] for i in order]
@@ -139,9 +140,28 @@ class ClassificationTask:
     def class_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, C) logits of the verbalizer tokens at each row's last real position.
 
-        The LM head sees only the last position of each row (a pre-hook gathers it), so the
-        head costs one vocabulary projection per row, not one per token.
+        The loss needs one position per row and C vocabulary entries, so the LM head computes just
+        those: a linear head is swapped (through HF's own `set_output_embeddings`) for one that
+        projects each row's last position onto the verbalizer rows only. Any other head sees the
+        last positions only, through a pre-hook, and projects onto the whole vocabulary.
         """
+        head = model.get_output_embeddings()
+        if type(head) is nn.Linear:
+            small = _VerbalizerHead(head, self._token_ids(head.weight.device), batch.last)
+            try:
+                model.set_output_embeddings(small)
+            except (AttributeError, NotImplementedError):
+                pass
+            else:
+                try:
+                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                finally:
+                    model.set_output_embeddings(head)
+                return out.logits[:, -1].float()
+        return self.class_logits_full_head(model, batch)
+
+    def class_logits_full_head(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The reference path: the whole vocabulary at each row's last position."""
         head = model.get_output_embeddings()
         rows = torch.arange(len(batch), device=batch.last.device)
 
@@ -155,6 +175,12 @@ class ClassificationTask:
             handle.remove()
         return out.logits[:, -1, self.label_token_ids].float()
 
+    def _token_ids(self, device) -> torch.Tensor:
+        ids = self._ids_on.get(device)
+        if ids is None:
+            ids = self._ids_on[device] = torch.tensor(self.label_token_ids, device=device)
+        return ids
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return nn.functional.cross_entropy(self.class_logits(model, batch), batch.labels)
 
@@ -165,3 +191,20 @@ class ClassificationTask:
             examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
         for start in range(0, len(examples), batch_size):
             yield self.collate(examples[start: start + batch_size])
+
+
+class _VerbalizerHead(nn.Module):
+    """Stands in for a linear LM head during one forward: each row's last real position, projected
+    onto the verbalizer tokens' rows of the head's own (possibly perturbed or tied) weight."""
+
+    def __init__(self, head: nn.Linear, token_ids: torch.Tensor, last: torch.Tensor):
+        super().__init__()
+        self._source = (head,)  # a tuple: not registered as a submodule, so the model's modules stay as they are
+        self.token_ids, self.last = token_ids, last
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self._source[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[rows, self.last].unsqueeze(1)
+        bias = head.bias[self.token_ids] if head.bias is not None else None
+        return nn.functional.linear(picked, head.weight[self.token_ids], bias)
