@@ -162,7 +162,7 @@ def test_kept_prefix_outputs_give_the_same_run_as_recomputing(tiny_model_dir, da
 
 
 def test_bench_step_prints_both_ratios_as_json(capsys):
-    assert main(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1", "--json"]) == 0
+    assert main(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1", "--json", "--no-task"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["zotune_ratio"] > 0 and result["mezo_ratio"] > 0 and result["shape"] == "tiny"
 
@@ -170,3 +170,11 @@ def test_bench_step_prints_both_ratios_as_json(capsys):
 def test_16_bit_training_warns_that_updates_are_lost(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")) == 0
     assert "warning: the trainable tensors are bfloat16" in capsys.readouterr().out
+
+
+def test_bench_task_part_reports_ratios_and_tokens_per_second(tokenizer):
+    from zotune.bench.step import run_task_bench
+
+    result = run_task_bench(repeats=1, log=lambda *a: None)
+    assert result["task_step_kept_ratio"] < result["task_step_recomputed_ratio"] < result["task_step_full_ratio"]
+    assert result["train_tokens_per_s"] > 0 and result["eval_tokens_per_s"] > 0

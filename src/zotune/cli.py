@@ -56,10 +56,12 @@ def _rebuild(args) -> int:
 
 
 def _bench(args) -> int:
-    from zotune.bench.step import run_step_bench
+    from zotune.bench.step import run_step_bench, run_task_bench
 
-    result = run_step_bench(repeats=args.repeats, batch=args.batch, seq=args.seq, shape=args.shape,
-                            log=(lambda *a, **k: None) if args.json else print)
+    log = (lambda *a, **k: None) if args.json else print
+    result = run_step_bench(repeats=args.repeats, batch=args.batch, seq=args.seq, shape=args.shape, log=log)
+    if args.task:
+        result.update(run_task_bench(repeats=min(args.repeats, 5), log=log))
     if args.json:
         print(json.dumps(result))
     return 0
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq", type=int, default=128)
     s.add_argument("--repeats", type=int, default=7)
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--no-task", dest="task", action="store_false",
+                   help="skip the SmolLM2 default-task part (needs the offline model package)")
     s.set_defaults(func=_bench)
     return parser
 

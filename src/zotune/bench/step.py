@@ -115,3 +115,74 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
     for name in steps:
         log(f"{name:18}{result[f'{name}_step_s']:>17.3f}{result[f'{name}_ratio']:>25.2f}{result[f'{name}_ratio_min']:>13.2f}")
     return result
+
+
+def run_task_bench(repeats: int = 5, log=print) -> dict:
+    """The default task on SmolLM2: a ZO step / two plain forwards of the same classification head,
+    with the frozen prefix recomputed every step and kept across epochs, and tokens per second."""
+    from zotune.models import ModelConfig, load_model, select_trainable
+    from zotune.prefix import FrozenPrefix
+    from zotune.tasks import ClassificationTask, TaskConfig, load_examples
+
+    model_cfg, task_cfg = ModelConfig(), TaskConfig()
+    model, tokenizer = load_model(model_cfg, log=lambda *a: None)
+    task = ClassificationTask(task_cfg, tokenizer, load_examples(task_cfg.data))
+    params = [p for _, p in select_trainable(model, model_cfg.trainable)]
+    batch = task.collate(task.train[:16])
+    tokens = int(batch.attention_mask.sum())
+    opt = ZOSGD(params, lr=0.0, eps=1e-3, seed=0)  # lr 0: timing only, the weights stay put
+    prefix = FrozenPrefix.for_params(model, params, keep_bytes=1 << 30)
+
+    def forward():
+        with torch.inference_mode():
+            return task.loss(model, batch)
+
+    def step_recomputed():
+        prefix.capture(lambda: task.class_logits(model, batch))
+        opt.step(lambda: _replaying(prefix, task, model, batch))
+
+    def step_kept():
+        prefix.capture(lambda: task.class_logits(model, batch), key=0)
+        opt.step(lambda: _replaying(prefix, task, model, batch))
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    for fn in (forward, step_recomputed, step_kept):
+        fn()  # warm-up (and the first capture of the kept prefix)
+    times: dict[str, list[float]] = {"two_forwards": [], "step_full": [], "step_recomputed": [], "step_kept": []}
+    for _ in range(repeats):
+        times["two_forwards"].append(timed(forward) + timed(forward))
+        times["step_full"].append(timed(lambda: opt.step(forward)))
+        times["step_recomputed"].append(timed(step_recomputed))
+        times["step_kept"].append(timed(step_kept))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    dev = task.dev
+    t = time.perf_counter()
+    with torch.inference_mode():
+        eval_tokens = 0
+        for b in task.batches(dev, 32, by_length=True):
+            task.class_logits(model, b)
+            eval_tokens += int(b.attention_mask.sum())
+    eval_seconds = time.perf_counter() - t
+    result = {"task_two_forwards_s": round(med["two_forwards"], 4)}
+    for name in ("step_full", "step_recomputed", "step_kept"):
+        result[f"task_{name}_ratio"] = round(med[name] / med["two_forwards"], 3)
+    result["train_tokens_per_s"] = round(tokens / med["step_kept"], 1)
+    result["eval_tokens_per_s"] = round(eval_tokens / eval_seconds, 1)
+    log(f"\nSmolLM2-135M, default task: batch of 16 prompts ({tokens} tokens), last 2 blocks + final norm trainable")
+    log(f"{'':34}{'seconds (median)':>17}{'/ two forwards':>16}")
+    log(f"{'two plain forwards':34}{med['two_forwards']:>17.3f}")
+    for name, text in (("step_full", "step, two full forwards"), ("step_recomputed", "step, prefix once per step"),
+                       ("step_kept", "step, prefix kept across epochs")):
+        log(f"{text:34}{med[name]:>17.3f}{result[f'task_{name}_ratio']:>16.2f}")
+    log(f"training {result['train_tokens_per_s']:.0f} tokens/s (prefix kept); "
+        f"evaluation {result['eval_tokens_per_s']:.0f} tokens/s ({len(dev)} dev prompts, batch 32)")
+    return result
+
+
+def _replaying(prefix, task, model, batch):
+    with prefix.replaying():
+        return task.loss(model, batch)
