@@ -69,6 +69,12 @@ class MezoStep:
         return (plus + minus) / 2
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str = "opt-125m", log=print) -> dict:
     if shape not in SHAPES:
         from zotune.config import ConfigError
@@ -88,11 +94,6 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
              "mezo": MezoStep(params, lr=1e-7, eps=1e-3).step,
              "mezo_original": MezoStep(params, lr=1e-7, eps=1e-3, in_place=False).step}
 
-    def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     forward()  # warm-up
     for step in steps.values():
         step(forward)
@@ -100,9 +101,9 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
     log(f"OPT {shape} shape, {n_params / 1e6:.0f}M parameters, batch {batch} x {seq}, fp32, "
         f"{torch.get_num_threads()} threads, {repeats} interleaved repeats")
     for _ in range(repeats):
-        times["two_forwards"].append(timed(forward) + timed(forward))
+        times["two_forwards"].append(_timed(forward) + _timed(forward))
         for name, step in steps.items():
-            times[name].append(timed(lambda: step(forward)))
+            times[name].append(_timed(lambda: step(forward)))
     fwd2_min, fwd2_med = min(times["two_forwards"]), statistics.median(times["two_forwards"])
     result = {"shape": shape, "parameters": n_params, "batch": batch, "seq": seq, "repeats": repeats,
               "two_forwards_s": round(fwd2_med, 4)}
@@ -145,19 +146,14 @@ def run_task_bench(repeats: int = 5, log=print) -> dict:
         prefix.capture(lambda: task.class_logits(model, batch), key=0)
         opt.step(lambda: _replaying(prefix, task, model, batch))
 
-    def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     for fn in (forward, step_recomputed, step_kept):
         fn()  # warm-up (and the first capture of the kept prefix)
     times: dict[str, list[float]] = {"two_forwards": [], "step_full": [], "step_recomputed": [], "step_kept": []}
     for _ in range(repeats):
-        times["two_forwards"].append(timed(forward) + timed(forward))
-        times["step_full"].append(timed(lambda: opt.step(forward)))
-        times["step_recomputed"].append(timed(step_recomputed))
-        times["step_kept"].append(timed(step_kept))
+        times["two_forwards"].append(_timed(forward) + _timed(forward))
+        times["step_full"].append(_timed(lambda: opt.step(forward)))
+        times["step_recomputed"].append(_timed(step_recomputed))
+        times["step_kept"].append(_timed(step_kept))
     med = {k: statistics.median(v) for k, v in times.items()}
     dev = task.dev
     t = time.perf_counter()
