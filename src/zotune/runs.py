@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -79,9 +78,7 @@ class RunFolder:
             self._lock = (self.path / "lock").open("a+")
         except OSError as e:
             raise ConfigError(f"cannot write the run folder {self.path} ({e.strerror}); pass a writable --out") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _try_lock(self._lock):
             self._lock.seek(0)
             owner = self._lock.read().strip() or "another process"
             raise ConfigError(f"run folder {self.path} is in use by {owner}; wait for it to end or pass another --out") from None
@@ -300,6 +297,21 @@ def tensor_digest(tensors) -> str:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _try_lock(f) -> bool:
+    """An exclusive, non-blocking lock that the OS drops when the process dies."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def is_disk_full(error: OSError) -> bool:
