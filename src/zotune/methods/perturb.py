@@ -58,9 +58,10 @@ def draw(out: torch.Tensor, gen: torch.Generator, distribution: str) -> None:
 
 
 class Directions:
-    """Regenerates z for (step seed, direction, tensor index) into a reused scratch buffer.
+    """Regenerates z for (step seed, direction, tensor index), chunk by chunk.
 
-    One scratch buffer per (device, dtype): memory is one tensor's worth of z, whatever the model size.
+    Sweeps draw each chunk into a per-thread scratch buffer of CHUNK values and apply it while it
+    is in cache: memory is one chunk per thread, whatever the model size.
     """
 
     def __init__(self, distribution: str = "gaussian", threads: int | None = None) -> None:
@@ -70,36 +71,38 @@ class Directions:
         self.threads = threads or torch.get_num_threads()
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._local = threading.local()  # a Generator is not thread-safe: one per thread and device
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gens = getattr(self._local, "gens", None)
-        if gens is None:
-            gens = self._local.gens = {}
-        if device not in gens:
-            gens[device] = torch.Generator(device=device)
-        return gens[device]
+    def _per_thread(self, name: str, key, make):
+        store = getattr(self._local, name, None)
+        if store is None:
+            store = {}
+            setattr(self._local, name, store)
+        if key not in store:
+            store[key] = make()
+        return store[key]
 
-    def z(self, like: torch.Tensor, step_seed: int, direction: int, tensor_index: int) -> torch.Tensor:
-        """z shaped like `like`. Valid until the next call on the same device and dtype."""
-        device, dtype, n = like.device, like.dtype, like.numel()
-        key = (device, dtype)
-        buf = self._scratch.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self._scratch[key] = torch.empty(n, device=device, dtype=dtype)
-        flat = buf[:n]
+    def _each_chunk(self, n: int, device: torch.device, step_seed: int, direction: int, tensor_index: int,
+                    body: Callable[[int, torch.Generator], None]) -> None:
+        """body(start, generator seeded for that chunk) for every chunk, on every core on CPU."""
 
-        def fill(start: int) -> None:
-            gen = self._generator(device)
+        @torch.no_grad()  # grad mode is per thread: the pool's threads do not inherit the caller's
+        def one(start: int) -> None:
+            gen = self._per_thread("gens", device, lambda: torch.Generator(device=device))
             gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
-            draw(flat[start: start + CHUNK], gen, self.distribution)
+            body(start, gen)
 
         starts = range(0, n, CHUNK)
         if self._pool is not None and device.type == "cpu" and len(starts) > 1:
-            list(self._pool.map(fill, starts))
+            list(self._pool.map(one, starts))
         else:
             for start in starts:
-                fill(start)
+                one(start)
+
+    def z(self, like: torch.Tensor, step_seed: int, direction: int, tensor_index: int) -> torch.Tensor:
+        """z shaped like `like`, as a new tensor (for tensors that are not contiguous, and for tests)."""
+        flat = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        self._each_chunk(flat.numel(), like.device, step_seed, direction, tensor_index,
+                         lambda start, gen: draw(flat[start: start + CHUNK], gen, self.distribution))
         return flat.view(like.shape)
 
     def apply(self, p: torch.Tensor, step_seed: int, direction: int, tensor_index: int,
@@ -107,7 +110,7 @@ class Directions:
         """Call fn(piece of p, the same piece of z) chunk by chunk, in place, on every core.
 
         Each chunk of z is drawn into a per-thread scratch buffer and used while it is in cache,
-        so z is never materialised for the whole tensor and memory stays at one chunk per thread.
+        so z is never materialised for the whole tensor.
         """
         if not p.is_contiguous():
             fn(p, self.z(p, step_seed, direction, tensor_index))
@@ -115,27 +118,14 @@ class Directions:
         flat = p.view(-1)
         device, dtype = p.device, p.dtype
 
-        @torch.no_grad()  # grad mode is per thread: the pool's threads do not inherit the caller's
-        def one(start: int) -> None:
-            scratch = getattr(self._local, "scratch", None)
-            if scratch is None:
-                scratch = self._local.scratch = {}
-            buf = scratch.get((device, dtype))
-            if buf is None:
-                buf = scratch[(device, dtype)] = torch.empty(CHUNK, device=device, dtype=dtype)
+        def body(start: int, gen: torch.Generator) -> None:
             piece = flat[start: start + CHUNK]
+            buf = self._per_thread("scratch", (device, dtype), lambda: torch.empty(CHUNK, device=device, dtype=dtype))
             z = buf[: piece.numel()]
-            gen = self._generator(device)
-            gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
             draw(z, gen, self.distribution)
             fn(piece, z)
 
-        starts = range(0, flat.numel(), CHUNK)
-        if self._pool is not None and device.type == "cpu" and len(starts) > 1:
-            list(self._pool.map(one, starts))
-        else:
-            for start in starts:
-                one(start)
+        self._each_chunk(flat.numel(), device, step_seed, direction, tensor_index, body)
 
     def sweep(self, params: Sequence[torch.Tensor], step_seed: int, direction: int, scale: float) -> None:
         """θ_i += scale · z_i for every tensor, in place."""
