@@ -70,15 +70,30 @@ class ZOSGD(torch.optim.Optimizer):
         """Every trainable tensor in a fixed order: tensor i of the direction seeds."""
         return [p for g in self.param_groups for p in g["params"]]
 
+    def indexed(self, tensors=None) -> list[tuple[int, torch.Tensor]]:
+        """(tensor index i, tensor) for every trainable tensor, or for the given subset of them.
+
+        The index fixes the direction seeds, so a subset moved on its own (a streamed block)
+        gets exactly the values it gets in a whole-model step.
+        """
+        pairs = list(enumerate(self._params()))
+        if tensors is None:
+            return pairs
+        wanted = {id(t) for t in tensors}
+        return [(i, p) for i, p in pairs if id(p) in wanted]
+
+    def _group_of(self) -> list[dict]:
+        return [g for g in self.param_groups for _ in g["params"]]
+
     def _loss(self, closure: Callable[[], torch.Tensor]) -> float:
         with torch.inference_mode():
             return float(closure())
 
-    def _moves(self):
+    def moves(self):
         """The in-place moves of one step, in order: (direction, scale, probe after it?).
 
         Training and replay walk the same list, so replay repeats every rounding of training.
-        With one direction the last move (the restore) is left to `_update`, which fuses it.
+        With one direction the last move (the restore) is left to `update`, which fuses it.
         """
         eps, n = self.eps, self.n_directions
         if self.one_sided:
@@ -100,31 +115,55 @@ class ZOSGD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
-        params = self._params()
+        params = self.indexed()
         seed = self._next_seed()
         losses: list[float] = []
         offset: dict[int, float] = {}  # direction -> scale currently applied to θ
         try:
-            for k, scale, probe in self._moves():
+            for k, scale, probe in self.moves():
                 if k is not None:
-                    self._directions.sweep(params, seed, k, scale)
+                    self.move(params, seed, k, scale)
                     offset[k] = offset.get(k, 0.0) + scale
                 if probe:
                     losses.append(self._loss(closure))
-                if not math.isfinite(losses[-1]):
-                    raise NonFiniteLossError(
-                        f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
-                        f"the weights were restored; lower lr or eps, or check the data")
+                    self.check_finite(losses)
         except BaseException:  # a non-finite loss, or e.g. Ctrl-C inside a forward: never leave θ perturbed
-            for k, applied in offset.items():
-                if applied:
-                    self._directions.sweep(params, seed, k, -applied)
+            self.undo(params, seed, offset)
             raise
+        record = self.finish(seed, losses)
+        self.update(params, record)
+        return torch.tensor(sum(losses) / len(losses))
+
+    # The pieces of a step, shared by the whole-model step above, `replay`, and the streaming
+    # engine (which walks them block by block): every caller repeats the same roundings.
+
+    def begin(self) -> int:
+        """The seed of the next step."""
+        return self._next_seed()
+
+    def move(self, indexed: list[tuple[int, torch.Tensor]], seed: int, k: int, scale: float) -> None:
+        """θ_i += scale · z_k,i for the given (i, tensor) pairs, in place."""
+        for i, p in indexed:
+            self._directions.apply(p, seed, k, i, lambda piece, z: piece.add_(z, alpha=scale))
+
+    def undo(self, indexed: list[tuple[int, torch.Tensor]], seed: int, offset: dict[int, float]) -> None:
+        """Take back the moves of a step that will not finish (equal to θ up to float rounding)."""
+        for k, applied in offset.items():
+            if applied:
+                self.move(indexed, seed, k, -applied)
+
+    def check_finite(self, losses: list[float]) -> None:
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteLossError(
+                f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
+                f"the weights were restored; lower lr or eps, or check the data")
+
+    def finish(self, seed: int, losses: list[float]) -> StepRecord:
+        """The record of a step whose probe losses are known; the step counts from here."""
         record = StepRecord(self.steps, seed, self._grads(losses), losses, [g["lr"] for g in self.param_groups])
-        self._update(record)
         self.last = record
         self.steps += 1
-        return torch.tensor(sum(losses) / len(losses))
+        return record
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._seeds))
@@ -140,39 +179,55 @@ class ZOSGD(torch.optim.Optimizer):
         self.steps = len(records)
 
     @torch.no_grad()
-    def replay(self, record: StepRecord) -> None:
-        """Redo a recorded step without any forward: the same moves and update, bit for bit."""
-        params = self._params()
-        for k, scale, _ in self._moves():
-            if k is not None:
-                self._directions.sweep(params, record.seed, k, scale)
-        self._update(record)
-        self.steps = record.step + 1
-        self.last = record
+    def replay(self, record: StepRecord, indexed: list[tuple[int, torch.Tensor]] | None = None) -> None:
+        """Redo a recorded step without any forward: the same moves and update, bit for bit.
 
-    def _update(self, record: StepRecord) -> None:
-        """θ_i ← θ_i·(1 − lr·wd) − lr·mean_k g_k z_k,i; with one direction, the restore is fused in."""
+        With `indexed` (i, tensor) pairs, only those tensors are moved (a streamed block catching up).
+        """
+        params = self.indexed() if indexed is None else indexed
+        for k, scale, _ in self.moves():
+            if k is not None:
+                self.move(params, record.seed, k, scale)
+        self.update(params, record)
+        if indexed is None:
+            self.steps = record.step + 1
+            self.last = record
+
+    def offsets(self) -> dict[int, float]:
+        """Direction -> total scale that a full walk of `moves()` leaves applied (before `update`)."""
+        out: dict[int, float] = {}
+        for k, scale, _ in self.moves():
+            if k is not None:
+                out[k] = out.get(k, 0.0) + scale
+        return out
+
+    def update(self, indexed: list[tuple[int, torch.Tensor]], record: StepRecord) -> None:
+        """θ_i ← θ_i·(1 − lr·wd) − lr·mean_k g_k z_k,i; with one direction, the restore is fused in.
+
+        `indexed` holds (i, tensor) pairs, the tensor at the state the step's moves left it in.
+        """
         n, seed = self.n_directions, record.seed
         restore = (-self.eps if self.one_sided else self.eps) if n == 1 else 0.0
         lrs = record.lrs or [g["lr"] for g in self.param_groups]
-        i = 0
-        for group, lr in zip(self.param_groups, lrs):
-            for p in group["params"]:
-                wd = group["weight_decay"] if p.dim() >= 2 else 0.0
-                if restore:  # one draw of z serves the restore and the update, chunk by chunk
-                    def fused(piece, z, lr=lr, wd=wd):
-                        piece.add_(z, alpha=restore)
-                        if wd:
-                            piece.mul_(1 - lr * wd)
-                        piece.add_(z, alpha=-lr * record.grads[0])
-                    self._directions.apply(p, seed, 0, i, fused)
-                else:
+        groups = self._group_of()
+        group_lr = {id(g): lr for g, lr in zip(self.param_groups, lrs)}
+        for i, p in indexed:
+            group = groups[i]
+            lr = group_lr[id(group)]
+            wd = group["weight_decay"] if p.dim() >= 2 else 0.0
+            if restore:  # one draw of z serves the restore and the update, chunk by chunk
+                def fused(piece, z, lr=lr, wd=wd):
+                    piece.add_(z, alpha=restore)
                     if wd:
-                        p.mul_(1 - lr * wd)
-                    for k in range(n):
-                        step = -lr * record.grads[k] / n
-                        self._directions.apply(p, seed, k, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
-                i += 1
+                        piece.mul_(1 - lr * wd)
+                    piece.add_(z, alpha=-lr * record.grads[0])
+                self._directions.apply(p, seed, 0, i, fused)
+            else:
+                if wd:
+                    p.mul_(1 - lr * wd)
+                for k in range(n):
+                    step = -lr * record.grads[k] / n
+                    self._directions.apply(p, seed, k, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
 
     def state_dict(self):
         state = super().state_dict()

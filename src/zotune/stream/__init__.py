@@ -1,0 +1,16 @@
+"""Block streaming (ZO2): fine-tune models larger than the compute device's memory, or than RAM.
+
+    engine = stream_(model, StreamConfig(tier="cpu"), device)      # blocks to host memory
+    loss = engine.step(opt, closure)                                # one ZO step, each block visited once
+    engine.flush()                                                  # before a checkpoint / at the end
+
+A disk-tier folder is made once (`prepare_folder`, or `zotune stream prepare`) and opened with
+`load_streamed(folder, device)`, which never holds more than a few blocks in memory.
+"""
+
+from zotune.stream.engine import Precision, StreamConfig, StreamEngine, stream_, unstream_
+from zotune.stream.folder import is_stream_folder, load_streamed, prepare_folder, write_folder
+from zotune.stream.tiers import DiskTier, RamTier
+
+__all__ = ["DiskTier", "Precision", "RamTier", "StreamConfig", "StreamEngine", "is_stream_folder", "load_streamed",
+           "prepare_folder", "stream_", "unstream_", "write_folder"]

@@ -1,0 +1,608 @@
+"""The streaming engine: transformer blocks visit the compute device one at a time.
+
+`engine = stream_(model, StreamConfig(...), device)` moves the blocks of any HF decoder-only model to a
+storage tier and puts a forward pre-hook and a forward hook on each block (the model's own forward
+runs unchanged). Then `engine.step(opt, closure)` takes one ZO step that visits each block once:
+
+    fetch block j (block j+1 is fetched in the background meanwhile)
+    apply its pending update from the previous step (regenerating that step's z)
+    for each probe r of the method: move the block to probe r's point, let probe r's forward run
+        through the block (each probe is the user's closure, running in its own thread, held at
+        every block's entry until its turn: "lockstep")
+    write back what changed (in the background) and leave the block at the last probe's point;
+    the restore is fused into the next step's update, exactly as in the whole-model step.
+
+The same moves, in the same order, on the same values as `opt.step(closure)` on a resident model:
+streamed == resident bit for bit. Trainable tensors outside the blocks (final norm, tied embedding)
+stay on the device; each probe sees its own copy of them while it runs.
+
+Outside `step` (evaluation, any forward) a block is fetched on demand, brought up to date and
+released after use. `flush()` brings every block up to date: before a checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zotune.config import ConfigError
+from zotune.models import DTYPES, find_block_list
+from zotune.stream.tiers import BlockState, DiskTier, RamTier
+
+TIERS = ("cpu", "disk")
+
+
+@dataclass
+class StreamConfig:
+    """Where the blocks live and how they travel.
+
+    tier: `cpu` (host memory) or `disk` (a stream folder, `dir`); storage_dtype: how frozen block
+    tensors are stored (default: the model's dtype; trained ones are always kept as float32
+    masters); prefetch: how many blocks are fetched ahead of the one computing.
+    """
+
+    tier: str = "cpu"
+    dir: str | None = None
+    storage_dtype: str | None = None
+    prefetch: int = 1
+
+    def __post_init__(self):
+        if self.tier not in TIERS:
+            raise ConfigError(f"stream.tier={self.tier!r} is not known; use one of {', '.join(TIERS)}")
+        if self.tier == "disk" and not self.dir:
+            raise ConfigError("stream.tier=disk needs stream.dir=<folder for the block files> (--offload-dir)")
+        if self.storage_dtype is not None and self.storage_dtype not in DTYPES:
+            raise ConfigError(f"stream.storage_dtype={self.storage_dtype!r}; use one of {', '.join(DTYPES)}")
+        if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
+            raise ConfigError(f"stream.prefetch={self.prefetch} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision policy, resolved once: how blocks are stored, computed and updated, and why."""
+
+    storage: torch.dtype
+    compute: torch.dtype
+    reason: str
+
+    @classmethod
+    def resolve(cls, storage: torch.dtype, compute: torch.dtype) -> Precision:
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        text = f"blocks stored in {name(storage)}, computed in {name(compute)}"
+        if storage == compute == torch.float32:
+            return cls(storage, compute, text + "; updates applied in float32")
+        return cls(storage, compute, text + "; trained tensors kept as float32 masters on the tier and moved "
+                   "in float32 (a 16-bit value would round away updates of about 1e-7 relative)")
+
+
+def _hollow(p: torch.Tensor) -> torch.Tensor:
+    """A stand-in with p's shape and dtype and one element of storage, for a block that is away."""
+    return torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+
+class _Abort(BaseException):
+    """Raised in a probe thread at a block entry when the step is being abandoned."""
+
+
+class _Worker:
+    """One background thread running transfer jobs in order, with a bounded queue (back-pressure)."""
+
+    def __init__(self, depth: int):
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="zotune-stream", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 -- handed to whoever waits on the future
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+class _Transfers:
+    """Host <-> device copies, device-generic: a side stream and events on an accelerator, plain on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.accel = getattr(torch, device.type) if device.type != "cpu" else None
+        self.stream = self.accel.Stream(device) if self.accel is not None else None
+
+    def to_device(self, host: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]):
+        """(device tensors, event or None); a tensor already right (CPU, same dtype) is used as is."""
+        if self.accel is None:
+            return {n: (t if t.dtype == dtypes[n] else t.to(dtypes[n])) for n, t in host.items()}, None
+        with self.accel.stream(self.stream):
+            out = {n: t.to(self.device, dtypes[n], non_blocking=True) for n, t in host.items()}
+            event = self.stream.record_event()
+        return out, event
+
+    def wait(self, event) -> None:
+        """Make the compute stream wait for a transfer (no host sync)."""
+        if event is not None:
+            self.accel.current_stream(self.device).wait_event(event)
+
+    def mark_compute(self):
+        """An event on the compute stream: a write-back copy must not start before it."""
+        return self.accel.current_stream(self.device).record_event() if self.accel is not None else None
+
+    def to_host(self, tensors: dict[str, torch.Tensor], after) -> dict[str, torch.Tensor]:
+        if self.accel is None:
+            return tensors
+        self.stream.wait_event(after)
+        with self.accel.stream(self.stream):
+            out = {}
+            for n, t in tensors.items():
+                t.record_stream(self.stream)  # the caching allocator must not reuse t before the copy ends
+                out[n] = t.to("cpu", non_blocking=False)
+        return out
+
+
+class _Pool:
+    """Reused host buffers by size (page-locked for an accelerator), so reads never reallocate."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            with self._lock:
+                self._free.setdefault(buf.numel(), []).append(buf)
+
+
+@dataclass
+class _Resident:
+    """A block on the compute device: its tensors by name (float32 masters for trained ones)."""
+
+    tensors: dict[str, torch.Tensor]
+    host: list[torch.Tensor]  # pool buffers to give back after the write-back
+    changed: bool = False
+
+
+class StreamEngine:
+    """Streams a model's blocks; see the module docstring. Made by `stream_`, undone by `unstream_`."""
+
+    def __init__(self, model: nn.Module, tier, layers: nn.ModuleList, device: torch.device,
+                 precision: Precision, prefetch: int = 1, log=print):
+        self.model, self.tier, self.layers, self.device = model, tier, layers, torch.device(device)
+        self.precision, self.prefetch, self.log = precision, prefetch, log
+        self.params: list[dict[str, nn.Parameter]] = [dict(b.named_parameters()) for b in layers]
+        self.states = [tier.get_state(j) for j in range(len(layers))]
+        self.version = 0  # steps completed: a settled block has had this many updates
+        self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
+        self._opt = None
+        self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
+        self._outside: list[tuple[int, nn.Parameter]] = []  # trainable tensors that stay on the device
+        self._resident: dict[int, _Resident] = {}
+        self._fetches: dict[int, Future] = {}
+        self._writes: list[Future] = []
+        self._transfers = _Transfers(self.device)
+        self._pool = _Pool(pin=self._transfers.accel is not None)
+        self._worker = _Worker(depth=2 * prefetch + 2)
+        self._probe = threading.local()  # .lockstep and .r in a probe thread
+        self._step: _Lockstep | None = None
+        self._hooks = []
+        last = len(layers) - 1
+        for j, block in enumerate(layers):
+            self._hooks.append(block.register_forward_pre_hook(lambda m, a, j=j: self._enter(j)))
+            self._hooks.append(block.register_forward_hook(lambda m, a, o, j=j: self._exit(j, j == last)))
+
+    # -- the optimizer ----------------------------------------------------------------------------
+
+    def attach(self, opt) -> None:
+        """Use `opt`'s trainable tensors and tensor indices (its direction seeds)."""
+        if self._opt is opt:
+            return
+        if self._opt is not None:
+            raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
+        index = {id(p): i for i, p in opt.indexed()}
+        in_blocks = set()
+        for j, named in enumerate(self.params):
+            self._trainable[j] = [(index[id(p)], n) for n, p in named.items() if id(p) in index]
+            in_blocks |= {id(p) for p in named.values()}
+            if self._trainable[j]:
+                self.tier.add_masters(j, [n for _, n in self._trainable[j]])
+        self._outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
+        self.version = opt.steps
+        self._opt = opt
+
+    def restore(self, records: list) -> None:
+        """After a resume: the log's records, so that every block can catch up from its own state."""
+        self.history = {r.step: r for r in records}
+
+    # -- fetching, settling, releasing ---------------------------------------------------------------
+
+    def _dtypes(self, j: int) -> dict[str, torch.dtype]:
+        trained = {n for _, n in self._trainable[j]}
+        return {n: (torch.float32 if n in trained else self.precision.compute) for n in self.params[j]}
+
+    def _submit_fetch(self, j: int) -> None:
+        if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
+            def fetch(j=j):
+                host, buffers = self.tier.read(j, self._pool)
+                tensors, event = self._transfers.to_device(host, self._dtypes(j))
+                if event is not None:  # the host buffer is free once the copy is done
+                    event.synchronize()
+                    return tensors, event, [], buffers
+                return tensors, None, buffers, []
+            self._fetches[j] = self._worker.submit(fetch)
+
+    def _arrive(self, j: int) -> _Resident:
+        """Block j on the device, up to date, bound to the model; the next ones fetched meanwhile."""
+        if j in self._resident:
+            return self._resident[j]
+        self._submit_fetch(j)
+        tensors, event, keep, pooled = self._fetches.pop(j).result()
+        for buf in pooled:
+            self._pool.give(buf)
+        self._transfers.wait(event)
+        res = _Resident(tensors, keep)
+        self._resident[j] = res
+        self._settle(j, res)
+        self._bind(j)
+        for ahead in range(1, self.prefetch + 1):
+            self._submit_fetch(j + ahead)
+        return res
+
+    def _pairs(self, j: int) -> list[tuple[int, torch.Tensor]]:
+        res = self._resident[j]
+        return [(i, res.tensors[n]) for i, n in self._trainable[j]]
+
+    def _settle(self, j: int, res: _Resident) -> None:
+        """Apply what block j still owes: the pending update of its last step, or steps it missed."""
+        state, opt = self.states[j], self._opt
+        if opt is None or not self._trainable[j]:
+            return
+        pairs = self._pairs(j)
+        if state.perturbed >= 0:
+            record = self.history.get(state.perturbed)
+            if record is not None:  # the common case: the fused restore + update of the previous step
+                opt.update(pairs, record)
+                state = BlockState(state.perturbed + 1)
+            else:  # that step never finished (a non-finite loss, Ctrl-C, a crash): take its moves back
+                opt.undo(pairs, state.seed, opt.offsets())
+                state = BlockState(state.version)
+            res.changed = True
+        while state.version < self.version:  # a block behind the log (after a resume): catch up exactly
+            record = self.history.get(state.version)
+            if record is None:
+                raise ConfigError(f"block {j} of the stream folder is at step {state.version} but the run log has no "
+                                  f"record of step {state.version + 1}; the folder belongs to another run")
+            opt.replay(record, pairs)
+            state = BlockState(state.version + 1)
+            res.changed = True
+        self.states[j] = state
+
+    def _bind(self, j: int) -> None:
+        res, compute = self._resident[j], self.precision.compute
+        for n, p in self.params[j].items():
+            t = res.tensors[n]
+            p.data = t if t.dtype == compute else t.to(compute)
+
+    def _rebind_trained(self, j: int) -> None:
+        """After a move: a 16-bit compute copy must follow its float32 master."""
+        if self.precision.compute != torch.float32:
+            res = self._resident[j]
+            for _, n in self._trainable[j]:
+                self.params[j][n].data = res.tensors[n].to(self.precision.compute)
+
+    def _leave(self, j: int) -> None:
+        """Unbind block j; write back in the background what changed; give its buffers back."""
+        res = self._resident.pop(j)
+        for p in self.params[j].values():
+            p.data = _hollow(p)
+        state = self.states[j]
+        changed = {n: res.tensors[n] for _, n in self._trainable[j]} if res.changed else {}
+        after = self._transfers.mark_compute() if changed else None
+
+        def write_back(j=j, state=state):
+            if changed:
+                self.tier.set_state(j, BlockState(state.version, state.perturbed, state.seed, writing=True))
+                self.tier.write(j, self._transfers.to_host(changed, after))
+            self.tier.set_state(j, state)
+            for buf in res.host:
+                self._pool.give(buf)
+        self._writes = [f for f in self._writes if not f.done()]
+        self._writes.append(self._worker.submit(write_back))
+
+    def wait(self) -> None:
+        """Block until every write-back has reached the tier (raises the first transfer error)."""
+        for fut in self._writes:
+            fut.result()
+        self._writes = []
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _enter(self, j: int):
+        lockstep = getattr(self._probe, "lockstep", None)
+        if lockstep is not None:
+            lockstep.arrive(self._probe.r, j)
+        elif j not in self._resident:
+            self._arrive(j)
+        return None
+
+    def _exit(self, j: int, last: bool):
+        lockstep = getattr(self._probe, "lockstep", None)
+        if lockstep is not None:
+            if last:
+                lockstep.arrive(self._probe.r, "tail")
+        elif self._step is None:
+            self._leave(j)
+            if last:
+                self._submit_fetch(0)  # the next forward starts with block 0
+        return None
+
+    # -- the ZO step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, opt, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One ZO step of `opt` with every block visited once; returns the mean probe loss."""
+        self.attach(opt)
+        for j in list(self._resident):
+            self._leave(j)
+        step, seed = opt.steps, opt.begin()
+        moves = list(opt.moves())
+        n_probes = sum(1 for *_, probe in moves if probe)
+        outside = self._outside
+        masters = [p.data for _, p in outside]
+        offsets: dict[int, float] = {}
+        # Trainable tensors outside the blocks move once per step; each probe keeps its own copy.
+        views: list[list[torch.Tensor]] = []
+        for k, scale, probe in moves:
+            if k is not None:
+                opt.move(outside, seed, k, scale)
+                offsets[k] = offsets.get(k, 0.0) + scale
+            if probe:  # the last probe can use the tensors themselves if no move follows it
+                last = len(views) == n_probes - 1 and moves[-1][2]
+                views.append(masters if last else [m.clone() for m in masters])
+
+        def show(r: int) -> None:
+            for (_, p), v in zip(outside, views[r]):
+                p.data = v
+
+        lockstep = _Lockstep(self, closure, n_probes)
+        self._step = lockstep
+        block_offsets: dict[int, float] = {}
+        j = -1
+        try:
+            for r in range(n_probes):
+                show(r)
+                lockstep.run(r, expect=0 if len(self.layers) else "tail")
+            for j in range(len(self.layers)):
+                self._arrive(j)
+                pairs, block_offsets, r = self._pairs(j), {}, 0
+                for k, scale, probe in moves:
+                    if k is not None and pairs:
+                        opt.move(pairs, seed, k, scale)
+                        block_offsets[k] = block_offsets.get(k, 0.0) + scale
+                        self._rebind_trained(j)
+                    if probe:
+                        show(r)
+                        lockstep.run(r, expect=j + 1 if j + 1 < len(self.layers) else "tail")
+                        r += 1
+                if pairs:
+                    self._resident[j].changed = True
+                    self.states[j] = BlockState(self.states[j].version, step, seed)
+                self._leave(j)
+                j = -1
+            self._submit_fetch(0)  # the next step (or evaluation) starts with block 0
+            losses = []
+            for r in range(n_probes):
+                show(r)
+                losses.append(float(lockstep.run(r, expect="done")))
+                opt.check_finite(losses)
+        except BaseException:
+            lockstep.abort()
+            if j >= 0 and j in self._resident:  # the block in hand: take back its moves now
+                opt.undo(self._pairs(j), seed, block_offsets)
+                self._rebind_trained(j)
+                self._leave(j)
+            for (_, p), m in zip(outside, masters):
+                p.data = m
+            opt.undo(outside, seed, offsets)  # blocks already visited take theirs back when they next arrive
+            raise
+        finally:
+            self._step = None
+        for (_, p), m in zip(outside, masters):
+            p.data = m
+        record = opt.finish(seed, losses)
+        self.history = {step: record}
+        opt.update(outside, record)
+        self.version = opt.steps
+        return torch.tensor(sum(losses) / len(losses))
+
+    def flush(self) -> None:
+        """Bring every block up to date on the tier: before a checkpoint, an export, the end."""
+        for j in range(len(self.layers)):
+            state = self.states[j]
+            if j in self._resident or state.perturbed >= 0 or (self._trainable[j] and state.version < self.version):
+                self._arrive(j)
+                self._leave(j)
+        self.wait()
+
+    def trained_values(self) -> list[torch.Tensor]:
+        """Every trainable tensor's current value, in the optimizer's order (flushes first)."""
+        self.flush()
+        out: dict[int, torch.Tensor] = {i: p.data for i, p in self._outside}
+        for j, trained in enumerate(self._trainable):
+            if trained:
+                values, _ = self.tier.read(j)
+                for i, n in trained:
+                    out[i] = values[n].clone() if isinstance(self.tier, DiskTier) else values[n]
+        return [out[i] for i in sorted(out)]
+
+    def close(self) -> None:
+        """Flush, stop the worker and remove the hooks (the blocks stay on the tier)."""
+        try:
+            self.flush()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._worker.close()
+            if isinstance(self.tier, DiskTier):
+                self.tier.close()
+
+
+class _Lockstep:
+    """The probe forwards of one step, each in its own thread, advanced one block at a time.
+
+    Exactly one thread runs at any moment (the engine's, or one probe's), so the weights are never
+    read while they move. A probe thread stops at every block entry and after the last block and
+    waits for its turn; `run(r, expect)` lets probe r go and returns where it stopped next.
+    """
+
+    def __init__(self, engine: StreamEngine, closure: Callable, n: int):
+        self.engine, self.closure = engine, closure
+        self._go = [threading.Semaphore(0) for _ in range(n)]
+        self._arrived: queue.Queue = queue.Queue()
+        self._aborting = False
+        self._threads = [threading.Thread(target=self._main, args=(r,), daemon=True, name=f"zotune-probe-{r}")
+                         for r in range(n)]
+        self._started = [False] * n
+        self._finished = [False] * n
+
+    def _main(self, r: int) -> None:
+        self.engine._probe.lockstep, self.engine._probe.r = self, r
+        self._go[r].acquire()
+        try:
+            if self._aborting:
+                raise _Abort
+            with torch.inference_mode():
+                loss = self.closure()
+            self._arrived.put((r, "done", float(loss)))
+        except _Abort:
+            self._arrived.put((r, "aborted", None))
+        except BaseException as e:  # noqa: BLE001 -- raised again in the engine's thread
+            self._arrived.put((r, "error", e))
+
+    def arrive(self, r: int, where) -> None:
+        """Called in probe r's thread at a stop; returns when it is probe r's turn again."""
+        self._arrived.put((r, where, None))
+        self._go[r].acquire()
+        if self._aborting:
+            raise _Abort
+
+    def run(self, r: int, expect):
+        if not self._started[r]:
+            self._started[r] = True
+            self._threads[r].start()
+        self._go[r].release()
+        while True:
+            try:
+                who, where, value = self._arrived.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
+                break
+            except queue.Empty:
+                continue
+        if where == "error":
+            self._finished[r] = True
+            raise value
+        if where in ("done", "aborted"):
+            self._finished[r] = True
+        if who != r or where != expect:
+            got = f"block {where}" if isinstance(where, int) else where
+            want = f"block {expect}" if isinstance(expect, int) else expect
+            raise ConfigError(f"streaming: probe {r} reached {got} where {want} was expected; the closure must run "
+                              f"the model's forward exactly once, through every block in order")
+        return value
+
+    def abort(self) -> None:
+        """Stop every probe thread still inside the model (each raises at its next stop) and join them."""
+        self._aborting = True
+        for r, t in enumerate(self._threads):
+            if self._started[r] and not self._finished[r]:
+                self._go[r].release()
+        for r, t in enumerate(self._threads):
+            if self._started[r]:
+                t.join()
+
+
+def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "cpu", blocks_path: str | None = None,
+            log=print) -> StreamEngine:
+    """Move `model`'s transformer blocks to the tier of `cfg`, in place; returns the engine.
+
+    Everything outside the blocks goes to `device`. With the disk tier, `cfg.dir` is written from
+    the model's current weights, one block at a time (an existing stream folder is refused: load it
+    with `load_streamed` instead).
+    """
+    from zotune.stream.folder import write_folder
+
+    device = torch.device(device)
+    _, layers = find_block_list(model, blocks_path)
+    first = next(iter(layers[0].parameters()))
+    compute = first.dtype
+    storage = DTYPES[cfg.storage_dtype] if cfg.storage_dtype else compute
+    precision = Precision.resolve(storage, compute)
+    _to_device_outside(model, layers, device)
+    if cfg.tier == "cpu":
+        pin = device.type != "cpu"
+        blocks = []
+        for block in layers:
+            stored = {}
+            for n, p in block.named_parameters():
+                t = p.data if p.device.type == "cpu" and p.dtype == storage else p.data.to("cpu", storage)
+                stored[n] = t.pin_memory() if pin else t
+                p.data = _hollow(p) if device.type == "cpu" else _hollow(p).to(device)
+            blocks.append(stored)
+        tier = RamTier(blocks)
+    else:
+        write_folder(model, cfg.dir, storage, blocks_path, log=log)
+        tier = DiskTier(cfg.dir)
+        for block in layers:
+            for p in block.parameters():
+                p.data = _hollow(p.data.to(device) if p.device != device else p.data)
+    log(f"streaming {len(layers)} blocks from {'host memory' if cfg.tier == 'cpu' else cfg.dir}: {precision.reason}")
+    return StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log)
+
+
+def _to_device_outside(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Parameters outside the blocks, and every buffer, to the compute device."""
+    inside = {id(p) for p in layers.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in inside and p.device != device:
+                p.data = p.data.to(device)
+        for module in model.modules():
+            for name, b in module._buffers.items():
+                if b is not None and b.device != device:
+                    module._buffers[name] = b.to(device)
+
+
+def unstream_(model: nn.Module, engine: StreamEngine) -> None:
+    """Bring the blocks back into the model (resident on the compute device) and close the engine."""
+    engine.flush()
+    for j in range(len(engine.layers)):
+        values, _ = engine.tier.read(j)
+        for n, p in engine.params[j].items():
+            p.data = values[n].to(engine.device, engine.precision.compute).clone()
+    engine.close()

@@ -1,0 +1,385 @@
+"""Where streamed blocks live between visits: host memory (`RamTier`) or a folder of block files (`DiskTier`).
+
+A tier stores, for each transformer block, its parameters by name, and a small state per block
+(how many updates it has had, and whether it holds the perturbation of an unfinished step) so that
+the engine can bring any block up to date lazily, and a disk-tier run can resume after a kill.
+
+Trainable tensors are kept as float32 "masters" whatever the storage dtype: MeZO-sized updates
+(about 1e-7 relative) are below a 16-bit format's resolution and would round away.
+
+Disk format (`zotune-stream/1`), one folder:
+- `manifest.json`: the HF config, the blocks path, the storage dtype, a fingerprint, and for each
+  block its file and the (name, shape, dtype, offset) of every tensor;
+- `block-NNNNN.bin`: a 4 KiB header (magic, fingerprint, block index) then the tensors, 64-byte aligned;
+- `block-NNNNN.master.bin` (only with 16-bit storage): the float32 masters of trained tensors;
+- `rest.safetensors`: everything outside the blocks (embeddings, final norm, head, buffers);
+- `state.bin`: one fixed-size record per block (version, perturbed step and seed, writing flag).
+Blocks are read with positional reads into reused buffers, never memory-mapped, so they count
+neither as anonymous memory nor as mapped file pages of the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zotune.config import ConfigError
+from zotune.models import DTYPES
+
+FORMAT = "zotune-stream/1"
+MAGIC = b"ZOTUNE-BLOCK-1\0\0"
+HEADER = 4096
+ALIGN = 64
+_HEADER = struct.Struct("<16s32sq")  # magic, fingerprint (hex digest prefix), block index
+_STATE = struct.Struct("<qqqq")  # version, perturbed step (-1: none), its seed, writing (1) or not (0)
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class BlockState:
+    """How far a stored block is: `version` updates applied, plus maybe the moves of step `perturbed`."""
+
+    version: int = 0
+    perturbed: int = -1  # the step whose probe moves the stored values carry, or -1
+    seed: int = 0  # that step's seed (to take the moves back if the step never finished)
+    writing: bool = False  # set while the block is being written: a crash then leaves it torn
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def layout(named: list[tuple[str, tuple[int, ...], torch.dtype]], start: int = HEADER) -> tuple[list[Spec], int]:
+    """Specs with aligned offsets from `start`, and the end offset."""
+    specs, off = [], start
+    for name, shape, dtype in named:
+        spec = Spec(name, tuple(shape), dtype, off)
+        specs.append(spec)
+        off += (spec.nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return specs, off
+
+
+def _views(buf: torch.Tensor, specs: list[Spec], base: int) -> dict[str, torch.Tensor]:
+    """Typed tensor views into a uint8 buffer that holds the bytes from file offset `base` on."""
+    out = {}
+    for s in specs:
+        raw = buf[s.offset - base: s.offset - base + s.nbytes]
+        out[s.name] = raw.view(s.dtype).view(s.shape)
+    return out
+
+
+class RamTier:
+    """Blocks in host memory (page-locked when the compute device is a GPU, so copies run async).
+
+    `blocks[j]` maps parameter name -> stored tensor. On a CPU compute device with matching dtypes
+    the stored tensors are computed on directly: fetch and write-back cost nothing.
+    """
+
+    kind = "cpu"
+
+    def __init__(self, blocks: list[dict[str, torch.Tensor]]):
+        self.blocks = blocks
+        self.states = [BlockState() for _ in blocks]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def names(self, j: int) -> list[str]:
+        return list(self.blocks[j])
+
+    def add_masters(self, j: int, names: list[str]) -> None:
+        for name in names:
+            if self.blocks[j][name].dtype != torch.float32:
+                t = self.blocks[j][name]
+                self.blocks[j][name] = t.float().pin_memory() if t.is_pinned() else t.float()
+
+    def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """(block j's stored tensors, no pool buffers): nothing is copied."""
+        return dict(self.blocks[j]), []
+
+    def write(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            stored = self.blocks[j][name]
+            if t.data_ptr() != stored.data_ptr():
+                stored.copy_(t, non_blocking=False)
+
+    def get_state(self, j: int) -> BlockState:
+        return self.states[j]
+
+    def set_state(self, j: int, state: BlockState) -> None:
+        self.states[j] = state
+
+    def nbytes(self, j: int) -> int:
+        return sum(t.nbytes for t in self.blocks[j].values())
+
+
+def fingerprint(config: dict, blocks: list[list[tuple[str, tuple, torch.dtype]]]) -> str:
+    """Identifies a model's architecture and tensor layout (not its values): detects foreign shards."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for j, named in enumerate(blocks):
+        for name, shape, dtype in named:
+            h.update(f"{j}:{name}:{tuple(shape)}:{DTYPE_NAMES[dtype]};".encode())
+    return h.hexdigest()
+
+
+class DiskTier:
+    """Blocks in a folder of files, read into reused buffers and written back tensor by tensor."""
+
+    kind = "disk"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.exists():
+            raise ConfigError(f"{self.folder} is not a zotune stream folder (no manifest.json); create one with "
+                              f"`zotune stream prepare --model NAME --out {self.folder}`")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{manifest_path} is damaged ({e}); prepare the folder again") from None
+        if self.manifest.get("format") != FORMAT:
+            raise ConfigError(f"{manifest_path} has format {self.manifest.get('format')!r}, this zotune reads {FORMAT!r}")
+        self.fingerprint = self.manifest["fingerprint"]
+        self.specs: list[list[Spec]] = []
+        self.ends: list[int] = []
+        for j, entry in enumerate(self.manifest["blocks"]):
+            specs = [Spec(t["name"], tuple(t["shape"]), DTYPES[t["dtype"]], t["offset"]) for t in entry["tensors"]]
+            self.specs.append(specs)
+            self.ends.append(entry["end"])
+        self._files = [self._open_block(j) for j in range(len(self.specs))]
+        self.masters: dict[int, list[Spec]] = {}
+        self._master_files: dict[int, object] = {}
+        masters_path = self.folder / "masters.json"
+        if masters_path.exists():
+            for key, names in json.loads(masters_path.read_text()).items():
+                j = int(key)
+                self.masters[j] = layout([(n, self._spec(j, n).shape, torch.float32) for n in names], start=0)[0]
+                self._master_files[j] = self._open(self._master_path(j), self.masters[j][-1].offset
+                                                   + self.masters[j][-1].nbytes if names else 0)
+        self._state_file = self._open_state()
+
+    # -- opening and checking -------------------------------------------------------------------
+
+    def _block_path(self, j: int) -> Path:
+        return self.folder / self.manifest["blocks"][j]["file"]
+
+    def _master_path(self, j: int) -> Path:
+        return self.folder / f"block-{j:05d}.master.bin"
+
+    def _open(self, path: Path, min_size: int):
+        if not path.exists():
+            raise ConfigError(f"{path} is missing from the stream folder {self.folder}; prepare the folder again "
+                              f"(`zotune stream prepare`)")
+        size = path.stat().st_size
+        if size < min_size:
+            raise ConfigError(f"{path} is truncated ({size} of {min_size} bytes); prepare the folder again")
+        try:
+            return open(path, "r+b", buffering=0)
+        except PermissionError:
+            raise ConfigError(f"{path} is read-only: training writes the updated blocks back; copy the folder "
+                              f"somewhere writable or fix its permissions") from None
+
+    def _open_block(self, j: int):
+        path = self._block_path(j)
+        f = self._open(path, self.ends[j])
+        magic, fp, index = _HEADER.unpack(f.read(_HEADER.size))
+        if magic != MAGIC:
+            raise ConfigError(f"{path} is not a zotune block file; prepare the folder again")
+        if fp.decode() != self.fingerprint[:32] or index != j:
+            raise ConfigError(f"{path} belongs to another model or position (fingerprint {fp.decode()[:12]}, block "
+                              f"{index}; this folder expects {self.fingerprint[:12]}, block {j}): "
+                              f"do not mix files of different stream folders")
+        return f
+
+    def _open_state(self):
+        path = self.folder / "state.bin"
+        n = len(self.specs)
+        if not path.exists() or path.stat().st_size != n * _STATE.size:
+            raise ConfigError(f"{path} is missing or damaged; prepare the folder again")
+        try:
+            return open(path, "r+b", buffering=0)
+        except PermissionError:
+            raise ConfigError(f"{path} is read-only: training needs to write to the stream folder") from None
+
+    def _spec(self, j: int, name: str) -> Spec:
+        for s in self.specs[j]:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def names(self, j: int) -> list[str]:
+        return [s.name for s in self.specs[j]]
+
+    def nbytes(self, j: int) -> int:
+        return self.ends[j] - HEADER
+
+    # -- float32 masters for trained tensors stored in 16 bits -------------------------------------
+
+    def add_masters(self, j: int, names: list[str]) -> None:
+        """Make sure every named tensor of block j has a float32 master (created from the stored value)."""
+        have = [s.name for s in self.masters.get(j, [])]
+        missing = [n for n in names if n not in have and self._spec(j, n).dtype != torch.float32]
+        if not missing:
+            return
+        values, _ = self.read(j)  # masters where they exist, stored values otherwise
+        all_names = have + missing
+        specs, end = layout([(n, self._spec(j, n).shape, torch.float32) for n in all_names], start=0)
+        tmp = self._master_path(j).with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.truncate(end)
+            for s in specs:
+                f.seek(s.offset)
+                f.write(values[s.name].float().contiguous().view(torch.uint8).view(-1).numpy().tobytes())
+        os.replace(tmp, self._master_path(j))
+        self.masters[j] = specs
+        self._master_files[j] = self._open(self._master_path(j), end)
+        index = {str(k): [s.name for s in v] for k, v in sorted(self.masters.items())}
+        _atomic_write(self.folder / "masters.json", json.dumps(index))
+
+    # -- reading and writing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _read_into(f, buf: torch.Tensor, offset: int) -> None:
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            f.seek(offset + done)
+            n = f.readinto(view[done:])
+            if not n:
+                raise ConfigError(f"{f.name} ended early: the stream folder is damaged; prepare it again")
+            done += n
+
+    def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """(block j as tensors, masters for trained 16-bit ones; the `pool` buffers they live in)."""
+        size = self.ends[j] - HEADER
+        buf = pool.take(size) if pool is not None else torch.empty(size, dtype=torch.uint8)
+        self._read_into(self._files[j], buf, HEADER)
+        out = _views(buf, self.specs[j], HEADER)
+        for s in self.masters.get(j, []):
+            t = torch.empty(s.shape, dtype=torch.float32, pin_memory=buf.is_pinned())
+            self._read_into(self._master_files[j], t.view(-1).view(torch.uint8), s.offset)
+            out[s.name] = t
+        return out, ([buf] if pool is not None else [])
+
+    def write(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the given (changed) tensors of block j back, each to its master or its stored place."""
+        masters = {s.name: s for s in self.masters.get(j, [])}
+        for name, t in tensors.items():
+            if name in masters:
+                f, spec = self._master_files[j], masters[name]
+            else:
+                f, spec = self._files[j], self._spec(j, name)
+            data = t.detach().to("cpu", spec.dtype).contiguous()
+            view = memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B")
+            try:
+                os.pwrite(f.fileno(), view, spec.offset)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise ConfigError(f"the disk of {self.folder} is full while writing block {j}") from None
+                raise
+
+    def get_state(self, j: int) -> BlockState:
+        raw = os.pread(self._state_file.fileno(), _STATE.size, j * _STATE.size)
+        version, perturbed, seed, writing = _STATE.unpack(raw)
+        return BlockState(version, perturbed, seed, bool(writing))
+
+    def set_state(self, j: int, state: BlockState) -> None:
+        os.pwrite(self._state_file.fileno(), _STATE.pack(state.version, state.perturbed, state.seed, int(state.writing)),
+                  j * _STATE.size)
+
+    def close(self) -> None:
+        for f in [*self._files, *self._master_files.values(), self._state_file]:
+            f.close()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class BlockWriter:
+    """Writes a new stream folder block by block, so no more than one block is ever in memory."""
+
+    def __init__(self, folder: str | Path, config: dict, blocks_path: str,
+                 block_layouts: list[list[tuple[str, tuple, torch.dtype]]], storage_dtype: torch.dtype):
+        self.folder = Path(folder)
+        if (self.folder / "manifest.json").exists():
+            raise ConfigError(f"{self.folder} already holds a stream folder; choose a new --out or delete it first")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to {self.folder} ({e.strerror}); choose a writable folder") from None
+        self.fingerprint = fingerprint(config, block_layouts)
+        self.entries = []
+        self.config, self.blocks_path, self.storage_dtype = config, blocks_path, storage_dtype
+        self.layouts = block_layouts
+        needed = sum(layout(named)[1] for named in block_layouts)
+        free = _free_bytes(self.folder)
+        if free is not None and needed > free:
+            raise ConfigError(f"{self.folder} has {free / 2**30:.1f} GiB free but the blocks need "
+                              f"{needed / 2**30:.1f} GiB; free space or choose another folder")
+
+    def write_block(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
+        specs, end = layout(self.layouts[j])
+        name = f"block-{j:05d}.bin"
+        path = self.folder / name
+        try:
+            with open(path, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, self.fingerprint[:32].encode(), j).ljust(HEADER, b"\0"))
+                for s in specs:
+                    f.seek(s.offset)
+                    t = tensors[s.name].detach().to("cpu", s.dtype).contiguous()
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B"))
+                f.truncate(end)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+            raise ConfigError(f"could not write {path} ({why}); free space or choose another folder") from None
+        self.entries.append({"file": name, "end": end, "tensors": [
+            {"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype], "offset": s.offset} for s in specs]})
+
+    def finish(self, rest: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in rest.items()}, str(self.folder / "rest.safetensors"))
+        (self.folder / "state.bin").write_bytes(
+            b"".join(_STATE.pack(0, -1, 0, 0) for _ in self.entries))
+        _atomic_write(self.folder / "manifest.json", json.dumps({
+            "format": FORMAT, "fingerprint": self.fingerprint, "config": self.config,
+            "blocks_path": self.blocks_path, "storage_dtype": DTYPE_NAMES[self.storage_dtype],
+            "blocks": self.entries}, indent=1))
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except (AttributeError, OSError):
+        return None
+    return st.f_bavail * st.f_frsize
