@@ -198,6 +198,12 @@ class StreamEngine:
         self.precision, self.prefetch, self.log = precision, prefetch, log
         self.params: list[dict[str, nn.Parameter]] = [dict(b.named_parameters()) for b in layers]
         self.states = [tier.get_state(j) for j in range(len(layers))]
+        torn = [j for j, st in enumerate(self.states) if st.writing]
+        if torn:
+            raise ConfigError(
+                f"block(s) {', '.join(map(str, torn))} of {getattr(tier, 'folder', 'the tier')} were being written when the "
+                f"run stopped and are torn; prepare the folder again from the base model and resume: every block "
+                f"then catches up exactly from the run's log")
         self.version = 0  # steps completed: a settled block has had this many updates
         self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
         self._opt = None

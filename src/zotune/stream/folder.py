@@ -50,7 +50,9 @@ def _skeleton(config):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # so that a tied head is one parameter, stored once
+    return model
 
 
 def prepare_folder(folder: str, *, config=None, checkpoint: str | None = None, storage_dtype: str = "float32",
