@@ -16,6 +16,7 @@ FLAGS = {
     "--weight-decay": ("method", "weight_decay"), "--n-directions": ("method", "n_directions"),
     "--out": ("run", "out"), "--steps": ("run", "steps"), "--batch-size": ("run", "batch_size"),
     "--eval-every": ("run", "eval_every"), "--seed": ("run", "seed"), "--device": ("run", "device"),
+    "--offload": ("stream", "tier"), "--offload-dir": ("stream", "dir"),
 }
 
 
@@ -28,7 +29,7 @@ def _train(args) -> int:
         if value is not None:
             flags.setdefault(section, {})[key] = value
     cfgs = resolve_configs(args.config, args.overrides, flags)
-    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"])
+    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"], stream_cfg=cfgs["stream"])
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
@@ -44,7 +45,7 @@ def _resume(args) -> int:
     if set(changed) - {"run"}:
         raise ConfigError("resume takes only run.* overrides (e.g. run.steps=2000): the rest of a run is fixed by its log")
     cfgs = resolve_configs(config, args.overrides, {"run": {"out": args.run_dir}})
-    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"], resume=True)
+    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"], resume=True, stream_cfg=cfgs["stream"])
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
@@ -64,6 +65,21 @@ def _bench(args) -> int:
         result.update(run_task_bench(repeats=min(args.repeats, 5), log=log))
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def _prepare(args) -> int:
+    from zotune.models import ModelConfig, checkpoint_folder
+    from zotune.shapes import random_config
+    from zotune.stream import prepare_folder
+
+    if args.random:
+        config = random_config(args.random, **({"num_hidden_layers": args.layers} if args.layers else {}))
+        prepare_folder(args.out, config=config, storage_dtype=args.storage_dtype, seed=args.seed)
+    else:
+        prepare_folder(args.out, checkpoint=str(checkpoint_folder(ModelConfig(name=args.model))),
+                       storage_dtype=args.storage_dtype)
+    print(f"train on it with: zotune train --model {args.out}")
     return 0
 
 
@@ -89,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("run_dir")
         e.add_argument("--out", required=True, help="a new folder for the model")
         e.set_defaults(func=_rebuild)
+
+    st = sub.add_parser("stream", help="block streaming: prepare a disk-tier folder")
+    stsub = st.add_subparsers(dest="stream", required=True)
+    p = stsub.add_parser("prepare", help="write a model's blocks to a stream folder, one block at a time",
+                         description="From a model (built-in name, local folder, .gguf) or with random weights "
+                                     "of a named shape; never holds more than one block in memory.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model zotune can load: built-in name, local folder or .gguf file")
+    src.add_argument("--random", metavar="SHAPE", help="random weights of a shape: tiny, opt-125m, opt-350m, llama-7b")
+    p.add_argument("--layers", type=int, help="with --random: number of blocks")
+    p.add_argument("--out", required=True, help="a new folder")
+    p.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare)
 
     b = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -119,6 +119,21 @@ def load_model(cfg: ModelConfig, log=print):
     return model, tokenizer
 
 
+def checkpoint_folder(cfg: ModelConfig, log=print) -> Path:
+    """A local folder with the model's config and safetensors weights (a GGUF file is converted once)."""
+    source, gguf = resolve_source(cfg)
+    if gguf is not None:
+        path = Path(source) / gguf
+        cache = _cache_root(cfg.cache_dir) / "converted" / f"{path.stem}-{_file_key(path)}"
+        if not (cache / "done").is_file():
+            _load_gguf_cached(path, torch.float32, _cache_root(cfg.cache_dir), log)
+        return cache
+    if not Path(source).is_dir():
+        raise ConfigError(f"{cfg.name!r} is not a local folder; download it first (for example with "
+                          f"`huggingface-cli download {cfg.name} --local-dir DIR`) and pass DIR")
+    return Path(source)
+
+
 def _load(cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype, log):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

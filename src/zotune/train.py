@@ -19,9 +19,10 @@ from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_op
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.runs import RunConfig, RunFolder, is_disk_full, tensor_digest
+from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
 from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
 
-SECTIONS = {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig, "stream": StreamConfig}
 
 
 def resolve_configs(config_file=None, overrides=(), flags=None) -> dict:
@@ -97,35 +98,109 @@ def _batches(n_examples: int, batch_size: int, seed: int):
 
 
 class Session:
-    """A loaded model, its trainable tensors and its optimizer, for a new or an existing run."""
+    """A loaded model, its trainable tensors and its optimizer, for a new or an existing run.
 
-    def __init__(self, cfgs: dict, run: RunFolder, device, log):
-        self.run, self.log = run, log
+    With streaming, the blocks live on a tier and `step` visits each once (`zotune.stream`). A disk
+    tier is itself the checkpoint of the blocks: the run's snapshots then hold only the trainable
+    tensors outside the blocks, and on resume each block catches up from its own recorded step.
+    """
+
+    def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False):
+        self.run, self.log, self.device = run, log, device
         model_cfg, method_cfg = cfgs["model"], cfgs["method"]
-        self.model, self.tokenizer = load_model(model_cfg, log=log)
-        self.model.to(device)
-        run.write_base({"model": model_cfg.name, "source": "/".join(str(x) for x in resolve_source(model_cfg) if x),
-                        "hash": tensor_digest(self.model.state_dict().values())})
+        self.stream_cfg: StreamConfig = cfgs.get("stream") or StreamConfig()
+        self.blocks_path = model_cfg.blocks_path
+        self.engine = None
+        folder = model_cfg.name if is_stream_folder(model_cfg.name) else (
+            self.stream_cfg.dir if self.stream_cfg.tier == "disk" and is_stream_folder(self.stream_cfg.dir) else None)
+        if folder:  # blocks already on disk: load only what lies outside them
+            if self.stream_cfg.tier == "cpu":
+                raise ConfigError(f"{folder} is a stream folder (disk tier); drop stream.tier=cpu to train from it")
+            self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch, log)
+            self.tokenizer = _folder_tokenizer(folder)
+            base_hash = self.engine.tier.manifest["base_digest"]
+        else:
+            if resume and self.stream_cfg.tier == "disk":
+                raise ConfigError(f"the stream folder {self.stream_cfg.dir} of this run is missing: its blocks are the "
+                                  f"run's weights; restore the folder, or start a new run")
+            self.model, self.tokenizer = load_model(model_cfg, log=log)
+            self.model.to(device)
+            if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
+                self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
+                base_hash = self.engine.tier.manifest["base_digest"]
+            else:
+                base_hash = tensor_digest(self.model.state_dict().values())
+        run.write_base({"model": model_cfg.name, "source": folder or "/".join(
+            str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash})
         named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]
         self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed,
                                   **{k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "name"})
+        if self.engine is not None:
+            self.engine.attach(self.opt)
+
+    def _snapshot_params(self) -> list[torch.Tensor]:
+        """What a snapshot holds: every trainable tensor, or with a disk tier those outside the blocks."""
+        if self.engine is not None and self.engine.tier.kind == "disk":
+            return [p for _, p in self.engine.outside]
+        return self.params
 
     def restore(self, records: list[StepRecord], use_snapshots: bool = True) -> int:
         """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
         self.opt.skip(records)
-        start, note = self.run.latest_snapshot(len(records), self.params) if use_snapshots else (0, None)
+        params = self._snapshot_params()
+        start, note = self.run.latest_snapshot(len(records), params) if use_snapshots else (0, None)
         if note:
             self.log(note)
+        indexed = self.opt.indexed(params)
         for rec in tqdm(records[start:], desc="replay", unit="step", leave=False, file=sys.stderr):
-            self.opt.replay(rec)
+            self.opt.replay(rec, indexed)
+        self.opt.last = records[-1] if records else None
+        if self.engine is not None:
+            self.engine.restore(records)
+            self.log(f"restored step {len(records)}: the blocks catch up from {self.engine.tier.folder} as they arrive")
+            return len(records)
         self.log(f"restored step {len(records)}: " + (f"snapshot of step {start}, then " if start else "base weights, then ")
                  + f"{len(records) - start} steps replayed from the log")
         return len(records)
 
+    def start_streaming(self) -> None:
+        """The host-memory tier starts from the (restored) resident weights."""
+        if self.stream_cfg.tier == "cpu" and self.engine is None:
+            self.engine = stream_(self.model, self.stream_cfg, self.device, self.blocks_path, at_step=self.opt.steps,
+                                  log=self.log)
+            self.engine.attach(self.opt)
+        elif self.engine is not None and not self.engine.history and self.opt.steps == 0:
+            self.engine.restore([])  # a new run on an existing folder: refuse blocks trained by another run
+
+    def step(self, closure) -> float:
+        return float(self.engine.step(self.opt, closure) if self.engine is not None else self.opt.step(closure))
+
+    def snapshot(self, step: int) -> None:
+        if self.engine is not None and self.engine.tier.kind == "cpu":
+            self.run.write_snapshot(step, self.engine.trained_values())
+            return
+        if self.engine is not None:
+            self.engine.flush()  # the blocks on disk are the checkpoint of the blocks
+        self.run.write_snapshot(step, self._snapshot_params())
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _folder_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        raise ConfigError(f"the stream folder {folder} has no tokenizer files; copy tokenizer.json and "
+                          f"tokenizer_config.json of its model into it") from None
+
 
 def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig, run_cfg: RunConfig,
-          log=print, resume: bool = False) -> dict:
+          log=print, resume: bool = False, stream_cfg: StreamConfig | None = None) -> dict:
     """Fine-tune with a ZO method and return the summary written to the run folder.
 
     With `resume`, `run_cfg.out` is an existing run: its log is checked (a damaged tail is cut at the
@@ -139,7 +214,8 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     resolve_source(model_cfg)
     examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)
     run = RunFolder(run_cfg.out, resume=resume)
-    cfgs = {"model": model_cfg, "task": task_cfg, "method": method_cfg, "run": run_cfg}
+    cfgs = {"model": model_cfg, "task": task_cfg, "method": method_cfg, "run": run_cfg,
+            "stream": stream_cfg or StreamConfig()}
     if resume:
         summary_path = run.path / "summary.json"
         done = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -149,7 +225,7 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     log(f"run folder: {run.path}")
 
-    session = Session(cfgs, run, device, log)
+    session = Session(cfgs, run, device, log, resume)
     model, opt, params = session.model, session.opt, session.params
     task = ClassificationTask(task_cfg, session.tokenizer, examples)
     log(f"task: {task_cfg.data}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test, "
@@ -157,11 +233,14 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     log(f"trainable ({model_cfg.trainable}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
+    if session.engine is None and cfgs["stream"].tier == "none" and \
+            any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
         log(f"warning: the trainable tensors are {model_cfg.dtype}: in-place perturb/restore rounds them by up to "
             f"{torch.finfo(params[0].dtype).eps:.0e} relative every step and smaller updates are lost; "
             f"use model.dtype=float32 to train (a 16-bit base with float32 trainable tensors comes with streaming)")
-    prefix = FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
+    streamed = cfgs["stream"].tier != "none" or session.engine is not None
+    prefix = None if streamed else \
+        FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
     if prefix is not None:
         log(f"blocks 0..{prefix.k - 1} are frozen: computed once per batch (kept up to {run_cfg.prefix_cache_mb} MiB "
             f"across epochs) and reused by every probe")
@@ -181,6 +260,7 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
             log(problem)
         start = session.restore(records)
         before, seconds_before = run.rewind_metrics(records, keep_dev=is_eval_step)
+    session.start_streaming()
     if before is None:
         before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test")
         run.log({"step": 0, "test_accuracy": before["accuracy"], "test_loss": before["loss"], "n": before["n"]})
@@ -208,13 +288,9 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
             if prefix is not None:
                 prefix.capture(lambda: task.class_logits(model, batch), key=batch_id)
             replay = prefix.replaying if prefix is not None else contextlib.nullcontext
-
-            def closure():
-                with replay():
-                    return task.loss(model, batch)
-
             try:
-                loss = float(opt.step(closure))
+                with replay(), task.head(model, batch):  # set up once: every probe's forward uses them
+                    loss = session.step(lambda: task.head_loss(model, batch))
             except NonFiniteLossError as e:
                 status, error = "failed", str(e)
                 step -= 1
@@ -227,7 +303,7 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
                 if is_eval_step(step):
                     bar.write(f"step {step}: dev accuracy {log_dev(step):.3f}")
                 if run_cfg.snapshot_every and step % run_cfg.snapshot_every == 0:
-                    run.write_snapshot(step, params)
+                    session.snapshot(step)
             except OSError as e:
                 why = "the disk is full" if is_disk_full(e) else e.strerror
                 status, error = "failed", (f"step {step}: could not write to the run folder ({why}); everything logged "
@@ -252,11 +328,12 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
             log_dev(step)
         run.log({"step": step, "test_accuracy": after["accuracy"], "test_loss": after["loss"], "n": after["n"]})
         if run_cfg.snapshot_every and step % run_cfg.snapshot_every:
-            run.write_snapshot(step, params)
+            session.snapshot(step)
     else:
         summary["error"] = error or "stopped by Ctrl-C"
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["forward_passes"] = step * method_cfg.forwards_per_step
+    session.close()  # streaming: every block flushed to its tier
     try:
         run.write_summary(summary)
         run.plot()
@@ -280,6 +357,8 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         if problem:
             log(problem)
         session.restore(records, use_snapshots=use_snapshots)
+        if session.engine is not None:  # a disk tier: bring every block into memory to save a normal folder
+            unstream_(session.model, session.engine)
     finally:
         run.close()
     session.model.save_pretrained(out_path)

@@ -11,23 +11,13 @@ import time
 import torch
 
 from zotune.methods import ZOSGD
-
-SHAPES = {  # OPT shapes: (hidden, layers, heads, ffn)
-    "tiny": (64, 2, 4, 256),
-    "opt-125m": (768, 12, 12, 3072),
-    "opt-350m": (1024, 24, 16, 4096),
-}
-
+from zotune.shapes import SHAPES, random_config
 
 def _model(shape: str):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hidden, layers, heads, ffn = SHAPES[shape]
-    config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
-                       word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
-                       dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
-    return OPTForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(random_config(shape)).eval()
 
 
 class MezoStep:

@@ -57,6 +57,13 @@ def draw(out: torch.Tensor, gen: torch.Generator, distribution: str) -> None:
     out.copy_(bits).mul_(2).sub_(1)
 
 
+def _scratch(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # A normal tensor even when first needed under inference mode (an evaluation that settles a
+    # streamed block): an inference tensor could not be written to in a later step.
+    with torch.inference_mode(False):
+        return torch.empty(CHUNK, device=device, dtype=dtype)
+
+
 class Directions:
     """Regenerates z for (step seed, direction, tensor index), chunk by chunk.
 
@@ -120,7 +127,7 @@ class Directions:
 
         def body(start: int, gen: torch.Generator) -> None:
             piece = flat[start: start + CHUNK]
-            buf = self._per_thread("scratch", (device, dtype), lambda: torch.empty(CHUNK, device=device, dtype=dtype))
+            buf = self._per_thread("scratch", (device, dtype), lambda: _scratch(device, dtype))
             z = buf[: piece.numel()]
             draw(z, gen, self.distribution)
             fn(piece, z)

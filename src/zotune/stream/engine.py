@@ -35,19 +35,19 @@ from zotune.config import ConfigError
 from zotune.models import DTYPES, find_block_list
 from zotune.stream.tiers import BlockState, DiskTier, RamTier
 
-TIERS = ("cpu", "disk")
+TIERS = ("none", "cpu", "disk")
 
 
 @dataclass
 class StreamConfig:
     """Where the blocks live and how they travel.
 
-    tier: `cpu` (host memory) or `disk` (a stream folder, `dir`); storage_dtype: how frozen block
+    tier: `none` (resident), `cpu` (host memory) or `disk` (a stream folder, `dir`); storage_dtype: how frozen block
     tensors are stored (default: the model's dtype; trained ones are always kept as float32
     masters); prefetch: how many blocks are fetched ahead of the one computing.
     """
 
-    tier: str = "cpu"
+    tier: str = "none"
     dir: str | None = None
     storage_dtype: str | None = None
     prefetch: int = 1
@@ -208,7 +208,7 @@ class StreamEngine:
         self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
         self._opt = None
         self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
-        self._outside: list[tuple[int, nn.Parameter]] = []  # trainable tensors that stay on the device
+        self.outside: list[tuple[int, nn.Parameter]] = []  # trainable tensors that stay on the device
         self._resident: dict[int, _Resident] = {}
         self._fetches: dict[int, Future] = {}
         self._writes: list[Future] = []
@@ -238,12 +238,28 @@ class StreamEngine:
             in_blocks |= {id(p) for p in named.values()}
             if self._trainable[j]:
                 self.tier.add_masters(j, [n for _, n in self._trainable[j]])
-        self._outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
+        self.outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
         self.version = opt.steps
         self._opt = opt
 
     def restore(self, records: list) -> None:
-        """After a resume: the log's records, so that every block can catch up from its own state."""
+        """Check the tier against a run's log and keep its records, so every block can catch up.
+
+        A block ahead of the log belongs to another run (refused); one that holds the moves of the
+        step after the log's end was stopped mid-step: its moves are taken back when it arrives
+        (equal to the weights before that step up to float rounding, not bit for bit).
+        """
+        n = len(records)
+        ahead = [j for j, st in enumerate(self.states) if st.version > n or st.perturbed > n]
+        if ahead:
+            st = self.states[ahead[0]]
+            raise ConfigError(f"the stream folder's block {ahead[0]} is at step {max(st.version, st.perturbed + 1)} "
+                              f"but the run's log ends at step {n}: the folder was trained by another run; "
+                              f"prepare a fresh folder for a new run")
+        mid = [j for j, st in enumerate(self.states) if st.perturbed == n]
+        if mid:
+            self.log(f"blocks {mid[0]}..{mid[-1]} hold the moves of step {n + 1}, which the run stopped during: "
+                     f"they are taken back (exact up to float rounding), then step {n + 1} is taken again")
         self.history = {r.step: r for r in records}
 
     # -- fetching, settling, releasing ---------------------------------------------------------------
@@ -379,7 +395,7 @@ class StreamEngine:
         step, seed = opt.steps, opt.begin()
         moves = list(opt.moves())
         n_probes = sum(1 for *_, probe in moves if probe)
-        outside = self._outside
+        outside = self.outside
         masters = [p.data for _, p in outside]
         offsets: dict[int, float] = {}
         # Trainable tensors outside the blocks move once per step; each probe keeps its own copy.
@@ -459,7 +475,7 @@ class StreamEngine:
     def trained_values(self) -> list[torch.Tensor]:
         """Every trainable tensor's current value, in the optimizer's order (flushes first)."""
         self.flush()
-        out: dict[int, torch.Tensor] = {i: p.data for i, p in self._outside}
+        out: dict[int, torch.Tensor] = {i: p.data for i, p in self.outside}
         for j, trained in enumerate(self._trainable):
             if trained:
                 values, _ = self.tier.read(j)
@@ -554,15 +570,17 @@ class _Lockstep:
 
 
 def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "cpu", blocks_path: str | None = None,
-            log=print) -> StreamEngine:
+            at_step: int = 0, log=print) -> StreamEngine:
     """Move `model`'s transformer blocks to the tier of `cfg`, in place; returns the engine.
 
     Everything outside the blocks goes to `device`. With the disk tier, `cfg.dir` is written from
     the model's current weights, one block at a time (an existing stream folder is refused: load it
-    with `load_streamed` instead).
+    with `load_streamed` instead). `at_step`: how many steps the optimizer has taken on these weights.
     """
     from zotune.stream.folder import write_folder
 
+    if cfg.tier == "none":
+        raise ConfigError("stream_ needs stream.tier=cpu or stream.tier=disk")
     device = torch.device(device)
     _, layers = find_block_list(model, blocks_path)
     first = next(iter(layers[0].parameters()))
@@ -581,8 +599,9 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
                 p.data = _hollow(p) if device.type == "cpu" else _hollow(p).to(device)
             blocks.append(stored)
         tier = RamTier(blocks)
+        tier.states = [BlockState(at_step) for _ in blocks]
     else:
-        write_folder(model, cfg.dir, storage, blocks_path, log=log)
+        write_folder(model, cfg.dir, storage, blocks_path, at_step, log=log)
         tier = DiskTier(cfg.dir)
         for block in layers:
             for p in block.parameters():

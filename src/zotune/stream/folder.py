@@ -34,13 +34,14 @@ def _outside_state(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_folder(model: nn.Module, folder: str, storage: torch.dtype, blocks_path: str | None = None, log=print) -> None:
-    """Write a live model's blocks (and the rest) to a new stream folder."""
+def write_folder(model: nn.Module, folder: str, storage: torch.dtype, blocks_path: str | None = None,
+                 at_step: int = 0, log=print) -> None:
+    """Write a live model's blocks (and the rest) to a new stream folder; its blocks are at step `at_step`."""
     path, layers = find_block_list(model, blocks_path)
     writer = BlockWriter(folder, model.config.to_dict(), path, _block_layouts(layers, storage), storage)
     for j, block in enumerate(layers):
         writer.write_block(j, dict(block.named_parameters()))
-    writer.finish(_outside_state(model, path))
+    writer.finish(_outside_state(model, path), at_step)
     log(f"wrote {len(layers)} blocks to {folder}")
 
 

@@ -337,6 +337,7 @@ class BlockWriter:
         except OSError as e:
             raise ConfigError(f"cannot write to {self.folder} ({e.strerror}); choose a writable folder") from None
         self.fingerprint = fingerprint(config, block_layouts)
+        self._digest = hashlib.blake2b(digest_size=16)  # of the values written: identifies the run's base
         self.entries = []
         self.config, self.blocks_path, self.storage_dtype = config, blocks_path, storage_dtype
         self.layouts = block_layouts
@@ -356,7 +357,9 @@ class BlockWriter:
                 for s in specs:
                     f.seek(s.offset)
                     t = tensors[s.name].detach().to("cpu", s.dtype).contiguous()
-                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B"))
+                    data = memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+                    f.write(data)
+                    self._digest.update(data)
                 f.truncate(end)
         except OSError as e:
             path.unlink(missing_ok=True)
@@ -365,14 +368,20 @@ class BlockWriter:
         self.entries.append({"file": name, "end": end, "tensors": [
             {"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype], "offset": s.offset} for s in specs]})
 
-    def finish(self, rest: dict[str, torch.Tensor]) -> None:
+    def finish(self, rest: dict[str, torch.Tensor], at_step: int = 0) -> None:
+        """Write what lies outside the blocks, the block states (all at `at_step`), then the manifest."""
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in rest.items()}, str(self.folder / "rest.safetensors"))
+        rest = {k: v.detach().cpu().contiguous() for k, v in rest.items()}
+        for k in sorted(rest):
+            self._digest.update(k.encode())
+            self._digest.update(rest[k].view(-1).view(torch.uint8).numpy() if rest[k].numel() else b"")
+        save_file(rest, str(self.folder / "rest.safetensors"))
         (self.folder / "state.bin").write_bytes(
-            b"".join(_STATE.pack(0, -1, 0, 0) for _ in self.entries))
+            b"".join(_STATE.pack(at_step, -1, 0, 0) for _ in self.entries))
         _atomic_write(self.folder / "manifest.json", json.dumps({
-            "format": FORMAT, "fingerprint": self.fingerprint, "config": self.config,
+            "format": FORMAT, "fingerprint": self.fingerprint, "base_digest": self._digest.hexdigest(),
+            "config": self.config,
             "blocks_path": self.blocks_path, "storage_dtype": DTYPE_NAMES[self.storage_dtype],
             "blocks": self.entries}, indent=1))
 

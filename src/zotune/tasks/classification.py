@@ -6,6 +6,8 @@ The loss is the cross-entropy over the verbalizer tokens' logits at the last pro
 
 from __future__ import annotations
 
+import contextlib
+
 import random
 import string
 from dataclasses import dataclass, field
@@ -137,13 +139,15 @@ class ClassificationTask:
         labels = torch.tensor([self.labels.index(label) for _, label in examples])
         return Batch(enc["input_ids"], mask, last, labels)
 
-    def class_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """(B, C) logits of the verbalizer tokens at each row's last real position.
+    @contextlib.contextmanager
+    def head(self, model: nn.Module, batch: Batch):
+        """Within this block, the model's LM head computes only what the loss of `batch` needs.
 
-        The loss needs one position per row and C vocabulary entries, so the LM head computes just
-        those: a linear head is swapped (through HF's own `set_output_embeddings`) for one that
-        projects each row's last position onto the verbalizer rows only. Any other head sees the
-        last positions only, through a pre-hook, and projects onto the whole vocabulary.
+        The loss needs one position per row and C vocabulary entries: a linear head is swapped
+        (through HF's own `set_output_embeddings`) for one that projects each row's last position
+        onto the verbalizer rows only. Any other head sees the last positions only, through a
+        pre-hook, and projects onto the whole vocabulary. Installed once per step, it serves every
+        probe's forward (probes may run in other threads: nothing changes while they run).
         """
         head = model.get_output_embeddings()
         if type(head) is nn.Linear:
@@ -154,11 +158,33 @@ class ClassificationTask:
                 pass
             else:
                 try:
-                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                    yield
                 finally:
                     model.set_output_embeddings(head)
-                return out.logits[:, -1].float()
-        return self.class_logits_full_head(model, batch)
+                return
+        rows = torch.arange(len(batch), device=batch.last.device)
+        handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, batch.last].unsqueeze(1),) + args[1:])
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, C) verbalizer logits from one forward, inside `head(model, batch)`."""
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = out.logits[:, -1]
+        if logits.shape[-1] != len(self.label_token_ids):  # a full-vocabulary head
+            logits = logits[:, self.label_token_ids]
+        return logits.float()
+
+    def head_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss from one forward, inside `head(model, batch)`: what a ZO closure computes."""
+        return nn.functional.cross_entropy(self.logits(model, batch), batch.labels)
+
+    def class_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, C) logits of the verbalizer tokens at each row's last real position."""
+        with self.head(model, batch):
+            return self.logits(model, batch)
 
     def class_logits_full_head(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The reference path: the whole vocabulary at each row's last position."""
