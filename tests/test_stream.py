@@ -11,7 +11,6 @@ from zotune.config import ConfigError
 from zotune.methods import make_optimizer
 from zotune.models import select_trainable
 from zotune.stream import DiskTier, StreamConfig, load_streamed, prepare_folder, stream_
-from zotune.stream.tiers import BlockState
 
 quiet = dict(log=lambda *a: None)
 BATCHES = [torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(4)]
@@ -149,14 +148,20 @@ def test_a_block_behind_the_log_catches_up_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reference, rebuilt))
 
 
-def test_torn_block_missing_shard_and_foreign_shard_are_refused(tmp_path):
+def test_a_write_cut_short_is_harmless_and_missing_or_foreign_shards_are_refused(tmp_path):
+    """A kill inside a write-back hits the slot that is not current: the block stays whole."""
     blocks = _prepared("llama", tmp_path / "a")
     other = _prepared("qwen2", tmp_path / "b")
+    records, reference = _train_on_folder(blocks, 2)
     tier = DiskTier(blocks)
-    tier.set_state(1, BlockState(3, writing=True))
+    for j in tier.slots:  # garbage in the slot a write-back would use next, as a cut-short write leaves it
+        spare = 1 - tier._record(j)[-1]
+        for s in tier.slots[j]:
+            f, offset = tier._place(j, s.name, spare)
+            os.pwrite(f.fileno(), b"\xff" * s.nbytes, offset)
     tier.close()
-    with pytest.raises(ConfigError, match=r"block\(s\) 1 .* torn; prepare the folder again"):
-        load_streamed(str(blocks), **quiet)
+    _, again = _train_on_folder(blocks, 2, records=records)
+    assert all(torch.equal(a, b) for a, b in zip(reference, again))
     os.replace(blocks / "block-00002.bin", tmp_path / "kept.bin")
     with pytest.raises(ConfigError, match="block-00002.bin is missing"):
         DiskTier(blocks)
@@ -204,5 +209,10 @@ def test_a_failed_step_leaves_the_weights_restored(tmp_path):
         engine.step(opt, closure)
     assert opt.steps == 0
     values = engine.trained_values()
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(start, values))
+    outside = {i for i, _ in engine.outside}  # the tied embedding and final norm: moves taken back
+    for i, (a, b) in enumerate(zip(start, values)):
+        if i in outside:
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(a, b)  # blocks on disk: their slots from before the step, exactly
     engine.close()

@@ -120,13 +120,14 @@ class Session:
             self.tokenizer = _folder_tokenizer(folder)
             base_hash = self.engine.tier.manifest["base_digest"]
         else:
-            if resume and self.stream_cfg.tier == "disk":
+            if resume and self.stream_cfg.tier == "disk" and run.read_steps()[0]:
                 raise ConfigError(f"the stream folder {self.stream_cfg.dir} of this run is missing: its blocks are the "
                                   f"run's weights; restore the folder, or start a new run")
             self.model, self.tokenizer = load_model(model_cfg, log=log)
             self.model.to(device)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
                 self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
+                self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
                 base_hash = self.engine.tier.manifest["base_digest"]
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())

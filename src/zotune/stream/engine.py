@@ -198,12 +198,6 @@ class StreamEngine:
         self.precision, self.prefetch, self.log = precision, prefetch, log
         self.params: list[dict[str, nn.Parameter]] = [dict(b.named_parameters()) for b in layers]
         self.states = [tier.get_state(j) for j in range(len(layers))]
-        torn = [j for j, st in enumerate(self.states) if st.writing]
-        if torn:
-            raise ConfigError(
-                f"block(s) {', '.join(map(str, torn))} of {getattr(tier, 'folder', 'the tier')} were being written when the "
-                f"run stopped and are torn; prepare the folder again from the base model and resume: every block "
-                f"then catches up exactly from the run's log")
         self.version = 0  # steps completed: a settled block has had this many updates
         self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
         self._opt = None
@@ -245,21 +239,28 @@ class StreamEngine:
     def restore(self, records: list) -> None:
         """Check the tier against a run's log and keep its records, so every block can catch up.
 
-        A block ahead of the log belongs to another run (refused); one that holds the moves of the
-        step after the log's end was stopped mid-step: its moves are taken back when it arrives
-        (equal to the weights before that step up to float rounding, not bit for bit).
+        A block written during a step that never reached the log (the run was killed inside it)
+        goes back to its previous slot, from before that step: the resume is exact. A block
+        ahead of the log belongs to another run and is refused.
         """
         n = len(records)
-        ahead = [j for j, st in enumerate(self.states) if st.version > n or st.perturbed > n]
+        back = []
+        for j, st in enumerate(self.states):
+            if st.perturbed >= n and hasattr(self.tier, "previous"):
+                prev = self.tier.previous(j)
+                if prev.perturbed < n and prev.version <= n:
+                    self.tier.go_back(j)
+                    self.states[j] = prev
+                    back.append(j)
+        if back:
+            self.log(f"the run stopped inside step {n + 1}: blocks {back[0]}..{back[-1]} go back to their copies from "
+                     f"before it, and step {n + 1} is taken again")
+        ahead = [j for j, st in enumerate(self.states) if st.version > n or st.perturbed >= n]
         if ahead:
             st = self.states[ahead[0]]
             raise ConfigError(f"the stream folder's block {ahead[0]} is at step {max(st.version, st.perturbed + 1)} "
                               f"but the run's log ends at step {n}: the folder was trained by another run; "
                               f"prepare a fresh folder for a new run")
-        mid = [j for j, st in enumerate(self.states) if st.perturbed == n]
-        if mid:
-            self.log(f"blocks {mid[0]}..{mid[-1]} hold the moves of step {n + 1}, which the run stopped during: "
-                     f"they are taken back (exact up to float rounding), then step {n + 1} is taken again")
         self.history = {r.step: r for r in records}
 
     # -- fetching, settling, releasing ---------------------------------------------------------------
@@ -349,9 +350,7 @@ class StreamEngine:
 
         def write_back(j=j, state=state):
             if changed:
-                self.tier.set_state(j, BlockState(state.version, state.perturbed, state.seed, writing=True))
-                self.tier.write(j, self._transfers.to_host(changed, after))
-            self.tier.set_state(j, state)
+                self.tier.write(j, self._transfers.to_host(changed, after), state)
             for buf in res.host:
                 self._pool.give(buf)
         self._writes = [f for f in self._writes if not f.done()]
@@ -445,13 +444,10 @@ class StreamEngine:
                 opt.check_finite(losses)
         except BaseException:
             lockstep.abort()
-            if j >= 0 and j in self._resident:  # the block in hand: take back its moves now
-                opt.undo(self._pairs(j), seed, block_offsets)
-                self._rebind_trained(j)
-                self._leave(j)
+            self._abandon(opt, step, seed, j, block_offsets)
             for (_, p), m in zip(outside, masters):
                 p.data = m
-            opt.undo(outside, seed, offsets)  # blocks already visited take theirs back when they next arrive
+            opt.undo(outside, seed, offsets)
             raise
         finally:
             self._step = None
@@ -462,6 +458,32 @@ class StreamEngine:
         opt.update(outside, record)
         self.version = opt.steps
         return torch.tensor(sum(losses) / len(losses))
+
+    def _abandon(self, opt, step: int, seed: int, j: int, offsets: dict[int, float]) -> None:
+        """After a failed step: blocks end as they were before it.
+
+        On disk each block still has its copy from before the step in its other slot: going back
+        is exact. In host memory the moves are taken back (equal up to float rounding), the block
+        in hand now and the others when they next arrive, as in the whole-model step.
+        """
+        in_hand = j if j >= 0 and j in self._resident else None
+        if hasattr(self.tier, "go_back"):
+            self.wait()
+            if in_hand is not None:  # never written: drop it, the tier holds it as it was
+                res = self._resident.pop(in_hand)
+                for p in self.params[in_hand].values():
+                    p.data = _hollow(p)
+                for buf in res.host:
+                    self._pool.give(buf)
+            for b, state in enumerate(self.states):
+                if state.perturbed == step:
+                    self.tier.go_back(b)
+                if b == in_hand or state.perturbed == step:
+                    self.states[b] = self.tier.get_state(b)
+        elif in_hand is not None:
+            opt.undo(self._pairs(in_hand), seed, offsets)
+            self._rebind_trained(in_hand)
+            self._leave(in_hand)
 
     def flush(self) -> None:
         """Bring every block up to date on the tier: before a checkpoint, an export, the end."""

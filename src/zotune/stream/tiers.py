@@ -11,9 +11,13 @@ Disk format (`zotune-stream/1`), one folder:
 - `manifest.json`: the HF config, the blocks path, the storage dtype, a fingerprint, and for each
   block its file and the (name, shape, dtype, offset) of every tensor;
 - `block-NNNNN.bin`: a 4 KiB header (magic, fingerprint, block index) then the tensors, 64-byte aligned;
-- `block-NNNNN.master.bin` (only with 16-bit storage): the float32 masters of trained tensors;
+- `block-NNNNN.slots.bin`: for the tensors that train, float32 copies in two slots written in turn
+  (with float32 storage, slot 0 is the tensor's place in the block file itself);
 - `rest.safetensors`: everything outside the blocks (embeddings, final norm, head, buffers);
-- `state.bin`: one fixed-size record per block (version, perturbed step and seed, writing flag).
+- `state.bin`: one fixed-size record per block: the state of each slot and which one is current.
+A write-back goes to the slot that is not current, then one small record write makes it current:
+a kill at any moment leaves every block whole, and the slot before it is there for a resume that
+needs to go back one step (a kill during a step whose record never reached the log).
 Blocks are read with positional reads into reused buffers, never memory-mapped, so they count
 neither as anonymous memory nor as mapped file pages of the process.
 """
@@ -38,7 +42,7 @@ MAGIC = b"ZOTUNE-BLOCK-1\0\0"
 HEADER = 4096
 ALIGN = 64
 _HEADER = struct.Struct("<16s32sq")  # magic, fingerprint (hex digest prefix), block index
-_STATE = struct.Struct("<qqqq")  # version, perturbed step (-1: none), its seed, writing (1) or not (0)
+_STATE = struct.Struct("<qqqqqqq")  # per slot (version, perturbed step or -1, its seed) x 2, current slot
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -50,7 +54,6 @@ class BlockState:
     version: int = 0
     perturbed: int = -1  # the step whose probe moves the stored values carry, or -1
     seed: int = 0  # that step's seed (to take the moves back if the step never finished)
-    writing: bool = False  # set while the block is being written: a crash then leaves it torn
 
 
 @dataclass(frozen=True)
@@ -116,17 +119,15 @@ class RamTier:
         """(block j's stored tensors, no pool buffers): nothing is copied."""
         return dict(self.blocks[j]), []
 
-    def write(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
+    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState) -> None:
         for name, t in tensors.items():
             stored = self.blocks[j][name]
             if t.data_ptr() != stored.data_ptr():
                 stored.copy_(t, non_blocking=False)
+        self.states[j] = state
 
     def get_state(self, j: int) -> BlockState:
         return self.states[j]
-
-    def set_state(self, j: int, state: BlockState) -> None:
-        self.states[j] = state
 
     def nbytes(self, j: int) -> int:
         return sum(t.nbytes for t in self.blocks[j].values())
@@ -167,24 +168,38 @@ class DiskTier:
             self.specs.append(specs)
             self.ends.append(entry["end"])
         self._files = [self._open_block(j) for j in range(len(self.specs))]
-        self.masters: dict[int, list[Spec]] = {}
-        self._master_files: dict[int, object] = {}
-        masters_path = self.folder / "masters.json"
-        if masters_path.exists():
-            for key, names in json.loads(masters_path.read_text()).items():
-                j = int(key)
-                self.masters[j] = layout([(n, self._spec(j, n).shape, torch.float32) for n in names], start=0)[0]
-                self._master_files[j] = self._open(self._master_path(j), self.masters[j][-1].offset
-                                                   + self.masters[j][-1].nbytes if names else 0)
         self._state_file = self._open_state()
+        self.slots: dict[int, list[Spec]] = {}  # block -> float32 layout of its trained tensors in the slots file
+        self._slot_files: dict[int, object] = {}
+        index_path = self.folder / "slots.json"
+        if index_path.exists():
+            for key, names in json.loads(index_path.read_text()).items():
+                self._open_slots(int(key), names)
 
     # -- opening and checking -------------------------------------------------------------------
 
     def _block_path(self, j: int) -> Path:
         return self.folder / self.manifest["blocks"][j]["file"]
 
-    def _master_path(self, j: int) -> Path:
-        return self.folder / f"block-{j:05d}.master.bin"
+    def _slots_path(self, j: int) -> Path:
+        return self.folder / f"block-{j:05d}.slots.bin"
+
+    def _in_block_file(self, j: int) -> bool:
+        """Slot 0 of block j is the block file itself when its trained tensors are stored in float32."""
+        return all(self._spec(j, s.name).dtype == torch.float32 for s in self.slots[j])
+
+    def _open_slots(self, j: int, names: list[str]) -> None:
+        specs, end = layout([(n, self._spec(j, n).shape, torch.float32) for n in names], start=0)
+        self.slots[j] = specs
+        self._slot_files[j] = self._open(self._slots_path(j), end * (1 if self._in_block_file(j) else 2))
+
+    def _place(self, j: int, name: str, slot: int) -> tuple[object, int]:
+        """(file, offset) of trained tensor `name` of block j in `slot`."""
+        spec = next(s for s in self.slots[j] if s.name == name)
+        if self._in_block_file(j):
+            return (self._files[j], self._spec(j, name).offset) if slot == 0 else (self._slot_files[j], spec.offset)
+        region = self.slots[j][-1].offset + self.slots[j][-1].nbytes
+        return self._slot_files[j], spec.offset + slot * region
 
     def _open(self, path: Path, min_size: int):
         if not path.exists():
@@ -236,28 +251,31 @@ class DiskTier:
     def nbytes(self, j: int) -> int:
         return self.ends[j] - HEADER
 
-    # -- float32 masters for trained tensors stored in 16 bits -------------------------------------
+    # -- two float32 slots for the tensors that train ------------------------------------------------
 
     def add_masters(self, j: int, names: list[str]) -> None:
-        """Make sure every named tensor of block j has a float32 master (created from the stored value)."""
-        have = [s.name for s in self.masters.get(j, [])]
-        missing = [n for n in names if n not in have and self._spec(j, n).dtype != torch.float32]
+        """Give every named tensor of block j its two float32 slots (filled with its current value)."""
+        have = [s.name for s in self.slots.get(j, [])]
+        missing = [n for n in names if n not in have]
         if not missing:
             return
-        values, _ = self.read(j)  # masters where they exist, stored values otherwise
+        values, _ = self.read(j)
+        state = self.get_state(j)
+        if j in self._slot_files:
+            self._slot_files[j].close()
         all_names = have + missing
         specs, end = layout([(n, self._spec(j, n).shape, torch.float32) for n in all_names], start=0)
-        tmp = self._master_path(j).with_suffix(".tmp")
+        in_block = all(self._spec(j, n).dtype == torch.float32 for n in all_names)
+        tmp = self._slots_path(j).with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.truncate(end)
-            for s in specs:
-                f.seek(s.offset)
-                f.write(values[s.name].float().contiguous().view(torch.uint8).view(-1).numpy().tobytes())
-        os.replace(tmp, self._master_path(j))
-        self.masters[j] = specs
-        self._master_files[j] = self._open(self._master_path(j), end)
-        index = {str(k): [s.name for s in v] for k, v in sorted(self.masters.items())}
-        _atomic_write(self.folder / "masters.json", json.dumps(index))
+            f.truncate(end * (1 if in_block else 2))
+        os.replace(tmp, self._slots_path(j))
+        self._open_slots(j, all_names)
+        for slot in (0, 1):
+            self._write_slot(j, {n: values[n] for n in all_names}, slot)
+        self._write_record(j, state, state, 0)
+        index = {str(k): [s.name for s in v] for k, v in sorted(self.slots.items())}
+        _atomic_write(self.folder / "slots.json", json.dumps(index))
 
     # -- reading and writing ----------------------------------------------------------------------
 
@@ -273,45 +291,66 @@ class DiskTier:
             done += n
 
     def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """(block j as tensors, masters for trained 16-bit ones; the `pool` buffers they live in)."""
+        """(block j as tensors, trained ones from their current slot in float32; the `pool` buffers used)."""
         size = self.ends[j] - HEADER
         buf = pool.take(size) if pool is not None else torch.empty(size, dtype=torch.uint8)
         self._read_into(self._files[j], buf, HEADER)
         out = _views(buf, self.specs[j], HEADER)
-        for s in self.masters.get(j, []):
-            t = torch.empty(s.shape, dtype=torch.float32, pin_memory=buf.is_pinned())
-            self._read_into(self._master_files[j], t.view(-1).view(torch.uint8), s.offset)
-            out[s.name] = t
+        if j in self.slots:
+            current = self._record(j)[-1]
+            for s in self.slots[j]:
+                f, offset = self._place(j, s.name, current)
+                if f is self._files[j]:
+                    continue  # already read with the block
+                if out[s.name].dtype != torch.float32:
+                    out[s.name] = torch.empty(s.shape, dtype=torch.float32, pin_memory=buf.is_pinned())
+                self._read_into(f, out[s.name].view(-1).view(torch.uint8), offset)
         return out, ([buf] if pool is not None else [])
 
-    def write(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write the given (changed) tensors of block j back, each to its master or its stored place."""
-        masters = {s.name: s for s in self.masters.get(j, [])}
+    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState) -> None:
+        """Write block j's trained tensors to the slot that is not current, then make it current."""
+        *states, current = self._record(j)
+        slot = 1 - current
+        self._write_slot(j, tensors, slot)
+        kept = states[current]
+        self._write_record(j, state if slot == 0 else kept, state if slot == 1 else kept, slot)
+
+    def _write_slot(self, j: int, tensors: dict[str, torch.Tensor], slot: int) -> None:
         for name, t in tensors.items():
-            if name in masters:
-                f, spec = self._master_files[j], masters[name]
-            else:
-                f, spec = self._files[j], self._spec(j, name)
-            data = t.detach().to("cpu", spec.dtype).contiguous()
-            view = memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B")
+            f, offset = self._place(j, name, slot)
+            data = t.detach().to("cpu", torch.float32).contiguous()
             try:
-                os.pwrite(f.fileno(), view, spec.offset)
+                os.pwrite(f.fileno(), memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B"), offset)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise ConfigError(f"the disk of {self.folder} is full while writing block {j}") from None
                 raise
 
-    def get_state(self, j: int) -> BlockState:
-        raw = os.pread(self._state_file.fileno(), _STATE.size, j * _STATE.size)
-        version, perturbed, seed, writing = _STATE.unpack(raw)
-        return BlockState(version, perturbed, seed, bool(writing))
+    def _record(self, j: int) -> tuple[BlockState, BlockState, int]:
+        v0, p0, s0, v1, p1, s1, current = _STATE.unpack(os.pread(self._state_file.fileno(), _STATE.size, j * _STATE.size))
+        return BlockState(v0, p0, s0), BlockState(v1, p1, s1), current
 
-    def set_state(self, j: int, state: BlockState) -> None:
-        os.pwrite(self._state_file.fileno(), _STATE.pack(state.version, state.perturbed, state.seed, int(state.writing)),
-                  j * _STATE.size)
+    def _write_record(self, j: int, slot0: BlockState, slot1: BlockState, current: int) -> None:
+        # One small positional write: a kill leaves either the old record or the new one.
+        os.pwrite(self._state_file.fileno(), _STATE.pack(slot0.version, slot0.perturbed, slot0.seed, slot1.version,
+                                                         slot1.perturbed, slot1.seed, current), j * _STATE.size)
+
+    def previous(self, j: int) -> BlockState:
+        """The state of block j's other slot: the block as it was before its last write-back."""
+        *states, current = self._record(j)
+        return states[1 - current]
+
+    def go_back(self, j: int) -> None:
+        """Make block j's other slot current again (its last write-back belongs to a step the log lacks)."""
+        *states, current = self._record(j)
+        self._write_record(j, states[0], states[1], 1 - current)
+
+    def get_state(self, j: int) -> BlockState:
+        *states, current = self._record(j)
+        return states[current]
 
     def close(self) -> None:
-        for f in [*self._files, *self._master_files.values(), self._state_file]:
+        for f in [*self._files, *self._slot_files.values(), self._state_file]:
             f.close()
 
 
@@ -378,7 +417,7 @@ class BlockWriter:
             self._digest.update(rest[k].view(-1).view(torch.uint8).numpy() if rest[k].numel() else b"")
         save_file(rest, str(self.folder / "rest.safetensors"))
         (self.folder / "state.bin").write_bytes(
-            b"".join(_STATE.pack(at_step, -1, 0, 0) for _ in self.entries))
+            b"".join(_STATE.pack(at_step, -1, 0, at_step, -1, 0, 0) for _ in self.entries))
         _atomic_write(self.folder / "manifest.json", json.dumps({
             "format": FORMAT, "fingerprint": self.fingerprint, "base_digest": self._digest.hexdigest(),
             "config": self.config,
