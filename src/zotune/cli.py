@@ -83,6 +83,23 @@ def _prepare(args) -> int:
     return 0
 
 
+def _bench_stream(args) -> int:
+    from zotune.bench.stream import run_scale_bench, run_stream_bench
+
+    log = (lambda *a, **k: None) if args.json else print
+    depths = tuple(int(x) for x in args.depths.split(","))
+    if len(depths) != 2:
+        raise ConfigError(f"--depths {args.depths!r}: give two depths, e.g. 12,48")
+    result = {}
+    if not args.scale_only:
+        result.update(run_stream_bench(args.shape, args.batch, args.seq, args.repeats, depths, args.trainable, log))
+    if args.scale:
+        result.update(run_scale_bench(args.scale, args.scale_steps, trainable=args.trainable, log=log))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models with forward passes only.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-task", dest="task", action="store_false",
                    help="skip the SmolLM2 default-task part (needs the offline model package)")
     s.set_defaults(func=_bench)
+    s = bsub.add_parser("stream", help="streamed step / resident step, in time and peak memory, at two depths")
+    s.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--seq", type=int, default=128)
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--depths", default="12,48", help="two block counts for the memory growth, e.g. 12,48")
+    s.add_argument("--trainable", default="all", help="which parameters train (model.trainable forms)")
+    s.add_argument("--scale", metavar="DIR", help="also run a step on a Llama-7B-shaped model (27 GB) streamed "
+                                                   "from DIR (prepared there first if missing)")
+    s.add_argument("--scale-steps", type=int, default=1)
+    s.add_argument("--scale-only", action="store_true", help="with --scale: skip the OPT comparison")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_bench_stream)
     return parser
 
 

@@ -248,7 +248,7 @@ class StreamEngine:
         for j, st in enumerate(self.states):
             if st.perturbed >= n and hasattr(self.tier, "previous"):
                 prev = self.tier.previous(j)
-                if prev.perturbed < n and prev.version <= n:
+                if 0 <= prev.version <= n and prev.perturbed < n:
                     self.tier.go_back(j)
                     self.states[j] = prev
                     back.append(j)
@@ -357,8 +357,9 @@ class StreamEngine:
         self._writes.append(self._worker.submit(write_back))
 
     def wait(self) -> None:
-        """Block until every write-back has reached the tier (raises the first transfer error)."""
-        for fut in self._writes:
+        """Block until every write-back has reached the tier and every fetch has landed
+        (raises the first transfer error)."""
+        for fut in [*self._writes, *self._fetches.values()]:
             fut.result()
         self._writes = []
 

@@ -71,6 +71,9 @@ class Spec:
         return n * self.dtype.itemsize
 
 
+_UNWRITTEN = BlockState(version=-1)  # a slot that holds nothing yet: never gone back to
+
+
 def layout(named: list[tuple[str, tuple[int, ...], torch.dtype]], start: int = HEADER) -> tuple[list[Spec], int]:
     """Specs with aligned offsets from `start`, and the end offset."""
     specs, off = [], start
@@ -271,9 +274,9 @@ class DiskTier:
             f.truncate(end * (1 if in_block else 2))
         os.replace(tmp, self._slots_path(j))
         self._open_slots(j, all_names)
-        for slot in (0, 1):
-            self._write_slot(j, {n: values[n] for n in all_names}, slot)
-        self._write_record(j, state, state, 0)
+        if not (in_block and not have):  # else slot 0 is the block file, which holds these values already
+            self._write_slot(j, {n: values[n] for n in all_names}, 0)
+        self._write_record(j, state, _UNWRITTEN, 0)  # slot 1 is written by the first write-back
         index = {str(k): [s.name for s in v] for k, v in sorted(self.slots.items())}
         _atomic_write(self.folder / "slots.json", json.dumps(index))
 
