@@ -57,3 +57,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     tiny_model("llama").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """40 one-line reviews labelled pos / neg, as a CSV file (tests must not change it)."""
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    path.write_text("text,label\n" + "".join(
+        f"film {i} was {'wonderful' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
+    return path

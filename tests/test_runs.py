@@ -22,14 +22,6 @@ OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=
            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}"]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    path.write_text("text,label\n" + "".join(
-        f"film {i} was {'wonderful' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
-    return path
-
-
 def args(model_dir, data, out, steps=STEPS):
     return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", str(steps), *OPTIONS]
 

@@ -18,14 +18,6 @@ OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=
            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", "--trainable", "all"]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    path.write_text("text,label\n" + "".join(
-        f"film {i} was {'wonderful' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
-    return path
-
-
 def train_args(model, data, out, steps=STEPS, *extra):
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(steps),
             *OPTIONS, *extra]
@@ -82,6 +74,17 @@ def test_disk_tier_run_equals_resident_run_and_resumes_exactly(resident, tiny_mo
 
     # A new run on a folder that another run has trained is refused.
     assert main(train_args(folder, data_file, tmp_path / "run3", STEPS)) == 2
+
+    # Export: a standard HF folder with the run's weights, blocks included.
+    from transformers import AutoModelForCausalLM
+    assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    resident_final = load_file(sorted((resident / "snapshots").glob("step-*.safetensors"))[-1])
+    params = list(reference.parameters())  # the run's trainable order: all parameters, tied once
+    assert len(params) == len(resident_final)
+    for (name, p), i in zip(exported.named_parameters(), range(len(params))):
+        assert torch.equal(p, resident_final[f"t{i}"]), name
 
 
 def test_disk_tier_run_killed_anywhere_resumes_exactly(tiny_model_dir, data_file, tmp_path):

@@ -100,6 +100,15 @@ def _bench_stream(args) -> int:
     return 0
 
 
+def _shape_and_batch(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options every benchmark shares: the random-weight model, the batch, the repeats, --json."""
+    parser.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models with forward passes only.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,26 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bsub = b.add_subparsers(dest="bench", required=True)
     s = bsub.add_parser("step", help="ZO step time / two plain forwards, zotune vs a MeZO-style step")
-    s.add_argument("--shape", default="opt-125m", help="random-weight OPT shape: opt-125m, opt-350m or tiny")
-    s.add_argument("--batch", type=int, default=4)
-    s.add_argument("--seq", type=int, default=128)
-    s.add_argument("--repeats", type=int, default=7)
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    _shape_and_batch(s, repeats=7)
     s.add_argument("--no-task", dest="task", action="store_false",
                    help="skip the SmolLM2 default-task part (needs the offline model package)")
     s.set_defaults(func=_bench)
     s = bsub.add_parser("stream", help="streamed step / resident step, in time and peak memory, at two depths")
-    s.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
-    s.add_argument("--batch", type=int, default=4)
-    s.add_argument("--seq", type=int, default=128)
-    s.add_argument("--repeats", type=int, default=5)
+    _shape_and_batch(s, repeats=5)
     s.add_argument("--depths", default="12,48", help="two block counts for the memory growth, e.g. 12,48")
     s.add_argument("--trainable", default="all", help="which parameters train (model.trainable forms)")
     s.add_argument("--scale", metavar="DIR", help="also run a step on a Llama-7B-shaped model (27 GB) streamed "
                                                    "from DIR (prepared there first if missing)")
     s.add_argument("--scale-steps", type=int, default=1)
     s.add_argument("--scale-only", action="store_true", help="with --scale: skip the OPT comparison")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_bench_stream)
     return parser
 
