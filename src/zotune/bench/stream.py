@@ -123,7 +123,7 @@ def measure_memory(spec: dict) -> dict:
         times.append(time.perf_counter() - t)
     if engine is not None:
         engine.close()
-    return {**peak.stop(), "step_s": min(times)}
+    return {**peak.stop(), "step_s": min(times), "step_times": [round(t, 2) for t in times]}
 
 
 def _in_child(spec: dict) -> dict:
@@ -227,15 +227,21 @@ def run_scale_bench(folder: str, steps: int = 1, batch: int = 1, seq: int = 32, 
         t = time.perf_counter()
         prepare_folder(folder, config=random_config("llama-7b"), log=log)
         log(f"prepared in {time.perf_counter() - t:.0f}s")
-    size = sum(f.stat().st_size for f in Path(folder).iterdir())
+    files = [f for f in Path(folder).iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in files if not f.name.endswith(".slots.bin"))  # the model's own weights
+    slots = sum(f.stat().st_size for f in files if f.name.endswith(".slots.bin"))
     spec = {"tier": "disk", "folder": folder, "batch": batch, "seq": seq, "steps": steps, "trainable": trainable}
     got = _in_child(spec)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    result = {"scale_folder_gb": round(size / 1e9, 1), "machine_ram_gb": round(ram / 1e9, 1),
+    result = {"scale_folder_gb": round(size / 1e9, 1), "scale_slots_gb": round(slots / 1e9, 1),
+              "machine_ram_gb": round(ram / 1e9, 1),
               "scale_peak_rss_mib": round(got["peak_rss"] / 2**20), "scale_peak_anon_mib": round(got["peak_anon"] / 2**20),
-              "scale_step_s": round(got["step_s"], 1), "scale_batch": f"{batch} x {seq}", "scale_trainable": trainable}
-    log(f"scale: {result['scale_folder_gb']} GB of blocks on disk ({result['machine_ram_gb']} GB of RAM): one ZO step "
-        f"({trainable} trainable, batch {batch} x {seq}) in {result['scale_step_s']}s, peak RSS "
+              "scale_step_s": round(got["step_s"], 1), "scale_step_times": got["step_times"],
+              "scale_batch": f"{batch} x {seq}", "scale_trainable": trainable}
+    log(f"scale: {result['scale_folder_gb']} GB of weights on disk ({result['machine_ram_gb']} GB of RAM; "
+        f"{result['scale_slots_gb']} GB more once every block has written its second slot): one ZO step "
+        f"({trainable} trainable, batch {batch} x {seq}) in {result['scale_step_s']}s (each: "
+        f"{', '.join(map(str, result['scale_step_times']))}), peak RSS "
         f"{result['scale_peak_rss_mib']:,} MiB, peak anonymous {result['scale_peak_anon_mib']:,} MiB")
     return result
 
