@@ -138,10 +138,13 @@ class _Transfers:
             event = self.stream.record_event()
         return out, event
 
-    def wait(self, event) -> None:
-        """Make the compute stream wait for a transfer (no host sync)."""
+    def wait(self, event, tensors: dict[str, torch.Tensor]) -> None:
+        """Make the compute stream wait for a transfer (no host sync) and own its tensors."""
         if event is not None:
-            self.accel.current_stream(self.device).wait_event(event)
+            compute = self.accel.current_stream(self.device)
+            compute.wait_event(event)
+            for t in tensors.values():  # allocated on the side stream, freed after use on the compute stream
+                t.record_stream(compute)
 
     def mark_compute(self):
         """An event on the compute stream: a write-back copy must not start before it."""
@@ -288,7 +291,7 @@ class StreamEngine:
         tensors, event, keep, pooled = self._fetches.pop(j).result()
         for buf in pooled:
             self._pool.give(buf)
-        self._transfers.wait(event)
+        self._transfers.wait(event, tensors)
         res = _Resident(tensors, keep)
         self._resident[j] = res
         self._settle(j, res)
