@@ -7,6 +7,7 @@ import json
 import sys
 
 from zotune.config import ConfigError, parse_overrides
+from zotune.parallel import DivergedError
 
 # flag -> (section, option): shortcuts for the most used options; any option is also `section.key=value`.
 FLAGS = {
@@ -17,6 +18,7 @@ FLAGS = {
     "--out": ("run", "out"), "--steps": ("run", "steps"), "--batch-size": ("run", "batch_size"),
     "--eval-every": ("run", "eval_every"), "--seed": ("run", "seed"), "--device": ("run", "device"),
     "--offload": ("stream", "tier"), "--offload-dir": ("stream", "dir"),
+    "--data-parallel": ("parallel", "data"), "--perturb-parallel": ("parallel", "perturb"),
 }
 
 
@@ -29,7 +31,7 @@ def _train(args) -> int:
         if value is not None:
             flags.setdefault(section, {})[key] = value
     cfgs = resolve_configs(args.config, args.overrides, flags)
-    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"], stream_cfg=cfgs["stream"])
+    summary = train(cfgs)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
@@ -42,10 +44,11 @@ def _resume(args) -> int:
     if not config.is_file():
         raise ConfigError(f"{args.run_dir} is not a zotune run folder (no config.yaml); pass the folder of a run")
     changed = parse_overrides(args.overrides)
-    if set(changed) - {"run"}:
-        raise ConfigError("resume takes only run.* overrides (e.g. run.steps=2000): the rest of a run is fixed by its log")
+    if set(changed) - {"run", "parallel"}:
+        raise ConfigError("resume takes only run.* and parallel.* overrides (e.g. run.steps=2000): the rest of a run "
+                          "is fixed by its log")
     cfgs = resolve_configs(config, args.overrides, {"run": {"out": args.run_dir}})
-    summary = train(cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"], resume=True, stream_cfg=cfgs["stream"])
+    summary = train(cfgs, resume=True)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zotune: interrupted", file=sys.stderr)
         return 130
+    except DivergedError as e:  # a rank died, hung or disagrees: the run folder stays resumable
+        print(f"zotune: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

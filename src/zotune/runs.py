@@ -258,6 +258,28 @@ _TAIL = struct.Struct("<dd")
 _CRC = struct.Struct("<I")
 
 
+class FollowerRun(RunFolder):
+    """The run folder as ranks other than 0 see it: they read the log and snapshots and write nothing."""
+
+    def __init__(self, path: str | Path):  # no lock and no open files: rank 0 owns the folder
+        self.path = Path(path)
+
+    def read_steps(self, repair: bool = False) -> tuple[list[StepRecord], str | None]:
+        return super().read_steps(repair=False)  # rank 0 repairs
+
+    def rewind_metrics(self, records, keep_dev) -> tuple[dict | None, float]:
+        return None, 0.0  # rank 0 decides and broadcasts
+
+    def write_config(self, *args, **kwargs) -> None: pass
+    def log(self, *args, **kwargs) -> None: pass
+    def write_base(self, *args, **kwargs) -> None: pass
+    def append_step(self, *args, **kwargs) -> None: pass
+    def write_snapshot(self, *args, **kwargs) -> None: pass
+    def write_summary(self, *args, **kwargs) -> None: pass
+    def plot(self) -> Path: return self.path / "curve.png"
+    def close(self) -> None: pass
+
+
 def encode_step(step: int, record: StepRecord, loss: float) -> bytes:
     body = _HEAD.pack(step, record.seed, len(record.grads)) + struct.pack(f"<{len(record.grads)}d", *record.grads) \
         + _TAIL.pack(record.lrs[0] if record.lrs else float("nan"), loss)

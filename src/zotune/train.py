@@ -18,11 +18,13 @@ from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
 from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
-from zotune.runs import RunConfig, RunFolder, is_disk_full, tensor_digest
+from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
+from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
 from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
 from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
 
-SECTIONS = {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig, "stream": StreamConfig}
+SECTIONS = {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig, "stream": StreamConfig,
+            "parallel": ParallelDims}
 
 
 def resolve_configs(config_file=None, overrides=(), flags=None) -> dict:
@@ -45,11 +47,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model, task: ClassificationTask, examples, batch_size: int, device, desc: str = "eval") -> dict:
-    """Accuracy and mean loss, batched and grouped by length, with a progress bar."""
+def evaluate(model, task: ClassificationTask, examples, batch_size: int, device, desc: str = "eval",
+             group: Group | None = None) -> dict:
+    """Accuracy and mean loss, batched and grouped by length, with a progress bar.
+
+    With a process group every rank evaluates its share of the examples and the counts are summed.
+    """
     model.eval()
+    if group is not None:
+        examples = examples[group.rank::group.world]
     correct, loss_sum, n = 0, 0.0, 0
-    with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, file=sys.stderr) as bar:
+    with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, file=sys.stderr,
+              disable=group is not None and not group.is_main) as bar:
         for batch in task.batches(examples, batch_size, by_length=True):
             batch = batch.to(device)
             logits = task.class_logits(model, batch)
@@ -57,6 +66,9 @@ def evaluate(model, task: ClassificationTask, examples, batch_size: int, device,
             correct += int((logits.argmax(1) == batch.labels).sum())
             n += len(batch)
             bar.update(len(batch))
+    if group is not None:
+        correct, loss_sum, n = group.sum([correct, loss_sum, n])
+        correct, n = int(correct), int(n)
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
 
 
@@ -105,7 +117,7 @@ class Session:
     tensors outside the blocks, and on resume each block catches up from its own recorded step.
     """
 
-    def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False):
+    def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False, group: Group | None = None):
         self.run, self.log, self.device = run, log, device
         model_cfg, method_cfg = cfgs["model"], cfgs["method"]
         self.stream_cfg: StreamConfig = cfgs.get("stream") or StreamConfig()
@@ -135,7 +147,7 @@ class Session:
             str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash})
         named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]
-        self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed,
+        self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed, group=group,
                                   **{k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "name"})
         if self.engine is not None:
             self.engine.attach(self.opt)
@@ -174,8 +186,14 @@ class Session:
         elif self.engine is not None and not self.engine.history and self.opt.steps == 0:
             self.engine.restore([])  # a new run on an existing folder: refuse blocks trained by another run
 
-    def step(self, closure) -> float:
-        return float(self.engine.step(self.opt, closure) if self.engine is not None else self.opt.step(closure))
+    def weights_digest(self) -> bytes:
+        """A cheap fingerprint of the trained weights, for ranks to compare."""
+        return weights_digest(self.engine.trained_values() if self.engine is not None else self.params)
+
+    def step(self, closure, share: float = 1.0) -> float:
+        if self.engine is not None:
+            return float(self.engine.step(self.opt, closure, share))
+        return float(self.opt.step(closure, share))
 
     def snapshot(self, step: int) -> None:
         if self.engine is not None and self.engine.tier.kind == "cpu":
@@ -200,34 +218,49 @@ def _folder_tokenizer(folder: str):
                           f"tokenizer_config.json of its model into it") from None
 
 
-def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig, run_cfg: RunConfig,
-          log=print, resume: bool = False, stream_cfg: StreamConfig | None = None) -> dict:
+def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     """Fine-tune with a ZO method and return the summary written to the run folder.
 
-    With `resume`, `run_cfg.out` is an existing run: its log is checked (a damaged tail is cut at the
+    `cfgs` maps section names to configs (`resolve_configs`); missing sections take their defaults.
+    With `resume`, `run.out` is an existing run: its log is checked (a damaged tail is cut at the
     last good step), the weights are restored bit for bit, and training continues where it stopped.
+    Under torchrun every rank calls this; rank 0 alone writes the run folder and prints.
     """
+    cfgs = {name: cfgs.get(name) or cls() for name, cls in SECTIONS.items()}
+    model_cfg, task_cfg, method_cfg, run_cfg = cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"]
     started = time.perf_counter()
     if run_cfg.threads:
         torch.set_num_threads(run_cfg.threads)
     device = resolve_device(run_cfg.device)
+    group = Group.from_env(cfgs["parallel"], device)
+    main = group is None or group.is_main
+    if group is not None and not main:
+        log = lambda *a, **k: None  # noqa: E731 -- rank 0 speaks for the run
     # Inputs are checked before the run folder exists, so a fixed command can reuse the same --out.
     resolve_source(model_cfg)
     examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)
-    run = RunFolder(run_cfg.out, resume=resume)
-    cfgs = {"model": model_cfg, "task": task_cfg, "method": method_cfg, "run": run_cfg,
-            "stream": stream_cfg or StreamConfig()}
-    if resume:
-        summary_path = run.path / "summary.json"
-        done = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if done.get("status") == "finished" and done.get("steps", 0) >= run_cfg.steps:
-            raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
-                              f"train longer with `zotune resume {run.path} run.steps=N`")
-    run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
-    log(f"run folder: {run.path}")
+    if main:
+        run = RunFolder(run_cfg.out, resume=resume)
+        if resume:
+            summary_path = run.path / "summary.json"
+            done = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            if done.get("status") == "finished" and done.get("steps", 0) >= run_cfg.steps:
+                raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
+                                  f"train longer with `zotune resume {run.path} run.steps=N`")
+        run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
+    if group is not None:  # the others follow rank 0's folder (same name even when it was a timestamp)
+        out = group.broadcast(str(run.path) if main else None)
+        if not main:
+            run = FollowerRun(out)
+    log(f"run folder: {run.path}" + (f" ({group.world} processes: data {group.dims.data} x perturb "
+                                     f"{group.dims.perturb})" if group is not None else ""))
 
-    session = Session(cfgs, run, device, log, resume)
+    session = Session(cfgs, run, device, log, resume, group)
     model, opt, params = session.model, session.opt, session.params
+    if group is not None:  # the same model, config and seed on every rank, before any step
+        group.check_same("the model, config and seed", text_digest(
+            json.dumps({k: dataclasses.asdict(v) for k, v in cfgs.items() if k != "run"}, sort_keys=True, default=str)
+            + str(run_cfg.seed) + weights_digest(session.params if session.engine is None else []).hex()))
     task = ClassificationTask(task_cfg, session.tokenizer, examples)
     log(f"task: {task_cfg.data}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test, "
         f"template {task_cfg.template!r}, verbalizer {task_cfg.verbalizer}")
@@ -250,7 +283,7 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     is_eval_step = lambda s: track_dev and s % run_cfg.eval_every == 0 and s < run_cfg.steps  # noqa: E731
 
     def log_dev(step: int) -> float:
-        dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev")
+        dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev", group)
         run.log({"step": step, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
         return dev["accuracy"]
 
@@ -262,15 +295,20 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
         start = session.restore(records)
         before, seconds_before = run.rewind_metrics(records, keep_dev=is_eval_step)
     session.start_streaming()
+    if group is not None:  # decisions from rank 0's files: every rank must take part in the same evaluations
+        before, seconds_before = group.broadcast((before, seconds_before))
     if before is None:
-        before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test")
+        before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test", group)
         run.log({"step": 0, "test_accuracy": before["accuracy"], "test_loss": before["loss"], "n": before["n"]})
     log(f"zero-shot test accuracy {before['accuracy']:.3f} (loss {before['loss']:.4f})")
     if track_dev:  # a run can stop between a step and its evaluation: evaluate what is missing
         last_eval = start - start % run_cfg.eval_every
         if last_eval and not is_eval_step(last_eval):
             last_eval -= run_cfg.eval_every
-        if not run.has_dev(last_eval):
+        missing = not run.has_dev(last_eval)
+        if group is not None:
+            missing = group.broadcast(missing)
+        if missing:
             log_dev(last_eval)
 
     order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed)
@@ -279,20 +317,22 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
     collated: dict[int, Batch] = {}
     status, error, step = "finished", None, start
     train_started = time.perf_counter()
-    bar = tqdm(total=run_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=run_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not main)
     with _StopOnCtrlC() as ctrl_c:
         for step in range(start + 1, run_cfg.steps + 1):
             batch_id, indices = next(order)
-            if batch_id not in collated:
-                collated[batch_id] = task.collate([task.train[i] for i in indices]).to(device)
-            batch = collated[batch_id]
-            if prefix is not None:
+            rows, share = group.rows(len(indices)) if group is not None else (slice(None), 1.0)  # this rank's part
+            if batch_id not in collated and share:
+                collated[batch_id] = task.collate([task.train[i] for i in indices[rows]]).to(device)
+            batch = collated.get(batch_id)
+            if prefix is not None and share:
                 prefix.capture(lambda: task.class_logits(model, batch), key=batch_id)
             replay = prefix.replaying if prefix is not None else contextlib.nullcontext
             try:
-                with replay(), task.head(model, batch):  # set up once: every probe's forward uses them
-                    loss = session.step(lambda: task.head_loss(model, batch))
-            except NonFiniteLossError as e:
+                with replay(), task.head(model, batch) if share else contextlib.nullcontext():
+                    loss = session.step(lambda: task.head_loss(model, batch), share)  # the head: once for every probe
+            except (NonFiniteLossError, DivergedError) as e:
                 status, error = "failed", str(e)
                 step -= 1
                 break
@@ -302,17 +342,27 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
                 run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],
                          "seconds": round(seconds_before + time.perf_counter() - train_started, 3)})
                 if is_eval_step(step):
-                    bar.write(f"step {step}: dev accuracy {log_dev(step):.3f}")
+                    accuracy = log_dev(step)
+                    if main:
+                        bar.write(f"step {step}: dev accuracy {accuracy:.3f}")
                 if run_cfg.snapshot_every and step % run_cfg.snapshot_every == 0:
                     session.snapshot(step)
+                if group is not None and group.dims.check_every and step % group.dims.check_every == 0:
+                    group.check_same(f"the weights at step {step}", session.weights_digest())
             except OSError as e:
                 why = "the disk is full" if is_disk_full(e) else e.strerror
                 status, error = "failed", (f"step {step}: could not write to the run folder ({why}); everything logged "
                                            f"so far is intact: free space, then `zotune resume {run.path}`")
                 break
+            except DivergedError as e:
+                status, error = "failed", f"step {step}: {e}; the run folder is intact: `zotune resume {run.path}`"
+                break
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update()
-            if ctrl_c.requested:
+            stop = ctrl_c.requested
+            if group is not None:  # every rank stops after the same step
+                stop = group.sum([float(stop)])[0] > 0
+            if stop:
                 status = "interrupted"
                 break
     bar.close()
@@ -342,6 +392,9 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, method_cfg: MethodConfig
         log(f"could not write the summary or plot ({e.strerror}); metrics.jsonl and steps.log are intact")
     run.close()
     _print_table(summary, log)
+    if group is not None:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return summary
 
 

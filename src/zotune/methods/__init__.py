@@ -51,12 +51,12 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def make_optimizer(name: str, params, seed: int = 0, **options):
-    """`make_optimizer("zosgd", model.parameters(), lr=1e-6, eps=1e-3)`."""
+def make_optimizer(name: str, params, seed: int = 0, group=None, **options):
+    """`make_optimizer("zosgd", model.parameters(), lr=1e-6, eps=1e-3)`; `group`: a `zotune.parallel.Group`."""
     cfg = MethodConfig(name=name, **options)
     return METHODS[name](params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
                          n_directions=cfg.n_directions, one_sided=cfg.one_sided, seed=seed,
-                         distribution=cfg.distribution)
+                         distribution=cfg.distribution, group=group)
 
 
 __all__ = ["METHODS", "MethodConfig", "NonFiniteLossError", "StepRecord", "ZOSGD", "list_methods", "make_optimizer"]

@@ -37,12 +37,14 @@ class ZOSGD(torch.optim.Optimizer):
     then θ_i ← θ_i − lr·(wd·θ_i + mean_k g_k·z_k,i), weight decay only for tensors with dim >= 2.
 
     Memory stays at inference level: the parameters are moved in place and z is one tensor's
-    worth of scratch. `opt.last` holds the StepRecord of the latest step (seed, projected
+    worth of scratch. With a `group` (zotune.parallel), each rank runs the forwards of its own
+    probes on its own rows and one all-reduce of the probe losses gives every rank the same update. `opt.last` holds the StepRecord of the latest step (seed, projected
     gradients, probe losses, lrs), enough to redo it bit for bit with `replay`.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "gaussian"):
+                 n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "gaussian",
+                 group=None):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ConfigError(f"lr={lr} must be a finite number >= 0 (e.g. 1e-6 for full fine-tuning)")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
@@ -54,8 +56,8 @@ class ZOSGD(torch.optim.Optimizer):
         if distribution not in DISTRIBUTIONS:
             raise ConfigError(f"distribution={distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        for group in self.param_groups:
-            if group["lr"] < 0 or group["weight_decay"] < 0:
+        for g in self.param_groups:
+            if g["lr"] < 0 or g["weight_decay"] < 0:
                 raise ConfigError("every parameter group needs lr >= 0 and weight_decay >= 0")
         self.eps = float(eps)
         self.n_directions = n_directions
@@ -65,6 +67,7 @@ class ZOSGD(torch.optim.Optimizer):
         self._seeds = torch.Generator().manual_seed(seed)
         self._directions = Directions(distribution)
         self.last: StepRecord | None = None
+        self.group = group  # a zotune.parallel.Group, or None: with one process nothing is sent
 
     def _params(self) -> list[torch.Tensor]:
         """Every trainable tensor in a fixed order: tensor i of the direction seeds."""
@@ -112,12 +115,13 @@ class ZOSGD(torch.optim.Optimizer):
         return [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(self.n_directions)]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], torch.Tensor], share: float = 1.0) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
         seed = self._next_seed()
-        losses: list[float] = []
+        mine: dict[int, float] = {}  # probe index -> loss, for the probes this process runs
+        n_probes = 0
         offset: dict[int, float] = {}  # direction -> scale currently applied to θ
         try:
             for k, scale, probe in self.moves():
@@ -125,8 +129,11 @@ class ZOSGD(torch.optim.Optimizer):
                     self.move(params, seed, k, scale)
                     offset[k] = offset.get(k, 0.0) + scale
                 if probe:
-                    losses.append(self._loss(closure))
-                    self.check_finite(losses)
+                    if self.runs_probe(n_probes, share):
+                        mine[n_probes] = self._loss(closure)
+                        self.check_finite(list(mine.values()))
+                    n_probes += 1
+            losses = self.gather(mine, n_probes, share)
         except BaseException:  # a non-finite loss, or e.g. Ctrl-C inside a forward: never leave θ perturbed
             self.undo(params, seed, offset)
             raise
@@ -152,8 +159,21 @@ class ZOSGD(torch.optim.Optimizer):
             if applied:
                 self.move(indexed, seed, k, -applied)
 
+    def runs_probe(self, r: int, share: float = 1.0) -> bool:
+        """Whether this process runs probe r's forward: always without a group; with one, when r is
+        this rank's probe and this rank has rows of the batch (`share` > 0)."""
+        return self.group is None or (share > 0 and self.group.owns_probe(r))
+
+    def gather(self, mine: dict[int, float], n_probes: int, share: float = 1.0) -> list[float]:
+        """All probe losses: this process's own, or with a group every rank's (one all-reduce)."""
+        if self.group is None:
+            return [mine[r] for r in range(n_probes)]
+        losses = self.group.probe_losses(mine, n_probes, share)
+        self.check_finite(losses)
+        return losses
+
     def check_finite(self, losses: list[float]) -> None:
-        if not math.isfinite(losses[-1]):
+        if not all(math.isfinite(x) for x in losses):
             raise NonFiniteLossError(
                 f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
                 f"the weights were restored; lower lr or eps, or check the data")

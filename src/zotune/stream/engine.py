@@ -390,14 +390,17 @@ class StreamEngine:
     # -- the ZO step ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, opt, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """One ZO step of `opt` with every block visited once; returns the mean probe loss."""
+    def step(self, opt, closure: Callable[[], torch.Tensor], share: float = 1.0) -> torch.Tensor:
+        """One ZO step of `opt` with every block visited once; returns the mean probe loss.
+
+        `share`: with data parallelism, this rank's share of the batch rows (see `Group.rows`)."""
         self.attach(opt)
         for j in list(self._resident):
             self._leave(j)
         step, seed = opt.steps, opt.begin()
         moves = list(opt.moves())
         n_probes = sum(1 for *_, probe in moves if probe)
+        owned = [r for r in range(n_probes) if opt.runs_probe(r, share)]  # with perturbation parallelism, a share
         outside = self.outside
         masters = [p.data for _, p in outside]
         offsets: dict[int, float] = {}
@@ -415,12 +418,12 @@ class StreamEngine:
             for (_, p), v in zip(outside, views[r]):
                 p.data = v
 
-        lockstep = _Lockstep(self, closure, n_probes)
+        lockstep = _Lockstep(self, closure, owned)
         self._step = lockstep
         block_offsets: dict[int, float] = {}
         j = -1
         try:
-            for r in range(n_probes):
+            for r in owned:
                 show(r)
                 lockstep.run(r, expect=0 if len(self.layers) else "tail")
             for j in range(len(self.layers)):
@@ -432,8 +435,9 @@ class StreamEngine:
                         block_offsets[k] = block_offsets.get(k, 0.0) + scale
                         self._rebind_trained(j)
                     if probe:
-                        show(r)
-                        lockstep.run(r, expect=j + 1 if j + 1 < len(self.layers) else "tail")
+                        if r in owned:
+                            show(r)
+                            lockstep.run(r, expect=j + 1 if j + 1 < len(self.layers) else "tail")
                         r += 1
                 if pairs:
                     self._resident[j].changed = True
@@ -441,11 +445,12 @@ class StreamEngine:
                 self._leave(j)
                 j = -1
             self._submit_fetch(0)  # the next step (or evaluation) starts with block 0
-            losses = []
-            for r in range(n_probes):
+            mine = {}
+            for r in owned:
                 show(r)
-                losses.append(float(lockstep.run(r, expect="done")))
-                opt.check_finite(losses)
+                mine[r] = float(lockstep.run(r, expect="done"))
+                opt.check_finite(list(mine.values()))
+            losses = opt.gather(mine, n_probes, share)
         except BaseException:
             lockstep.abort()
             self._abandon(opt, step, seed, j, block_offsets)
@@ -530,15 +535,15 @@ class _Lockstep:
     waits for its turn; `run(r, expect)` lets probe r go and returns where it stopped next.
     """
 
-    def __init__(self, engine: StreamEngine, closure: Callable, n: int):
+    def __init__(self, engine: StreamEngine, closure: Callable, probes: list[int]):
         self.engine, self.closure = engine, closure
-        self._go = [threading.Semaphore(0) for _ in range(n)]
+        self._go = {r: threading.Semaphore(0) for r in probes}
         self._arrived: queue.Queue = queue.Queue()
         self._aborting = False
-        self._threads = [threading.Thread(target=self._main, args=(r,), daemon=True, name=f"zotune-probe-{r}")
-                         for r in range(n)]
-        self._started = [False] * n
-        self._finished = [False] * n
+        self._threads = {r: threading.Thread(target=self._main, args=(r,), daemon=True, name=f"zotune-probe-{r}")
+                         for r in probes}
+        self._started = dict.fromkeys(probes, False)
+        self._finished = dict.fromkeys(probes, False)
 
     def _main(self, r: int) -> None:
         self.engine._probe.lockstep, self.engine._probe.r = self, r
@@ -587,10 +592,10 @@ class _Lockstep:
     def abort(self) -> None:
         """Stop every probe thread still inside the model (each raises at its next stop) and join them."""
         self._aborting = True
-        for r, t in enumerate(self._threads):
+        for r in self._threads:
             if self._started[r] and not self._finished[r]:
                 self._go[r].release()
-        for r, t in enumerate(self._threads):
+        for r, t in self._threads.items():
             if self._started[r]:
                 t.join()
 
