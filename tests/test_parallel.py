@@ -118,3 +118,14 @@ def test_dims_that_do_not_match_the_world_are_refused_before_any_work(tiny_model
     assert wait_all(procs, timeout=120) == [2, 2]
     assert "4 processes, but 2 were started" in (tmp_path / "rank0.log").read_text()
     assert not (tmp_path / "b").exists()
+
+
+def test_disk_streaming_with_sliced_reads_equals_resident_on_two_ranks(tiny_model_dir, data_file, tmp_path):
+    """data = 2 with the disk tier: each rank reads half of every block and gathers the other half;
+    the run is the same, bit for bit, as data = 2 with resident weights."""
+    resident, streamed = tmp_path / "resident", tmp_path / "streamed"
+    assert wait_all(launch(2, train_args(tiny_model_dir, data_file, resident, "parallel.data=2"), tmp_path)) == [0, 0]
+    argv = train_args(tiny_model_dir, data_file, streamed, "parallel.data=2", "--offload", "disk",
+                      "--offload-dir", str(tmp_path / "blocks"))
+    assert wait_all(launch(2, argv, tmp_path)) == [0, 0]
+    assert (streamed / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()

@@ -133,6 +133,9 @@ class Group:
         """
         return self._all_reduce([mine[r] * share if r in mine else 0.0 for r in range(n_probes)])
 
+    def max(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, op="max")
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over all ranks (evaluation counts, stop flags)."""
         return self._all_reduce(values)

@@ -57,9 +57,14 @@ def evaluate(model, task: ClassificationTask, examples, batch_size: int, device,
     if group is not None:
         examples = examples[group.rank::group.world]
     correct, loss_sum, n = 0, 0.0, 0
+    batches = list(task.batches(examples, batch_size, by_length=True)) if examples else []
+    if group is not None:  # every rank runs as many forwards (streamed blocks are fetched together)
+        extra = int(group.max([len(batches)])[0]) - len(batches)
+        for _ in range(extra):
+            task.class_logits(model, task.collate(task.test[:1] or task.train[:1]).to(device))
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, file=sys.stderr,
               disable=group is not None and not group.is_main) as bar:
-        for batch in task.batches(examples, batch_size, by_length=True):
+        for batch in batches:
             batch = batch.to(device)
             logits = task.class_logits(model, batch)
             loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
@@ -128,7 +133,7 @@ class Session:
         if folder:  # blocks already on disk: load only what lies outside them
             if self.stream_cfg.tier == "cpu":
                 raise ConfigError(f"{folder} is a stream folder (disk tier); drop stream.tier=cpu to train from it")
-            self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch, log)
+            self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch, group, log)
             self.tokenizer = _folder_tokenizer(folder)
             base_hash = self.engine.tier.manifest["base_digest"]
         else:
@@ -138,8 +143,16 @@ class Session:
             self.model, self.tokenizer = load_model(model_cfg, log=log)
             self.model.to(device)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
-                self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
-                self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
+                if group is None or group.is_main:  # one writer; the other ranks then open the folder
+                    self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
+                    self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
+                if group is not None:
+                    group.barrier()
+                    if group.is_main:
+                        self.engine.share_reads(group)
+                    else:
+                        self.model, self.engine = load_streamed(self.stream_cfg.dir, device, model_cfg.dtype,
+                                                                self.stream_cfg.prefetch, group, log)
                 base_hash = self.engine.tier.manifest["base_digest"]
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())

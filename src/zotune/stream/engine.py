@@ -230,14 +230,25 @@ class StreamEngine:
             raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
         index = {id(p): i for i, p in opt.indexed()}
         in_blocks = set()
+        group = getattr(opt, "group", None)
+        creates = group is None or group.is_main or not isinstance(self.tier, DiskTier)  # one writer per folder
         for j, named in enumerate(self.params):
             self._trainable[j] = [(index[id(p)], n) for n, p in named.items() if id(p) in index]
             in_blocks |= {id(p) for p in named.values()}
-            if self._trainable[j]:
+            if self._trainable[j] and creates:
                 self.tier.add_masters(j, [n for _, n in self._trainable[j]])
+        if group is not None and isinstance(self.tier, DiskTier):
+            group.barrier()
+            self.tier.reload_slots()
         self.outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
         self.version = opt.steps
         self._opt = opt
+
+    def share_reads(self, group) -> None:
+        """With a process group and the disk tier, each rank reads its slice of every block and the
+        ranks all-gather the rest; otherwise (host memory, one process) every rank fetches whole blocks."""
+        if group is not None and group.world > 1 and isinstance(self.tier, DiskTier):
+            self.tier.share_reads(group)
 
     def restore(self, records: list) -> None:
         """Check the tier against a run's log and keep its records, so every block can catch up.

@@ -172,12 +172,19 @@ class DiskTier:
             self.ends.append(entry["end"])
         self._files = [self._open_block(j) for j in range(len(self.specs))]
         self._state_file = self._open_state()
+        self.bytes_read = 0  # from the slow tier, by this process
+        self._sliced = None
         self.slots: dict[int, list[Spec]] = {}  # block -> float32 layout of its trained tensors in the slots file
         self._slot_files: dict[int, object] = {}
+        self.reload_slots()
+
+    def reload_slots(self) -> None:
+        """Open the slot files that `slots.json` lists (again, after another rank created some)."""
         index_path = self.folder / "slots.json"
         if index_path.exists():
             for key, names in json.loads(index_path.read_text()).items():
-                self._open_slots(int(key), names)
+                if [s.name for s in self.slots.get(int(key), [])] != names:
+                    self._open_slots(int(key), names)
 
     # -- opening and checking -------------------------------------------------------------------
 
@@ -282,8 +289,7 @@ class DiskTier:
 
     # -- reading and writing ----------------------------------------------------------------------
 
-    @staticmethod
-    def _read_into(f, buf: torch.Tensor, offset: int) -> None:
+    def _read_into(self, f, buf: torch.Tensor, offset: int) -> None:
         view = memoryview(buf.numpy()).cast("B")
         done = 0
         while done < len(view):
@@ -292,22 +298,44 @@ class DiskTier:
             if not n:
                 raise ConfigError(f"{f.name} ended early: the stream folder is damaged; prepare it again")
             done += n
+        self.bytes_read += len(view)
+
+    def share_reads(self, group) -> None:
+        """Read each block in slices across the ranks of `group` and gather the rest from the peers.
+
+        Every rank needs every block; with W ranks each reads 1/W of it from the slow tier. Valid for
+        one shared folder or a copy per machine alike, since every rank writes the same updates.
+        """
+        self._sliced = _SlicedReads(group)
 
     def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """(block j as tensors, trained ones from their current slot in float32; the `pool` buffers used)."""
         size = self.ends[j] - HEADER
         buf = pool.take(size) if pool is not None else torch.empty(size, dtype=torch.uint8)
-        self._read_into(self._files[j], buf, HEADER)
         out = _views(buf, self.specs[j], HEADER)
+        reads, skip = [], []  # (file, offset, destination bytes); block-file ranges another slot provides
         if j in self.slots:
             current = self._record(j)[-1]
             for s in self.slots[j]:
                 f, offset = self._place(j, s.name, current)
                 if f is self._files[j]:
-                    continue  # already read with the block
+                    continue  # read with the block
                 if out[s.name].dtype != torch.float32:
                     out[s.name] = torch.empty(s.shape, dtype=torch.float32, pin_memory=buf.is_pinned())
-                self._read_into(f, out[s.name].view(-1).view(torch.uint8), offset)
+                else:  # its place in the block file holds the other slot: do not read it
+                    spec = self._spec(j, s.name)
+                    skip.append((spec.offset, spec.offset + spec.nbytes))
+                reads.append((f, offset, out[s.name].view(-1).view(torch.uint8)))
+        at = HEADER
+        for lo, hi in sorted(skip) + [(self.ends[j], self.ends[j])]:
+            if lo > at:
+                reads.insert(0, (self._files[j], at, buf[at - HEADER: lo - HEADER]))
+            at = max(at, hi)
+        if self._sliced is not None and pool is not None:  # the engine's fetches; direct reads stay local
+            self._sliced.read(reads, self._read_into)
+        else:
+            for f, offset, dest in reads:
+                self._read_into(f, dest, offset)
         return out, ([buf] if pool is not None else [])
 
     def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState) -> None:
@@ -355,6 +383,54 @@ class DiskTier:
     def close(self) -> None:
         for f in [*self._files, *self._slot_files.values(), self._state_file]:
             f.close()
+
+
+class _SlicedReads:
+    """Reads a list of byte ranges across ranks: each rank reads 1/W of the bytes, then all-gather.
+
+    Runs in the engine's transfer thread, on its own gloo group, so its collectives never interleave
+    with the main thread's; every rank fetches the same blocks in the same order.
+    """
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self.rank, self.world = group.rank, group.world
+        self.pg = dist.new_group(backend="gloo")  # collective: every rank creates it at the same point
+
+    @staticmethod
+    def _pieces(reads, lo: int, hi: int):
+        """(file, file offset, destination slice) for the bytes [lo, hi) of the reads laid end to end."""
+        at = 0
+        for f, offset, dest in reads:
+            n = dest.numel()
+            a, b = max(lo, at), min(hi, at + n)
+            if a < b:
+                yield f, offset + a - at, dest[a - at: b - at]
+            at += n
+
+    def read(self, reads, read_into) -> None:
+        import torch.distributed as dist
+
+        total = sum(dest.numel() for *_, dest in reads)
+        chunk = -(-total // self.world)
+        bounds = [(q * chunk, min((q + 1) * chunk, total)) for q in range(self.world)]
+        lo, hi = bounds[self.rank]
+        mine = torch.zeros(chunk, dtype=torch.uint8)
+        at = 0
+        for f, offset, dest in self._pieces(reads, lo, hi):
+            read_into(f, dest, offset)
+            mine[at: at + dest.numel()] = dest
+            at += dest.numel()
+        gathered = [torch.empty(chunk, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(gathered, mine, group=self.pg)
+        for q, (a, b) in enumerate(bounds):
+            if q == self.rank:
+                continue
+            at = 0
+            for _, _, dest in self._pieces(reads, a, b):
+                dest.copy_(gathered[q][at: at + dest.numel()])
+                at += dest.numel()
 
 
 def _atomic_write(path: Path, text: str) -> None:
