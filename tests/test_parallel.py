@@ -129,3 +129,15 @@ def test_disk_streaming_with_sliced_reads_equals_resident_on_two_ranks(tiny_mode
                       "--offload-dir", str(tmp_path / "blocks"))
     assert wait_all(launch(2, argv, tmp_path)) == [0, 0]
     assert (streamed / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
+
+
+def test_a_parallel_run_resumes_exactly(tiny_model_dir, data_file, tmp_path):
+    """2 x 2 ranks: 3 steps, then `zotune resume` to 6 == 6 steps in one go (the same dims)."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    dims = ["parallel.data=2", "parallel.perturb=2"]
+    assert wait_all(launch(4, train_args(tiny_model_dir, data_file, whole, *dims), tmp_path)) == [0] * 4
+    assert wait_all(launch(4, train_args(tiny_model_dir, data_file, parts, *dims, steps=3), tmp_path)) == [0] * 4
+    assert wait_all(launch(4, ["resume", str(parts), f"run.steps={STEPS}"], tmp_path)) == [0] * 4
+    assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    a, b = final(whole), final(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a)

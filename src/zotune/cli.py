@@ -103,6 +103,16 @@ def _bench_stream(args) -> int:
     return 0
 
 
+def _bench_dist(args) -> int:
+    from zotune.bench.dist import run_dist_bench
+
+    log = (lambda *a, **k: None) if args.json else print
+    result = run_dist_bench(args.shape, args.batch, args.seq, args.repeats, log)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _shape_and_batch(parser: argparse.ArgumentParser, repeats: int) -> None:
     """The options every benchmark shares: the random-weight model, the batch, the repeats, --json."""
     parser.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
@@ -165,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-steps", type=int, default=1)
     s.add_argument("--scale-only", action="store_true", help="with --scale: skip the OPT comparison")
     s.set_defaults(func=_bench_stream)
+    s = bsub.add_parser("dist", help="distributed ZO: bytes sent per step, 2-rank speedup, slow-tier bytes per rank")
+    _shape_and_batch(s, repeats=2)
+    s.set_defaults(func=_bench_dist, batch=32)
     return parser
 
 
