@@ -97,7 +97,7 @@ def prepare_folder(folder: str, *, config=None, checkpoint: str | None = None, s
     for n, p in outside:
         owner = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
         if p.device.type == "meta":
-            fill_param(owner, n.rsplit(".", 1)[-1], tensors_of, n, model)
+            _fill_param(owner, n.rsplit(".", 1)[-1], tensors_of, n, model)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     writer.finish(_outside_state(model, path))
@@ -107,7 +107,7 @@ def prepare_folder(folder: str, *, config=None, checkpoint: str | None = None, s
     return Path(folder)
 
 
-def fill_param(owner: nn.Module, name: str, tensors_of, full_name: str, model: nn.Module) -> None:
+def _fill_param(owner: nn.Module, name: str, tensors_of, full_name: str, model: nn.Module) -> None:
     """Materialise one parameter outside the blocks: from the checkpoint, or the model's init."""
     p = owner._parameters[name]
     new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)

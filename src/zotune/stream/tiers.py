@@ -109,9 +109,6 @@ class RamTier:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def names(self, j: int) -> list[str]:
-        return list(self.blocks[j])
-
     def add_masters(self, j: int, names: list[str]) -> None:
         for name in names:
             if self.blocks[j][name].dtype != torch.float32:
@@ -131,9 +128,6 @@ class RamTier:
 
     def get_state(self, j: int) -> BlockState:
         return self.states[j]
-
-    def nbytes(self, j: int) -> int:
-        return sum(t.nbytes for t in self.blocks[j].values())
 
 
 def fingerprint(config: dict, blocks: list[list[tuple[str, tuple, torch.dtype]]]) -> str:
@@ -254,12 +248,6 @@ class DiskTier:
 
     def __len__(self) -> int:
         return len(self.specs)
-
-    def names(self, j: int) -> list[str]:
-        return [s.name for s in self.specs[j]]
-
-    def nbytes(self, j: int) -> int:
-        return self.ends[j] - HEADER
 
     # -- two float32 slots for the tensors that train ------------------------------------------------
 
