@@ -113,6 +113,16 @@ def _bench_dist(args) -> int:
     return 0
 
 
+def _bench_memory(args) -> int:
+    from zotune.bench.memory import run_memory_bench
+
+    log = (lambda *a, **k: None) if args.json else print
+    result = run_memory_bench(args.shape, args.batch, args.seq, log)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _shape_and_batch(parser: argparse.ArgumentParser, repeats: int) -> None:
     """The options every benchmark shares: the random-weight model, the batch, the repeats, --json."""
     parser.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("dist", help="distributed ZO: bytes sent per step, 2-rank speedup, slow-tier bytes per rank")
     _shape_and_batch(s, repeats=2)
     s.set_defaults(func=_bench_dist, batch=32)
+    s = bsub.add_parser("memory", help="optimizer state bytes per trainable value and peak RSS of a step, per method")
+    _shape_and_batch(s, repeats=1)
+    s.set_defaults(func=_bench_memory)
     return parser
 
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
-from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer
+from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
@@ -34,7 +34,9 @@ def resolve_configs(config_file=None, overrides=(), flags=None) -> dict:
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
-    return {name: build(cls, values.get(name, {}), name) for name, cls in SECTIONS.items()}
+    cfgs = {name: build(cls, values.get(name, {}), name) for name, cls in SECTIONS.items() if name != "method"}
+    cfgs["method"] = method_config(values.get("method", {}))  # each method has its own options
+    return cfgs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,7 +163,7 @@ class Session:
         named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]
         self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed, group=group,
-                                  **{k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "name"})
+                                  **method_cfg.options())
         if self.engine is not None:
             self.engine.attach(self.opt)
 
@@ -175,6 +177,9 @@ class Session:
         """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
         self.opt.skip(records)
         params = self._snapshot_params()
+        if use_snapshots and self.opt.state_per_value:  # snapshots hold weights, not momentum or moments
+            self.log(f"{type(self.opt).__name__} keeps optimizer state: replaying every step from the base weights")
+            use_snapshots = False
         start, note = self.run.latest_snapshot(len(records), params) if use_snapshots else (0, None)
         if note:
             self.log(note)

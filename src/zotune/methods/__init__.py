@@ -6,19 +6,19 @@ with the options it accepts, and add a test against a naive reference of its upd
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from zotune.config import ConfigError
 from zotune.methods.perturb import DISTRIBUTIONS
+from zotune.methods.variants import ZOAdam, ZOMomentum, ZOSign
 from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepRecord
-
-METHODS = {"zosgd": ZOSGD}
 
 
 @dataclass
 class MethodConfig:
-    """Which ZO method and its hyper-parameters."""
+    """Which ZO method and the hyper-parameters every method shares (ZO-SGD and ZO-sign use only these)."""
 
     name: str = "zosgd"
     lr: float = 5e-4
@@ -31,6 +31,9 @@ class MethodConfig:
     def __post_init__(self):
         if self.name not in METHODS:
             raise ConfigError(f"method.name={self.name!r} is not a known method; choose one of {', '.join(METHODS)}")
+        if not isinstance(self, METHODS[self.name][0]):
+            raise ConfigError(f"method {self.name!r} is configured by {METHODS[self.name][0].__name__}; "
+                              f"use method_config() or make_optimizer()")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ConfigError(f"method.lr={self.lr} must be a finite number >= 0 (e.g. 1e-3)")
         if not (math.isfinite(self.eps) and self.eps > 0):
@@ -46,6 +49,55 @@ class MethodConfig:
     def forwards_per_step(self) -> int:
         return self.n_directions + 1 if self.one_sided else 2 * self.n_directions
 
+    def options(self) -> dict:
+        """The optimizer's keyword arguments: every field but the name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+@dataclass
+class MomentumConfig(MethodConfig):
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.momentum={self.momentum} must be in [0, 1) (e.g. 0.9)")
+
+
+@dataclass
+class AdamConfig(MethodConfig):
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"method.{key}={getattr(self, key)} must be in [0, 1) (e.g. 0.9, 0.999)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"method.adam_eps={self.adam_eps} must be > 0 (e.g. 1e-8)")
+
+
+# name -> (its config, its optimizer). The optimizer's `state_per_value` says how many floats of
+# state it keeps per trainable value (0: memory stays at inference level).
+METHODS = {
+    "zosgd": (MethodConfig, ZOSGD),
+    "zosgd-momentum": (MomentumConfig, ZOMomentum),
+    "zosgd-sign": (MethodConfig, ZOSign),
+    "zoadam": (AdamConfig, ZOAdam),
+}
+
+
+def method_config(values: dict) -> MethodConfig:
+    """The config of the method `values["name"]` names (default zosgd), built and checked from `values`."""
+    from zotune.config import build
+
+    name = values.get("name", "zosgd")
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is not a known method; choose one of {', '.join(METHODS)}")
+    return build(METHODS[name][0], values, "method")
+
 
 def list_methods() -> list[str]:
     return sorted(METHODS)
@@ -53,10 +105,12 @@ def list_methods() -> list[str]:
 
 def make_optimizer(name: str, params, seed: int = 0, group=None, **options):
     """`make_optimizer("zosgd", model.parameters(), lr=1e-6, eps=1e-3)`; `group`: a `zotune.parallel.Group`."""
-    cfg = MethodConfig(name=name, **options)
-    return METHODS[name](params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         n_directions=cfg.n_directions, one_sided=cfg.one_sided, seed=seed,
-                         distribution=cfg.distribution, group=group)
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is not a known method; choose one of {', '.join(METHODS)}")
+    config_cls, optimizer_cls = METHODS[name]
+    cfg = config_cls(name=name, **options)
+    return optimizer_cls(params, seed=seed, group=group, **cfg.options())
 
 
-__all__ = ["METHODS", "MethodConfig", "NonFiniteLossError", "StepRecord", "ZOSGD", "list_methods", "make_optimizer"]
+__all__ = ["METHODS", "AdamConfig", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
+           "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]

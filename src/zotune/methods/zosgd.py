@@ -42,6 +42,8 @@ class ZOSGD(torch.optim.Optimizer):
     gradients, probe losses, lrs), enough to redo it bit for bit with `replay`.
     """
 
+    state_per_value = 0  # floats of optimizer state per trainable value: memory stays at inference level
+
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "gaussian",
                  group=None):
@@ -235,19 +237,34 @@ class ZOSGD(torch.optim.Optimizer):
             group = groups[i]
             lr = group_lr[id(group)]
             wd = group["weight_decay"] if p.dim() >= 2 else 0.0
-            if restore:  # one draw of z serves the restore and the update, chunk by chunk
-                def fused(piece, z, lr=lr, wd=wd):
-                    piece.add_(z, alpha=restore)
-                    if wd:
-                        piece.mul_(1 - lr * wd)
-                    piece.add_(z, alpha=-lr * record.grads[0])
-                self._directions.apply(p, seed, 0, i, fused)
-            else:
+            self._update_tensor(i, p, record, lr, wd, restore)
+
+    def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
+        """One tensor's update (the rule a variant changes): here θ ← θ·(1 − lr·wd) − lr·ĝ."""
+        n, seed = self.n_directions, record.seed
+        if restore:  # one draw of z serves the restore and the update, chunk by chunk
+            def fused(piece, z):
+                piece.add_(z, alpha=restore)
                 if wd:
-                    p.mul_(1 - lr * wd)
-                for k in range(n):
-                    step = -lr * record.grads[k] / n
-                    self._directions.apply(p, seed, k, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
+                    piece.mul_(1 - lr * wd)
+                piece.add_(z, alpha=-lr * record.grads[0])
+            self._directions.apply(p, seed, 0, i, fused)
+        else:
+            if wd:
+                p.mul_(1 - lr * wd)
+            for k in range(n):
+                step = -lr * record.grads[k] / n
+                self._directions.apply(p, seed, k, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
+
+    def _restore_and_estimate(self, i: int, p: torch.Tensor, record: StepRecord, restore: float) -> torch.Tensor:
+        """Take back the probe moves of tensor i and return ĝ_i = mean_k g_k z_k,i (one tensor of scratch)."""
+        if restore:
+            self._directions.apply(p, record.seed, 0, i, lambda piece, z: piece.add_(z, alpha=restore))
+        ghat = torch.zeros_like(p)
+        for k, g in enumerate(record.grads):
+            scale = g / self.n_directions
+            self._directions.apply(ghat, record.seed, k, i, lambda piece, z, scale=scale: piece.add_(z, alpha=scale))
+        return ghat
 
     def state_dict(self):
         state = super().state_dict()

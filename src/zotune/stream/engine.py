@@ -228,6 +228,10 @@ class StreamEngine:
             return
         if self._opt is not None:
             raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
+        if getattr(opt, "state_per_value", 0):
+            raise ConfigError(f"{type(opt).__name__} keeps {opt.state_per_value} float(s) of state per trained value, "
+                              f"which does not travel with streamed blocks yet; stream with method zosgd or "
+                              f"zosgd-sign, or train this method resident")
         index = {id(p): i for i, p in opt.indexed()}
         in_blocks = set()
         group = getattr(opt, "group", None)

@@ -1,0 +1,64 @@
+"""`zotune bench memory`: optimizer state per trainable value, and peak memory of a step, per method.
+
+Each method runs two steps on the same random-weight model in a fresh process: the state bytes are
+counted from the optimizer's state tensors, the peak RSS of the steps from the kernel (reset after
+set-up), next to a plain forward's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def _child(spec: dict) -> dict:
+    from zotune.bench.stream import PeakMemory, _batch, _random_model
+    from zotune.methods import METHODS, make_optimizer
+
+    model = _random_model(spec["shape"], None)
+    params = list(model.parameters())
+    ids = _batch(model.config.vocab_size, spec["batch"], spec["seq"])
+
+    def closure():
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    peak = PeakMemory()
+    peak.start()
+    if spec["method"] == "forward":
+        with torch.inference_mode():
+            closure()
+        state = 0
+    else:
+        opt = make_optimizer(spec["method"], params, lr=1e-7)
+        for _ in range(2):
+            opt.step(closure)
+        state = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        assert state == METHODS[spec["method"]][1].state_per_value * 4 * sum(p.numel() for p in params)
+    return {**peak.stop(), "state_bytes": state, "values": sum(p.numel() for p in params)}
+
+
+def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, log=print) -> dict:
+    from zotune.methods import list_methods
+
+    result = {"shape": shape, "batch": batch, "seq": seq}
+    log(f"{shape} shape, batch {batch} x {seq}, every parameter trainable, fp32")
+    log(f"{'':16}{'state bytes / value':>20}{'peak RSS (MiB)':>16}")
+    for method in ["forward", *list_methods()]:
+        out = subprocess.run([sys.executable, "-m", "zotune.bench.memory",
+                              json.dumps({"shape": shape, "batch": batch, "seq": seq, "method": method})],
+                             capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode:
+            raise RuntimeError(f"memory benchmark of {method} failed: {out.stderr.strip().splitlines()[-1:]}")
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        per_value = got["state_bytes"] / got["values"]
+        result[method] = {"state_bytes_per_value": per_value, "peak_rss_mib": round(got["peak_rss"] / 2**20)}
+        log(f"{'plain forward' if method == 'forward' else method:16}{per_value:>20.1f}{got['peak_rss'] / 2**20:>16,.0f}")
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
