@@ -61,12 +61,13 @@ def test_variant_matches_its_naive_reference(name, n_directions):
             got.copy_(want)  # keep the comparison step by step
 
 
-@pytest.mark.parametrize("name", ["zosgd", *VARIANTS])
+@pytest.mark.parametrize("name", ["zosgd", *VARIANTS, "zosgd-conservative", "hizoo"])
 def test_every_method_converges_on_a_quadratic(name):
     """60 values, 500 steps: each method with a learning rate in its stable range gets below 10% of
     the starting loss (measured: zosgd 0.0002, momentum 0.0005, adam 0.0063, sign 0.075)."""
     params, loss = quadratic(1, shape=(6, 8))
-    lr = {"zosgd": 1e-2, "zosgd-momentum": 1e-3, "zoadam": 3e-2, "zosgd-sign": 3e-2}[name]
+    lr = {"zosgd": 1e-2, "zosgd-momentum": 1e-3, "zoadam": 3e-2, "zosgd-sign": 3e-2, "zosgd-conservative": 1e-2,
+          "hizoo": 1e-2}[name]
     opt = make_optimizer(name, params, seed=0, lr=lr, eps=1e-3, **VARIANTS.get(name, {}))
     start = float(loss())
     for _ in range(500):
@@ -74,23 +75,23 @@ def test_every_method_converges_on_a_quadratic(name):
     assert float(loss()) < 0.1 * start, name
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo"])
 def test_state_dict_resume_equals_uninterrupted(name):
     params, loss = quadratic(2)
-    opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS[name])
+    opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
     for _ in range(6):
         opt.step(loss)
     whole = [p.clone() for p in params]
 
     params, loss = quadratic(2)
-    opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS[name])
+    opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
     for _ in range(3):
         opt.step(loss)
     saved, values = opt.state_dict(), [p.clone() for p in params]
     params, loss = quadratic(2)
     for p, v in zip(params, values):
         p.copy_(v)
-    opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS[name])
+    opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
     opt.load_state_dict(saved)
     for _ in range(3):
         opt.step(loss)
@@ -103,6 +104,10 @@ def test_state_dict_resume_equals_uninterrupted(name):
     ("zoadam", dict(adam_eps=0.0), "method.adam_eps=0.0 must be > 0"),
     ("zosgd", dict(momentum=0.9), "momentum"),
     ("sgd", {}, "not a known method"),
+    ("zosgd-conservative", dict(n_directions=2), "one two-sided direction"),
+    ("zosgd-conservative", dict(weight_decay=0.1), "weight_decay=0"),
+    ("hizoo", dict(one_sided=True), "one two-sided direction"),
+    ("hizoo", dict(hessian_floor=0.0), "hessian_floor=0.0 must be > 0"),
 ])
 def test_bad_options_are_refused(name, options, match):
     params, _ = quadratic()
@@ -111,22 +116,82 @@ def test_bad_options_are_refused(name, options, match):
 
 
 def test_registry_lists_every_method():
-    assert list_methods() == sorted(["zosgd", *VARIANTS])
+    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo"])
 
 
-def test_cli_trains_and_resumes_a_stateful_method_exactly(tiny_model_dir, data_file, tmp_path, capsys):
+def loss_at(params, loss, points):
+    """The loss with `params` set to `points`, leaving `params` as they were."""
+    saved = [p.clone() for p in params]
+    for p, q in zip(params, points):
+        p.copy_(q)
+    value = float(loss())
+    for p, q in zip(params, saved):
+        p.copy_(q)
+    return value
+
+
+def test_conservative_keeps_the_best_of_three_points_and_replays_exactly():
+    choices = set()
+    for lr in (3e-3, 0.5):  # a sound step (θ − u wins) and an overshooting one (θ stays)
+        params, loss = quadratic(3, shape=(6, 8))
+        opt = make_optimizer("zosgd-conservative", params, seed=1, lr=lr)
+        z = Directions("gaussian")
+        for _ in range(4):
+            start = [p.clone() for p in params]
+            opt.step(loss)
+            g, choice = opt.last.grads
+            u = [lr * g * z.z(p, opt.last.seed, 0, i) for i, p in enumerate(start)]
+            candidates = {0.0: start, 1.0: [a - b for a, b in zip(start, u)], -1.0: [a + b for a, b in zip(start, u)]}
+            losses = {c: loss_at(params, loss, pts) for c, pts in candidates.items()}
+            assert losses[choice] == pytest.approx(min(losses.values()), rel=1e-5)
+            assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(params, candidates[choice]))
+            choices.add(choice)
+            replayed = [p.clone() for p in start]  # the recorded step redone without a forward
+            twin = make_optimizer("zosgd-conservative", replayed, seed=1, lr=lr)
+            for k, scale, _ in twin.moves():
+                twin.move(twin.indexed(), opt.last.seed, k, scale)
+            twin.update(twin.indexed(), opt.last)
+            assert all(torch.equal(a, b) for a, b in zip(params, replayed))  # bit for bit
+    assert choices == {0.0, 1.0}
+
+
+def test_hizoo_matches_its_naive_reference():
+    params, loss = quadratic(4, shape=(6, 8))
+    lr, eps, alpha = 1e-2, 1e-3, 0.1
+    opt = make_optimizer("hizoo", params, seed=2, lr=lr, eps=eps, hessian_smoothing=alpha)
+    z = Directions("gaussian")
+    hessian = [torch.ones_like(p) for p in params]
+    for _ in range(4):
+        start = [p.clone() for p in params]
+        opt.step(loss)
+        g, d = opt.last.grads
+        base, plus, minus = opt.last.losses
+        assert d == pytest.approx(abs(plus + minus - 2 * base) / (2 * eps ** 2))
+        for i, (p, before, h) in enumerate(zip(params, start, hessian)):
+            zi = z.z(p, opt.last.seed, 0, i)
+            assert torch.allclose(p, before - lr * g * zi / h.sqrt(), atol=2e-5)  # the step used the old H
+            h.mul_(1 - alpha).add_(alpha * d * zi * zi).clamp_(min=1e-8)
+            assert torch.allclose(opt.state[p]["hessian"], h, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, refusal", [
+    (["--method", "zoadam", "method.beta1=0.8"], "does not travel with streamed blocks"),
+    (["--method", "hizoo", "method.hessian_smoothing=0.1"], "does not travel with streamed blocks"),
+    (["--method", "zosgd-conservative"], "forwards after its update"),
+])
+def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):
         return ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps",
                 str(steps), "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=0",
-                "run.snapshot_every=2", "run.device=cpu", "--lr", "1e-3", "--method", "zoadam", "method.beta1=0.8",
-                "task.verbalizer={pos: great, neg: terrible}"]
+                "run.snapshot_every=2", "run.device=cpu", "--lr", "1e-3",
+                "task.verbalizer={pos: great, neg: terrible}", *method]
     assert main(args(tmp_path / "whole", 6)) == 0
     assert main(args(tmp_path / "parts", 3)) == 0
     assert main(["resume", str(tmp_path / "parts"), "run.steps=6"]) == 0
-    assert "replaying every step from the base weights" in capsys.readouterr().out
     assert (tmp_path / "parts" / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes()
-    # An option of another method, and a stateful method with streaming, are refused with one line.
-    assert main([*args(tmp_path / "x", 2)[:-1], "method.momentum=0.9"]) == 2
+    capsys.readouterr()
+    # An option of another method, and a method streaming cannot run, are refused with one line.
+    assert main([*args(tmp_path / "x", 2), "method.momentum=0.9"]) == 2
     assert "momentum" in capsys.readouterr().err
     assert main([*args(tmp_path / "y", 2), "--offload", "cpu"]) == 2
-    assert "does not travel with streamed blocks" in capsys.readouterr().err
+    assert refusal in capsys.readouterr().err

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 from zotune.config import ConfigError
+from zotune.methods.conservative import ZOConservative
+from zotune.methods.hizoo import HiZOO
 from zotune.methods.perturb import DISTRIBUTIONS
 from zotune.methods.variants import ZOAdam, ZOMomentum, ZOSign
 from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepRecord
@@ -79,6 +81,30 @@ class AdamConfig(MethodConfig):
             raise ConfigError(f"method.adam_eps={self.adam_eps} must be > 0 (e.g. 1e-8)")
 
 
+@dataclass
+class ConservativeConfig(MethodConfig):
+    @property
+    def forwards_per_step(self) -> int:
+        return 5
+
+
+@dataclass
+class HiZOOConfig(MethodConfig):
+    hessian_smoothing: float = 1e-8
+    hessian_floor: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.hessian_smoothing <= 1:
+            raise ConfigError(f"method.hessian_smoothing={self.hessian_smoothing} must be in [0, 1] (e.g. 1e-8)")
+        if not self.hessian_floor > 0:
+            raise ConfigError(f"method.hessian_floor={self.hessian_floor} must be > 0 (e.g. 1e-8)")
+
+    @property
+    def forwards_per_step(self) -> int:
+        return 3
+
+
 # name -> (its config, its optimizer). The optimizer's `state_per_value` says how many floats of
 # state it keeps per trainable value (0: memory stays at inference level).
 METHODS = {
@@ -86,6 +112,8 @@ METHODS = {
     "zosgd-momentum": (MomentumConfig, ZOMomentum),
     "zosgd-sign": (MethodConfig, ZOSign),
     "zoadam": (AdamConfig, ZOAdam),
+    "zosgd-conservative": (ConservativeConfig, ZOConservative),
+    "hizoo": (HiZOOConfig, HiZOO),
 }
 
 
@@ -112,5 +140,5 @@ def make_optimizer(name: str, params, seed: int = 0, group=None, **options):
     return optimizer_cls(params, seed=seed, group=group, **cfg.options())
 
 
-__all__ = ["METHODS", "AdamConfig", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
+__all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
            "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]

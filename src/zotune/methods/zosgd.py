@@ -43,6 +43,7 @@ class ZOSGD(torch.optim.Optimizer):
     """
 
     state_per_value = 0  # floats of optimizer state per trainable value: memory stays at inference level
+    streamable = True  # a step is a walk of `moves()` then `update`: the streaming engine can run it
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "gaussian",
@@ -122,6 +123,13 @@ class ZOSGD(torch.optim.Optimizer):
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
         seed = self._next_seed()
+        losses = self._probe(closure, params, seed, share)
+        record = self.finish(seed, losses)
+        self.update(params, record)
+        return torch.tensor(sum(losses) / len(losses))
+
+    def _probe(self, closure, params, seed: int, share: float) -> list[float]:
+        """Walk `moves()`, running this process's probes: every probe loss. On any error θ is restored."""
         mine: dict[int, float] = {}  # probe index -> loss, for the probes this process runs
         n_probes = 0
         offset: dict[int, float] = {}  # direction -> scale currently applied to θ
@@ -135,13 +143,10 @@ class ZOSGD(torch.optim.Optimizer):
                         mine[n_probes] = self._loss(closure)
                         self.check_finite(list(mine.values()))
                     n_probes += 1
-            losses = self.gather(mine, n_probes, share)
+            return self.gather(mine, n_probes, share)
         except BaseException:  # a non-finite loss, or e.g. Ctrl-C inside a forward: never leave θ perturbed
             self.undo(params, seed, offset)
             raise
-        record = self.finish(seed, losses)
-        self.update(params, record)
-        return torch.tensor(sum(losses) / len(losses))
 
     # The pieces of a step, shared by the whole-model step above, `replay`, and the streaming
     # engine (which walks them block by block): every caller repeats the same roundings.
@@ -180,9 +185,10 @@ class ZOSGD(torch.optim.Optimizer):
                 f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
                 f"the weights were restored; lower lr or eps, or check the data")
 
-    def finish(self, seed: int, losses: list[float]) -> StepRecord:
+    def finish(self, seed: int, losses: list[float], grads: list[float] | None = None) -> StepRecord:
         """The record of a step whose probe losses are known; the step counts from here."""
-        record = StepRecord(self.steps, seed, self._grads(losses), losses, [g["lr"] for g in self.param_groups])
+        grads = self._grads(losses) if grads is None else grads
+        record = StepRecord(self.steps, seed, grads, losses, [g["lr"] for g in self.param_groups])
         self.last = record
         self.steps += 1
         return record

@@ -1,0 +1,66 @@
+"""HiZOO: ZO-SGD preconditioned by a diagonal Hessian estimate H (one float of state per value).
+
+Three forwards a step: L(θ), L(θ + εz/√H), L(θ − εz/√H). With g = (L+ − L−)/2ε and the second
+difference d = |L+ + L− − 2L(θ)| / 2ε², the update is θ ← θ − lr·g·z/√H, then
+H ← (1 − α)·H + α·d·z² (kept above `hessian_floor`). H starts at 1, so the first step is ZO-SGD's.
+The record holds [g, d]: replay and resume redo both updates bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zotune.config import ConfigError
+from zotune.methods.zosgd import ZOSGD, StepRecord
+
+
+class HiZOO(ZOSGD):
+    state_per_value = 1
+
+    def __init__(self, params, hessian_smoothing: float = 1e-8, hessian_floor: float = 1e-8, **options):
+        super().__init__(params, **options)
+        if self.n_directions != 1 or self.one_sided:
+            raise ConfigError("hizoo uses one two-sided direction and a reference forward: drop n_directions "
+                              "and one_sided")
+        self.alpha, self.floor = hessian_smoothing, hessian_floor
+
+    def moves(self):
+        yield None, 0.0, True  # L(θ)
+        yield 0, self.eps, True
+        yield 0, -2 * self.eps, True
+
+    def _grads(self, losses: list[float]) -> list[float]:
+        base, plus, minus = losses
+        return [(plus - minus) / (2 * self.eps), abs(plus + minus - 2 * base) / (2 * self.eps ** 2)]
+
+    def _hessian(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "hessian" not in state:
+            state["hessian"] = torch.ones_like(p)
+        return state["hessian"]
+
+    @staticmethod
+    def _same_chunk(t: torch.Tensor, p: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
+        start = (piece.data_ptr() - p.data_ptr()) // p.element_size()
+        return t.view(-1)[start: start + piece.numel()]
+
+    def move(self, indexed, seed: int, k: int, scale: float) -> None:
+        """θ_i += scale · z_i / √H_i, chunk by chunk."""
+        for i, p in indexed:
+            h = self._hessian(p)
+            self._directions.apply(p, seed, k, i, lambda piece, z, p=p, h=h: piece.addcmul_(
+                z, self._same_chunk(h, p, piece).rsqrt(), value=scale))
+
+    def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
+        g, d = record.grads
+        h = self._hessian(p)
+
+        def fused(piece, z):
+            hc = self._same_chunk(h, p, piece)
+            scaled = z * hc.rsqrt()
+            piece.add_(scaled, alpha=restore)
+            if wd:
+                piece.mul_(1 - lr * wd)
+            piece.add_(scaled, alpha=-lr * g)
+            hc.mul_(1 - self.alpha).addcmul_(z, z, value=self.alpha * d).clamp_(min=self.floor)
+        self._directions.apply(p, record.seed, 0, i, fused)
