@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
 from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
@@ -23,8 +24,8 @@ from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_
 from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
 from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
 
-SECTIONS = {"model": ModelConfig, "task": TaskConfig, "method": MethodConfig, "run": RunConfig, "stream": StreamConfig,
-            "parallel": ParallelDims}
+SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, "method": MethodConfig,
+            "run": RunConfig, "stream": StreamConfig, "parallel": ParallelDims}
 
 
 def resolve_configs(config_file=None, overrides=(), flags=None) -> dict:
@@ -160,7 +161,13 @@ class Session:
                 base_hash = tensor_digest(self.model.state_dict().values())
         run.write_base({"model": model_cfg.name, "source": folder or "/".join(
             str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash})
-        named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
+        adapter = cfgs.get("adapter") or AdapterConfig()
+        if adapter.kind != "none" and self.engine is not None:
+            raise ConfigError(f"adapter.kind={adapter.kind} with a disk-tier stream folder is not supported yet; "
+                              f"use --offload cpu or no offload")
+        self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
+        if not named:
+            named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]
         self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed, group=group,
                                   **method_cfg.options())
@@ -283,7 +290,10 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     log(f"task: {task_cfg.data}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test, "
         f"template {task_cfg.template!r}, verbalizer {task_cfg.verbalizer}")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
-    log(f"trainable ({model_cfg.trainable}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
+    adapter = cfgs["adapter"]
+    what = f"LoRA r={adapter.r} on {adapter.targets or 'PEFT default modules'}" if adapter.kind != "none" \
+        else model_cfg.trainable
+    log(f"trainable ({what}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
     if session.engine is None and cfgs["stream"].tier == "none" and \
             any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
