@@ -46,7 +46,7 @@ def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, lo
 
     result = {"shape": shape, "batch": batch, "seq": seq}
     log(f"{shape} shape, batch {batch} x {seq}, every parameter trainable, fp32")
-    log(f"{'':16}{'state bytes / value':>20}{'peak RSS (MiB)':>16}")
+    log(f"{'':20}{'state bytes / value':>20}{'peak RSS (MiB)':>16}")
     for method in ["forward", *list_methods()]:
         out = subprocess.run([sys.executable, "-m", "zotune.bench.memory",
                               json.dumps({"shape": shape, "batch": batch, "seq": seq, "method": method})],
@@ -56,7 +56,7 @@ def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, lo
         got = json.loads(out.stdout.strip().splitlines()[-1])
         per_value = got["state_bytes"] / got["values"]
         result[method] = {"state_bytes_per_value": per_value, "peak_rss_mib": round(got["peak_rss"] / 2**20)}
-        log(f"{'plain forward' if method == 'forward' else method:16}{per_value:>20.1f}{got['peak_rss'] / 2**20:>16,.0f}")
+        log(f"{'plain forward' if method == 'forward' else method:20}{per_value:>20.1f}{got['peak_rss'] / 2**20:>16,.0f}")
     return result
 
 
