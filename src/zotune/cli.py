@@ -59,6 +59,13 @@ def _rebuild(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from zotune.compare import compare
+
+    compare(args.run, args.forwards, args.evals, args.out, args.overrides)
+    return 0
+
+
 def _bench(args) -> int:
     from zotune.bench.step import run_step_bench, run_task_bench
 
@@ -155,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", required=True, help="a new folder for the model")
         e.set_defaults(func=_rebuild)
 
+    c = sub.add_parser("compare", help="several methods and setups, the same budget of forward passes, one table",
+                       description="Each --run is METHOD [section.key=value ...]; the trailing section.key=value "
+                                   "options apply to every run (task, model, run).")
+    c.add_argument("--run", action="append", default=[], metavar="'METHOD [key=value ...]'")
+    c.add_argument("--forwards", type=int, default=2400, help="forward passes per run (default: the demo's 2,400)")
+    c.add_argument("--evals", type=int, default=4, help="dev evaluations per run, at the same forward counts")
+    c.add_argument("--out", default="runs/compare", help="a new folder for the runs, table and plot")
+    c.add_argument("overrides", nargs="*", metavar="section.key=value")
+    c.set_defaults(func=_compare)
+
     st = sub.add_parser("stream", help="block streaming: prepare a disk-tier folder")
     stsub = st.add_subparsers(dest="stream", required=True)
     p = stsub.add_parser("prepare", help="write a model's blocks to a stream folder, one block at a time",
@@ -199,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may stand between flags (`--lr 1e-3 run.steps=5 --out x`): argparse takes the
     # first run of them positionally and leaves the rest to us.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "resume")]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "resume", "compare")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
