@@ -26,14 +26,14 @@ def evaluate(model):
         return [float(model(input_ids=x, labels=x).loss) for x in BATCHES[:2]]
 
 
-def run(family, steps=3, tier=None, folder=None, trainable="all", storage=None, evals=False, **method):
+def run(family, steps=3, tier=None, folder=None, trainable="all", storage=None, evals=False, name="zosgd", **method):
     """(losses, grads per step, evaluations, final trainable values) of a resident or streamed run."""
     model = tiny_model(family)
     if storage == "bfloat16":  # the resident reference starts from the same 16-bit values
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16).float()
     params = [p for _, p in select_trainable(model, trainable)]
-    opt = make_optimizer("zosgd", params, seed=1, **{"lr": 1e-3, "eps": 1e-3, **method})
+    opt = make_optimizer(name, params, seed=1, **{"lr": 1e-3, "eps": 1e-3, **method})
     engine = None
     if tier:
         engine = stream_(model, StreamConfig(tier=tier, dir=str(folder) if folder else None, storage_dtype=storage),
@@ -69,7 +69,7 @@ def test_streamed_equals_resident(family, tier, tmp_path):
 
 
 @pytest.mark.parametrize("method", [dict(n_directions=2), dict(one_sided=True), dict(weight_decay=0.1),
-                                    dict(distribution="rademacher")])
+                                    dict(distribution="rademacher"), dict(name="zosgd-sign", weight_decay=0.1)])
 def test_streamed_equals_resident_for_every_move_pattern(method):
     assert_same(run("llama", **method), run("llama", tier="cpu", **method))
 

@@ -389,7 +389,11 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
             bar.update()
             stop = ctrl_c.requested
             if group is not None:  # every rank stops after the same step
-                stop = group.sum([float(stop)])[0] > 0
+                try:
+                    stop = group.sum([float(stop)])[0] > 0
+                except DivergedError as e:
+                    status, error = "failed", f"step {step}: {e}; the run folder is intact: `zotune resume {run.path}`"
+                    break
             if stop:
                 status = "interrupted"
                 break
