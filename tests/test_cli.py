@@ -178,3 +178,37 @@ def test_bench_task_part_reports_ratios_and_tokens_per_second(tokenizer):
     result = run_task_bench(repeats=1, log=lambda *a: None)
     assert result["task_step_kept_ratio"] < result["task_step_recomputed_ratio"] < result["task_step_full_ratio"]
     assert result["train_tokens_per_s"] > 0 and result["eval_tokens_per_s"] > 0
+
+
+def test_group_by_length_batches_similar_lengths_and_every_example_once_an_epoch():
+    from zotune.train import _batches
+
+    lengths = [5 + (i * 37) % 91 for i in range(200)]
+    spread = {}
+    for grouped in (False, True):
+        order = _batches(200, 8, 0, lengths if grouped else None)
+        epoch = [next(order) for _ in range(25)]
+        assert sorted(i for _, b in epoch for i in b) == list(range(200))
+        assert sorted(map(tuple, (b for _, b in epoch))) == sorted(map(tuple, (next(order)[1] for _ in range(25))))
+        spread[grouped] = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for _, b in epoch) / 25
+    assert spread[True] < spread[False] / 5  # fixed batches, each of similar lengths
+
+
+def test_a_run_from_before_group_by_length_resumes_with_its_own_batches(tiny_model_dir, tmp_path):
+    """A config.yaml that does not name run.group_by_length was trained with random batches: resume
+    keeps them, so the log equals an uninterrupted run's (grouped batches would give other gradients)."""
+    rows = [(f"film {'very ' * (i % 9)}{i} was {'wonderful' if i % 2 else 'awful'}", "pos" if i % 2 else "neg")
+            for i in range(60)]
+    data = write_csv(tmp_path / "varied.csv", rows)
+    plain = ["run.group_by_length=false", "run.eval_every=0"]
+    assert main(train_args(tiny_model_dir, data, tmp_path / "whole", "--steps", "8", *plain)) == 0
+    assert main(train_args(tiny_model_dir, data, tmp_path / "grouped", "--steps", "8", "run.eval_every=0")) == 0
+    old = tmp_path / "old"
+    assert main(train_args(tiny_model_dir, data, old, "--steps", "4", *plain)) == 0
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["run"]["group_by_length"]  # as zotune wrote it before the setting existed
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["resume", str(old), "run.steps=8"]) == 0
+    log = (old / "steps.log").read_bytes()
+    assert log == (tmp_path / "whole" / "steps.log").read_bytes()
+    assert log != (tmp_path / "grouped" / "steps.log").read_bytes()

@@ -215,6 +215,30 @@ def test_replay_and_export_rebuild_the_trained_model(tiny_model_dir, data_file, 
         assert not torch.equal(base(ids).logits, exported(ids).logits)
 
 
+def test_a_run_from_before_direction_formats_replays_with_its_own(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A run folder whose base.json names no direction format was drawn with format 1: resume, replay
+    and export use format 1, so the weights are the trained ones (format 2 would give others)."""
+    import zotune.train
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(zotune.train, "DIRECTIONS_FORMAT", 1)
+    assert main(args(tiny_model_dir, data_file, out, steps=6) + ["method.distribution=rademacher"]) == 0
+    base = json.loads((out / "base.json").read_text())
+    assert base.pop("directions") == 1
+    (out / "base.json").write_text(json.dumps(base))  # as zotune wrote it before formats existed
+    monkeypatch.undo()
+    trained = load_file(out / "snapshots" / "step-0000006.safetensors")
+    for snap in (out / "snapshots").glob("*.safetensors"):
+        snap.unlink()  # only the log and the base are left: replay redraws every direction
+    assert main(["replay", str(out), "--out", str(tmp_path / "replayed")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    replayed = AutoModelForCausalLM.from_pretrained(tmp_path / "replayed")
+    tensors = [p for n, p in replayed.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2.", "model.norm."))]
+    assert len(tensors) == len(trained)
+    assert all(torch.equal(p, trained[f"t{i}"]) for i, p in enumerate(tensors))
+
+
 def test_log_records_are_small():
     record = encode_step(20000, StepRecord(19999, 2**61, [0.123456789], [0.7], [1e-6]), 0.7)
     assert len(record) * 20000 < 1_000_000

@@ -46,7 +46,7 @@ def test_variant_matches_its_naive_reference(name, n_directions):
     lr, wd = 1e-2, 0.1
     opt = make_optimizer(name, params, seed=3, lr=lr, eps=1e-3, weight_decay=wd, n_directions=n_directions,
                          **VARIANTS[name])
-    z = Directions("gaussian")
+    z = Directions()
     state = {}
     for _ in range(4):
         start = [p.clone() for p in params]
@@ -135,7 +135,7 @@ def test_conservative_keeps_the_best_of_three_points_and_replays_exactly():
     for lr in (3e-3, 0.5):  # a sound step (θ − u wins) and an overshooting one (θ stays)
         params, loss = quadratic(3, shape=(6, 8))
         opt = make_optimizer("zosgd-conservative", params, seed=1, lr=lr)
-        z = Directions("gaussian")
+        z = Directions()
         for _ in range(4):
             start = [p.clone() for p in params]
             opt.step(loss)
@@ -159,7 +159,7 @@ def test_hizoo_matches_its_naive_reference():
     params, loss = quadratic(4, shape=(6, 8))
     lr, eps, alpha = 1e-2, 1e-3, 0.1
     opt = make_optimizer("hizoo", params, seed=2, lr=lr, eps=eps, hessian_smoothing=alpha)
-    z = Directions("gaussian")
+    z = Directions()
     hessian = [torch.ones_like(p) for p in params]
     for _ in range(4):
         start = [p.clone() for p in params]

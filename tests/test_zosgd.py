@@ -26,11 +26,28 @@ def loss_fn(net, x, y):
     return torch.nn.functional.cross_entropy(net(x), y)
 
 
-def materialised_z(params, seed, k):
-    """z for every tensor, drawn independently of zotune's Directions (same seeding scheme: chunk c
-    of tensor i from its own seed), sequentially on one thread."""
+def rademacher_reference(n, seed, k, i):
+    """Format 2 from its definition, in Python integers: word j = splitmix64(key + j·γ) for
+    key = direction_seed(s, k, i); value 32m + b is −1 when bit 31 − b of 32-bit word m (the
+    little-endian halves of the 64-bit words) is set."""
+    from zotune.methods.perturb import _splitmix64
+
+    key, values = direction_seed(seed, k, i), []
+    for j in range((n + 63) // 64):
+        word = _splitmix64((key + j * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+        for half in (word & 0xFFFFFFFF, word >> 32):
+            values += [-1.0 if half >> (31 - b) & 1 else 1.0 for b in range(32)]
+    return torch.tensor(values[:n])
+
+
+def materialised_z(params, seed, k, distribution="rademacher"):
+    """z for every tensor, made independently of zotune's Directions: Rademacher from its definition,
+    Gaussian with the same seeding scheme (chunk c of tensor i from its own seed) on one thread."""
     out = []
     for i, p in enumerate(params):
+        if distribution == "rademacher":
+            out.append(rademacher_reference(p.numel(), seed, k, i).view(p.shape))
+            continue
         flat = torch.empty(p.numel())
         for c, start in enumerate(range(0, p.numel(), CHUNK)):
             gen = torch.Generator().manual_seed(direction_seed(seed, k, i, c))
@@ -39,9 +56,9 @@ def materialised_z(params, seed, k):
     return out
 
 
-def reference_inplace_step(params, closure, seed, lr, eps, wd, n=1, one_sided=False):
+def reference_inplace_step(params, closure, seed, lr, eps, wd, n=1, one_sided=False, distribution="rademacher"):
     """MeZO's sequence with stored z: +εz, L+, −2εz, L−, +εz (restore), then the update."""
-    zs = [materialised_z(params, seed, k) for k in range(n)]
+    zs = [materialised_z(params, seed, k, distribution) for k in range(n)]
     grads = []
     base = float(closure()) if one_sided else None
     for k in range(n):
@@ -76,15 +93,18 @@ def functional_step(params, loss_at, seed, lr, eps, wd):
     return [p - lr * (g * z + (wd if p.dim() >= 2 else 0.0) * p) for p, z in zip(params, zs)], g
 
 
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("n,one_sided,wd", [(1, False, 0.0), (1, False, 0.1), (3, False, 0.0), (1, True, 0.0), (2, True, 0.1)])
-def test_inplace_matches_reference_with_stored_z_bit_for_bit(n, one_sided, wd):
+def test_inplace_matches_reference_with_stored_z_bit_for_bit(n, one_sided, wd, distribution):
     net_a, net_b = small_net(), small_net()
-    opt = ZOSGD(net_a.parameters(), lr=0.05, eps=1e-3, weight_decay=wd, n_directions=n, one_sided=one_sided, seed=7)
+    opt = ZOSGD(net_a.parameters(), lr=0.05, eps=1e-3, weight_decay=wd, n_directions=n, one_sided=one_sided, seed=7,
+                distribution=distribution)
     params_b = list(net_b.parameters())
     for x, y in batches(5):
         opt.step(lambda: loss_fn(net_a, x, y))
         with torch.no_grad():
-            grads = reference_inplace_step(params_b, lambda: loss_fn(net_b, x, y), opt.last.seed, 0.05, 1e-3, wd, n, one_sided)
+            grads = reference_inplace_step(params_b, lambda: loss_fn(net_b, x, y), opt.last.seed, 0.05, 1e-3, wd, n,
+                                           one_sided, distribution)
         assert grads == opt.last.grads
     for a, b in zip(net_a.parameters(), params_b):
         assert torch.equal(a, b)
@@ -279,10 +299,71 @@ def test_multi_chunk_directions_match_the_sequential_reference_whatever_the_thre
     from zotune.methods import perturb
 
     p = torch.zeros(2 * CHUNK + 123)
-    ref = materialised_z([p], 11, 2)[0]
+    ref = materialised_z([p], 11, 2, "gaussian")[0]
     for threads in (1, 2, 3):
-        assert torch.equal(Directions(threads=threads).z(p, 11, 2, 0), ref)
+        assert torch.equal(Directions("gaussian", threads=threads).z(p, 11, 2, 0), ref)
     assert perturb.CHUNK == CHUNK
+
+
+@pytest.mark.parametrize("n", [CHUNK + 77, 64, 31])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rademacher_signs_are_the_bits_of_the_counter_words(n, dtype):
+    """Format 2: word j = splitmix64(key + j·γ) for key = direction_seed(s, k, i); value 32m + k is −1
+    when bit 31 − k of 32-bit word m (little-endian halves of the 64-bit words) is set."""
+    from zotune.methods.perturb import _splitmix64
+
+    z = Directions("rademacher").z(torch.zeros(n, dtype=dtype), 3, 0, 5)
+    assert z.dtype == dtype and torch.equal(z.float(), rademacher_reference(n, 3, 0, 5))
+    if n > CHUNK:  # every bit position is a fair coin
+        per_position = (z[: CHUNK].view(-1, 64) > 0).float().mean(0)
+        assert per_position.min() > 0.45 and per_position.max() < 0.55
+
+
+@pytest.mark.parametrize("n", [2 * CHUNK + 77, 1000, 31, 1])
+@pytest.mark.parametrize("terms", [(1e-3, 1.0, 0.0), (-2e-3, 1.0, 0.0), (1e-3, 0.999, -3e-4), (0.0, 1.0, 0.37), (5e-4, 1.0, -2e-4)])
+def test_fused_rademacher_kernel_equals_the_eager_path_bit_for_bit(n, terms):
+    """The numba kernel (one pass) against the eager draw-expand-add chunks: the same bits."""
+    from zotune.methods import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not installed")
+    p = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    fast, slow = Directions("rademacher"), Directions("rademacher")
+    slow.fused = False
+    a, b = p.clone(), p.clone()
+    fast.add(a, 7, 1, 3, *terms)
+    slow.add(b, 7, 1, 3, *terms)
+    assert torch.equal(a, b) and not torch.equal(a, p)
+    z = slow.z(p, 7, 1, 3)  # and both are the definition: (p + s·z)·d + t·z
+    scale, decay, then = terms
+    assert torch.allclose(a, (p + scale * z) * decay + then * z, atol=1e-6, rtol=0)
+
+
+def test_a_rademacher_run_is_the_same_with_and_without_the_kernel():
+    from zotune.methods import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is not installed")
+    runs = []
+    for fused in (True, False):
+        net = small_net()
+        opt = ZOSGD(list(net.parameters()), lr=1e-2, eps=1e-3, weight_decay=0.1, seed=4, distribution="rademacher")
+        opt._directions.fused = fused
+        for x, y in batches(5):
+            opt.step(lambda: loss_fn(net, x, y))
+        runs.append([p.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_format_1_rademacher_draws_stay_what_they_were():
+    """Runs trained before format 2 replay with their own directions (bits hashed when it was current)."""
+    import hashlib
+
+    z = Directions("rademacher", version=1).z(torch.zeros(3 * CHUNK + 77), 3, 0, 5)
+    assert hashlib.sha256((z > 0).to(torch.uint8).numpy().tobytes()).hexdigest()[:32] == "541ecf61d327c6f3f66ce9fd93a57b2d"
+    assert not torch.equal(z, Directions("rademacher").z(torch.zeros(3 * CHUNK + 77), 3, 0, 5))
+    with pytest.raises(ConfigError, match="newer than this zotune"):
+        ZOSGD([torch.zeros(3)], directions_format=3)
 
 
 def test_rademacher_directions_are_signs_and_train():

@@ -47,7 +47,7 @@ def _resume(args) -> int:
     if set(changed) - {"run", "parallel"}:
         raise ConfigError("resume takes only run.* and parallel.* overrides (e.g. run.steps=2000): the rest of a run "
                           "is fixed by its log")
-    cfgs = resolve_configs(config, args.overrides, {"run": {"out": args.run_dir}})
+    cfgs = resolve_configs(config, args.overrides, {"run": {"out": args.run_dir}}, run_folder=True)
     summary = train(cfgs, resume=True)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 

@@ -1,6 +1,7 @@
 """The run folder: the checkpoint (base reference, step log, snapshots) and the human-facing files.
 
-- `base.json`: the base model's name and content hash; a different base is refused on resume.
+- `base.json`: the base model's name and content hash (a different base is refused on resume), and
+  the format of the perturbation directions the log was drawn with.
 - `steps.log`: the checkpoint. One binary record per step, appended and flushed as the step ends,
   each with its own CRC32: step, seed, projected gradient(s), lr, mean probe loss (41 bytes for one
   direction: 20,000 steps in 820 KB). Base weights + this log = the fine-tuned weights, bit for bit.
@@ -44,6 +45,7 @@ class RunConfig:
     threads: int = 0  # 0: torch's default
     prefix_cache_mb: int = 2048  # frozen-prefix outputs kept across epochs (0: recompute every step)
     snapshot_every: int = 200  # trainable tensors saved every N steps to bound replay on resume (0: never)
+    group_by_length: bool = True  # training batches of similar lengths (less padding), as HF's Trainer option
 
     def __post_init__(self):
         if self.steps < 0:
@@ -152,8 +154,11 @@ class RunFolder:
         self._lock.close()  # releases the flock
 
     # -- the checkpoint -------------------------------------------------------------------------
-    def write_base(self, base: dict[str, Any]) -> None:
-        """Record the base model on a new run; on resume, refuse a different one."""
+    def write_base(self, base: dict[str, Any]) -> dict[str, Any]:
+        """Record the base model on a new run; on resume, refuse a different one. Returns the record.
+
+        `directions` is the direction format the step log was drawn with (missing: format 1).
+        """
         path = self.path / "base.json"
         if path.exists():
             try:
@@ -165,8 +170,9 @@ class RunFolder:
                 raise ConfigError(
                     f"the base model {base['model']} (hash {base['hash'][:16]}) is not the one this run started from "
                     f"({recorded['model']}, hash {recorded['hash'][:16]}); resume with the original base model")
-            return
+            return {"directions": 1, **recorded}
         self._atomic_write("base.json", json.dumps(base, indent=2) + "\n")
+        return base
 
     def append_step(self, step: int, record: StepRecord, loss: float) -> None:
         self._steps.write(encode_step(step, record, loss))
@@ -272,7 +278,12 @@ class FollowerRun(RunFolder):
 
     def write_config(self, *args, **kwargs) -> None: pass
     def log(self, *args, **kwargs) -> None: pass
-    def write_base(self, *args, **kwargs) -> None: pass
+    def write_base(self, base: dict[str, Any]) -> dict[str, Any]:
+        path = self.path / "base.json"  # rank 0 checks it; here only the run's direction format matters
+        try:
+            return {**base, "directions": json.loads(path.read_text()).get("directions", 1)}
+        except (OSError, json.JSONDecodeError, AttributeError):  # a new run: rank 0 writes it now
+            return base
     def append_step(self, *args, **kwargs) -> None: pass
     def write_snapshot(self, *args, **kwargs) -> None: pass
     def write_summary(self, *args, **kwargs) -> None: pass

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
+from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
@@ -28,9 +29,18 @@ SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, 
             "run": RunConfig, "stream": StreamConfig, "parallel": ParallelDims}
 
 
-def resolve_configs(config_file=None, overrides=(), flags=None) -> dict:
-    """Defaults < YAML file < key=value overrides < flags; every section validated before step 0."""
-    layers = [load_yaml(config_file)] if config_file else []
+# Settings whose default changed, with the value a run folder that does not name them was trained with.
+_EARLIER_DEFAULTS = {"run": {"group_by_length": False}, "method": {"distribution": "gaussian"}}
+
+
+def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False) -> dict:
+    """Defaults < YAML file < key=value overrides < flags; every section validated before step 0.
+
+    With `run_folder`, `config_file` is a run's own config.yaml: settings it does not name take the
+    value they had when it was written (`_EARLIER_DEFAULTS`), so the run continues as it started.
+    """
+    layers = [_EARLIER_DEFAULTS] if run_folder else []
+    layers += [load_yaml(config_file)] if config_file else []
     values = merge(*layers, parse_overrides(list(overrides)), flags or {})
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
@@ -104,13 +114,19 @@ class _StopOnCtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _batches(n_examples: int, batch_size: int, seed: int):
+def _batches(n_examples: int, batch_size: int, seed: int, lengths: list[int] | None = None):
     """(batch id, example indices) forever: batches are fixed once, their order reshuffled every epoch.
 
-    Fixed batches let the frozen prefix of each batch be computed once and kept across epochs.
+    Fixed batches let the frozen prefix of each batch be computed once and kept across epochs. With
+    `lengths`, the shuffled examples are sorted by length within groups of 50 batches (the grouping
+    of HF's `group_by_length`): a batch holds similar lengths, so little of it is padding.
     """
     gen = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(n_examples, generator=gen).tolist()
+    if lengths is not None:
+        group = 50 * batch_size
+        shuffled = [i for start in range(0, n_examples, group)
+                    for i in sorted(shuffled[start: start + group], key=lengths.__getitem__)]
     batches = [shuffled[i: i + batch_size] for i in range(0, n_examples, batch_size)]
     while True:
         for b in torch.randperm(len(batches), generator=gen).tolist():
@@ -159,8 +175,8 @@ class Session:
                 base_hash = self.engine.tier.manifest["base_digest"]
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())
-        run.write_base({"model": model_cfg.name, "source": folder or "/".join(
-            str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash})
+        base = run.write_base({"model": model_cfg.name, "source": folder or "/".join(
+            str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash, "directions": DIRECTIONS_FORMAT})
         adapter = cfgs.get("adapter") or AdapterConfig()
         if adapter.kind != "none" and self.engine is not None:
             raise ConfigError(f"adapter.kind={adapter.kind} with a disk-tier stream folder is not supported yet; "
@@ -170,7 +186,7 @@ class Session:
             named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]
         self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed, group=group,
-                                  **method_cfg.options())
+                                  directions_format=base["directions"], **method_cfg.options())
         if self.engine is not None:
             self.engine.attach(self.opt)
 
@@ -339,7 +355,8 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         if missing:
             log_dev(last_eval)
 
-    order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed)
+    order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed,
+                     task.lengths(task.train) if run_cfg.group_by_length else None)
     for _ in range(start):  # the data order of the steps already taken
         next(order)
     collated: dict[int, Batch] = {}
@@ -437,7 +454,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         raise ConfigError(f"output folder {out} is not empty; pass a new --out")
     run = RunFolder(run_dir, resume=True)
     try:
-        cfgs = resolve_configs(run.path / "config.yaml")
+        cfgs = resolve_configs(run.path / "config.yaml", run_folder=True)
         session = Session(cfgs, run, resolve_device("cpu"), log)
         records, problem = run.read_steps()
         if problem:

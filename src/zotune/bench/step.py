@@ -79,8 +79,8 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
             return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     params = list(model.parameters())
-    steps = {"zotune": ZOSGD(params, lr=1e-7, eps=1e-3, seed=0).step,
-             "zotune_rademacher": ZOSGD(params, lr=1e-7, eps=1e-3, seed=0, distribution="rademacher").step,
+    steps = {"zotune": ZOSGD(params, lr=1e-7, eps=1e-3, seed=0).step,  # the default: Rademacher directions
+             "zotune_gaussian": ZOSGD(params, lr=1e-7, eps=1e-3, seed=0, distribution="gaussian").step,
              "mezo": MezoStep(params, lr=1e-7, eps=1e-3).step,
              "mezo_original": MezoStep(params, lr=1e-7, eps=1e-3, in_place=False).step}
 
@@ -88,15 +88,18 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
     for step in steps.values():
         step(forward)
     times: dict[str, list[float]] = {"two_forwards": [], **{name: [] for name in steps}}
+    from zotune.methods import kernels
+
     log(f"OPT {shape} shape, {n_params / 1e6:.0f}M parameters, batch {batch} x {seq}, fp32, "
-        f"{torch.get_num_threads()} threads, {repeats} interleaved repeats")
+        f"{torch.get_num_threads()} threads, {repeats} interleaved repeats; Rademacher sweeps "
+        + ("by the fused kernel (numba)" if kernels.available() else "eager (numba is not installed)"))
     for _ in range(repeats):
         times["two_forwards"].append(_timed(forward) + _timed(forward))
         for name, step in steps.items():
             times[name].append(_timed(lambda: step(forward)))
     fwd2_min, fwd2_med = min(times["two_forwards"]), statistics.median(times["two_forwards"])
     result = {"shape": shape, "parameters": n_params, "batch": batch, "seq": seq, "repeats": repeats,
-              "two_forwards_s": round(fwd2_med, 4)}
+              "two_forwards_s": round(fwd2_med, 4), "fused_kernel": kernels.available()}
     for name in steps:
         result[f"{name}_step_s"] = round(statistics.median(times[name]), 4)
         result[f"{name}_ratio"] = round(statistics.median(times[name]) / fwd2_med, 3)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from zotune.config import ConfigError
 from zotune.methods.conservative import ZOConservative
 from zotune.methods.hizoo import HiZOO
-from zotune.methods.perturb import DISTRIBUTIONS
+from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
 from zotune.methods.variants import ZOAdam, ZOMomentum, ZOSign
 from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepRecord
 
@@ -28,7 +28,7 @@ class MethodConfig:
     weight_decay: float = 0.0
     n_directions: int = 1
     one_sided: bool = False
-    distribution: str = "gaussian"  # or "rademacher": ±1 directions, cheaper to draw
+    distribution: str = "rademacher"  # ±1 directions (SPSA's classic choice, cheap to draw), or "gaussian" (MeZO's)
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -131,13 +131,14 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def make_optimizer(name: str, params, seed: int = 0, group=None, **options):
-    """`make_optimizer("zosgd", model.parameters(), lr=1e-6, eps=1e-3)`; `group`: a `zotune.parallel.Group`."""
+def make_optimizer(name: str, params, seed: int = 0, group=None, directions_format: int = FORMAT, **options):
+    """`make_optimizer("zosgd", model.parameters(), lr=1e-6, eps=1e-3)`; `group`: a `zotune.parallel.Group`;
+    `directions_format`: how z is drawn (a run folder's own, when resuming it)."""
     if name not in METHODS:
         raise ConfigError(f"method.name={name!r} is not a known method; choose one of {', '.join(METHODS)}")
     config_cls, optimizer_cls = METHODS[name]
     cfg = config_cls(name=name, **options)
-    return optimizer_cls(params, seed=seed, group=group, **cfg.options())
+    return optimizer_cls(params, seed=seed, group=group, directions_format=directions_format, **cfg.options())
 
 
 __all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",

@@ -32,7 +32,7 @@ class ZOConservative(ZOSGD):
         groups = self._group_of()
         for i, p in params:
             step = factor * groups[i]["lr"]
-            self._directions.apply(p, seed, 0, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
+            self._directions.add(p, seed, 0, i, step)
 
     @torch.no_grad()
     def step(self, closure, share: float = 1.0) -> torch.Tensor:  # type: ignore[override]

@@ -4,9 +4,18 @@ Direction k of a step with seed s, for trainable tensor i, is regenerated from (
 explicit `torch.Generator`s on the tensor's device whenever it is needed; it is never stored and the
 global RNG is never touched, so no other random draw (dropout, sampling) can change it.
 
-A tensor's direction is drawn in fixed chunks of CHUNK values, chunk c from its own seed
-(s, k, i, c). The values therefore do not depend on how many threads draw them, and on CPU the
-chunks of a large tensor are drawn on every core (one `normal_` runs on one thread).
+Gaussian directions are drawn in fixed chunks of CHUNK values, chunk c by a generator seeded from
+(s, k, i, c): the values do not depend on how many threads draw them, and on CPU the chunks of a
+large tensor are drawn on every core (one `normal_` runs on one thread).
+
+Rademacher directions are counter-based (format 2): the signs of values 64j .. 64j + 63 are the
+bits of word j of the splitmix64 sequence keyed by (s, k, i), so any piece of z is computed where
+it is needed, in any order, on any device, with integer operations only (the same bits everywhere).
+On a float32 CPU tensor, a fused kernel (`kernels`) makes the words and applies them in two passes.
+
+The draw is versioned (`FORMAT`) because a run's step log is only meaningful with the directions it
+was trained with: format 1 drew Rademacher signs from one `torch.Generator` byte per 8 values, chunk
+by chunk. Gaussian directions are the same in both. A run folder records its format and replays with it.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import torch
 
 _MASK64 = (1 << 64) - 1
 CHUNK = 1 << 20
+SLAB = 1 << 26  # values a fused kernel call covers (its words take 8 MB)
 DISTRIBUTIONS = ("gaussian", "rademacher")
+FORMAT = 2  # the direction format new runs use; see the module docstring
+FORMATS = (1, 2)
 
 
 def _splitmix64(x: int) -> int:
@@ -39,18 +51,69 @@ def direction_seed(step_seed: int, direction: int, tensor_index: int, chunk: int
     return h >> 1  # manual_seed wants a value that fits in int64 on every backend
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def draw(out: torch.Tensor, gen: torch.Generator, distribution: str) -> None:
-    """Fill a 1-D `out` with N(0, 1) values, or with ±1 (Rademacher: a valid SPSA direction, cheaper)."""
+def _as_int64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's >> is arithmetic: it copies the sign bit)."""
+    return torch.bitwise_and(torch.bitwise_right_shift(x, bits), (1 << (64 - bits)) - 1)
+
+
+def counter_words(key: int, first: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Words first .. first + count − 1 of the splitmix64 sequence keyed by `key`, as int64 bits:
+    word j = mix(key + (j + 1)·γ) mod 2^64 (`_splitmix64(key + j·γ)`), a counter-based generator."""
+    x = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
+    x.mul_(_as_int64(_GOLDEN)).add_(_as_int64(key & _MASK64))  # int64 arithmetic wraps mod 2^64
+    x.bitwise_xor_(_shift_right(x, 30)).mul_(_as_int64(_MIX1))
+    x.bitwise_xor_(_shift_right(x, 27)).mul_(_as_int64(_MIX2))
+    return x.bitwise_xor_(_shift_right(x, 31))
+
+
+def signs_from_words(out: torch.Tensor, words: torch.Tensor) -> None:
+    """out[32m + k] = −1 if bit 31 − k of int32 word m is set, else +1 (`words`: int64, viewed as
+    int32 little-endian): three integer passes write the float32 bits of ±1."""
+    n = out.numel()
+    signs = words.view(torch.int32)[: (n + 31) // 32].unsqueeze(1)
+    shifts = _cached(_WORD_SHIFTS, out.device, lambda: torch.arange(32, dtype=torch.int32))
+    in_place = out.dtype == torch.float32 and n % 32 == 0 and out.is_contiguous()
+    bits = out.view(torch.int32).view(-1, 32) if in_place else torch.empty(
+        signs.shape[0], 32, dtype=torch.int32, device=out.device)
+    torch.bitwise_left_shift(signs, shifts, out=bits)
+    bits.bitwise_and_(_SIGN).bitwise_or_(_ONE)
+    if not in_place:
+        out.copy_(bits.view(torch.float32).view(-1)[:n])
+
+
+_BYTE_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_WORD_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_SIGN, _ONE = -(1 << 31), 0x3F800000  # the sign bit and the bits of 1.0 in a float32
+
+
+def _cached(store: dict, device: torch.device, make) -> torch.Tensor:
+    if device not in store:
+        store[device] = make().to(device)
+    return store[device]
+
+
+def draw(out: torch.Tensor, gen: torch.Generator, distribution: str, version: int = FORMAT,
+         key: int = 0, start: int = 0) -> None:
+    """Fill a 1-D `out` with z for values start .. start + len − 1 of a tensor: N(0, 1) from `gen`, or
+    ±1 (Rademacher: a valid SPSA direction, much cheaper) from the counter words of `key`."""
     if distribution == "gaussian":
         out.normal_(generator=gen)
-        return
-    # Rademacher from random bytes: 8 signs per byte, about 3x cheaper than normal_ on CPU.
-    shifts = _SHIFTS.get(out.device)
-    if shifts is None:
-        shifts = _SHIFTS[out.device] = torch.arange(8, dtype=torch.uint8, device=out.device)
+    elif version == 1:
+        _rademacher_bytes(out, gen)
+    else:
+        signs_from_words(out, counter_words(key, start // 64, (out.numel() + 63) // 64, out.device))
+
+
+def _rademacher_bytes(out: torch.Tensor, gen: torch.Generator) -> None:
+    """Format 1: value 8j + k takes its sign from bit k of random byte j (kept to replay older runs)."""
+    shifts = _cached(_BYTE_SHIFTS, out.device, lambda: torch.arange(8, dtype=torch.uint8))
     n = out.numel()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=out.device).random_(0, 256, generator=gen)
     bits = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(1), shifts), 1).view(-1)[:n]
@@ -71,10 +134,13 @@ class Directions:
     is in cache: memory is one chunk per thread, whatever the model size.
     """
 
-    def __init__(self, distribution: str = "gaussian", threads: int | None = None) -> None:
+    def __init__(self, distribution: str = "rademacher", threads: int | None = None, version: int = FORMAT) -> None:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution={distribution!r}; use one of {DISTRIBUTIONS}")
+        if version not in FORMATS:
+            raise ValueError(f"direction format {version} is not known to this zotune (it knows {FORMATS}); upgrade zotune")
         self.distribution = distribution
+        self.version = version
         self.threads = threads or torch.get_num_threads()
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._local = threading.local()  # a Generator is not thread-safe: one per thread and device
@@ -99,7 +165,8 @@ class Directions:
             body(start, gen)
 
         starts = range(0, n, CHUNK)
-        if self._pool is not None and device.type == "cpu" and len(starts) > 1:
+        # Rademacher drawing is not bound to one thread: each op runs on every core by itself.
+        if self._pool is not None and device.type == "cpu" and len(starts) > 1 and self.distribution == "gaussian":
             list(self._pool.map(one, starts))
         else:
             for start in starts:
@@ -108,8 +175,10 @@ class Directions:
     def z(self, like: torch.Tensor, step_seed: int, direction: int, tensor_index: int) -> torch.Tensor:
         """z shaped like `like`, as a new tensor (for tensors that are not contiguous, and for tests)."""
         flat = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        key = direction_seed(step_seed, direction, tensor_index)
         self._each_chunk(flat.numel(), like.device, step_seed, direction, tensor_index,
-                         lambda start, gen: draw(flat[start: start + CHUNK], gen, self.distribution))
+                         lambda start, gen: draw(flat[start: start + CHUNK], gen, self.distribution, self.version,
+                                                 key, start))
         return flat.view(like.shape)
 
     def apply(self, p: torch.Tensor, step_seed: int, direction: int, tensor_index: int,
@@ -124,18 +193,55 @@ class Directions:
             return
         flat = p.view(-1)
         device, dtype = p.device, p.dtype
+        key = direction_seed(step_seed, direction, tensor_index)
 
         def body(start: int, gen: torch.Generator) -> None:
             piece = flat[start: start + CHUNK]
             buf = self._per_thread("scratch", (device, dtype), lambda: _scratch(device, dtype))
             z = buf[: piece.numel()]
-            draw(z, gen, self.distribution)
+            draw(z, gen, self.distribution, self.version, key, start)
             fn(piece, z)
 
         self._each_chunk(flat.numel(), device, step_seed, direction, tensor_index, body)
+
+    def add(self, p: torch.Tensor, step_seed: int, direction: int, tensor_index: int, scale: float,
+            decay: float = 1.0, then: float = 0.0) -> None:
+        """p ← (p + scale·z)·decay + then·z in place: a move (scale alone) or a fused restore + update.
+
+        A term equal to 0 (or a decay of 1) is skipped. Rademacher directions of format 2 on a float32
+        CPU tensor take the fused kernel when numba is installed (`kernels`): the same bits in one
+        pass; everything else is drawn and applied chunk by chunk.
+        """
+        if self._fused(p):
+            from zotune.methods import kernels
+
+            flat, key = p.view(-1), direction_seed(step_seed, direction, tensor_index)
+            for start in range(0, flat.numel(), SLAB):  # the words of a slab: 1/32 of its bytes
+                kernels.signs_axpy(flat[start: start + SLAB], key, start // 64, scale, decay, then)
+            return
+
+        def fn(piece: torch.Tensor, z: torch.Tensor) -> None:
+            if scale:
+                piece.add_(z, alpha=scale)
+            if decay != 1:
+                piece.mul_(decay)
+            if then:
+                piece.add_(z, alpha=then)
+
+        self.apply(p, step_seed, direction, tensor_index, fn)
+
+    fused = True  # False: always the eager path (the reference the kernel is tested against)
+
+    def _fused(self, p: torch.Tensor) -> bool:
+        if not (self.fused and self.distribution == "rademacher" and self.version == 2 and p.device.type == "cpu"
+                and p.dtype == torch.float32 and p.is_contiguous()):
+            return False
+        from zotune.methods import kernels
+
+        return kernels.available()
 
     def sweep(self, params: Sequence[torch.Tensor], step_seed: int, direction: int, scale: float) -> None:
         """θ_i += scale · z_i for every tensor, in place."""
         with torch.no_grad():
             for i, p in enumerate(params):
-                self.apply(p, step_seed, direction, i, lambda piece, z: piece.add_(z, alpha=scale))
+                self.add(p, step_seed, direction, i, scale)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zotune.config import ConfigError
-from zotune.methods.perturb import DISTRIBUTIONS, Directions
+from zotune.methods.perturb import DISTRIBUTIONS, FORMAT, FORMATS, Directions
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,11 +33,13 @@ class ZOSGD(torch.optim.Optimizer):
     The closure returns the loss at the current parameters and never calls backward; it runs under
     `torch.inference_mode()`. Per step, with one seed s and z_i regenerated from (s, k, i):
     two-sided: g_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε; one-sided: g_k = (L(θ+εz_k) − L(θ)) / ε;
-    z ~ N(0, I) by default, or ±1 entries with `distribution="rademacher"` (cheaper to draw);
+    z with independent ±1 entries by default (Rademacher, SPSA's classic choice: a fused one-pass
+    kernel on CPU), or z ~ N(0, I) with `distribution="gaussian"` (MeZO's choice; ~3x dearer to draw);
     then θ_i ← θ_i − lr·(wd·θ_i + mean_k g_k·z_k,i), weight decay only for tensors with dim >= 2.
 
     Memory stays at inference level: the parameters are moved in place and z is one tensor's
-    worth of scratch. With a `group` (zotune.parallel), each rank runs the forwards of its own
+    worth of scratch. `directions_format` picks how z is drawn (`perturb.FORMAT` for new runs; a
+    run folder records its own, so older runs replay with theirs). With a `group` (zotune.parallel), each rank runs the forwards of its own
     probes on its own rows and one all-reduce of the probe losses gives every rank the same update. `opt.last` holds the StepRecord of the latest step (seed, projected
     gradients, probe losses, lrs), enough to redo it bit for bit with `replay`.
     """
@@ -46,8 +48,8 @@ class ZOSGD(torch.optim.Optimizer):
     streamable = True  # a step is a walk of `moves()` then `update`: the streaming engine can run it
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "gaussian",
-                 group=None):
+                 n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "rademacher",
+                 group=None, directions_format: int = FORMAT):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ConfigError(f"lr={lr} must be a finite number >= 0 (e.g. 1e-6 for full fine-tuning)")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
@@ -58,6 +60,9 @@ class ZOSGD(torch.optim.Optimizer):
             raise ConfigError(f"n_directions={n_directions} must be an integer >= 1")
         if distribution not in DISTRIBUTIONS:
             raise ConfigError(f"distribution={distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
+        if directions_format not in FORMATS:
+            raise ConfigError(f"direction format {directions_format} is newer than this zotune (it knows "
+                              f"{', '.join(map(str, FORMATS))}); upgrade zotune to read this run")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         for g in self.param_groups:
             if g["lr"] < 0 or g["weight_decay"] < 0:
@@ -68,7 +73,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.seed = seed
         self.steps = 0
         self._seeds = torch.Generator().manual_seed(seed)
-        self._directions = Directions(distribution)
+        self._directions = Directions(distribution, version=directions_format)
         self.last: StepRecord | None = None
         self.group = group  # a zotune.parallel.Group, or None: with one process nothing is sent
 
@@ -158,7 +163,7 @@ class ZOSGD(torch.optim.Optimizer):
     def move(self, indexed: list[tuple[int, torch.Tensor]], seed: int, k: int, scale: float) -> None:
         """θ_i += scale · z_k,i for the given (i, tensor) pairs, in place."""
         for i, p in indexed:
-            self._directions.apply(p, seed, k, i, lambda piece, z: piece.add_(z, alpha=scale))
+            self._directions.add(p, seed, k, i, scale)
 
     def undo(self, indexed: list[tuple[int, torch.Tensor]], seed: int, offset: dict[int, float]) -> None:
         """Take back the moves of a step that will not finish (equal to θ up to float rounding)."""
@@ -248,28 +253,22 @@ class ZOSGD(torch.optim.Optimizer):
     def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
         """One tensor's update (the rule a variant changes): here θ ← θ·(1 − lr·wd) − lr·ĝ."""
         n, seed = self.n_directions, record.seed
-        if restore:  # one draw of z serves the restore and the update, chunk by chunk
-            def fused(piece, z):
-                piece.add_(z, alpha=restore)
-                if wd:
-                    piece.mul_(1 - lr * wd)
-                piece.add_(z, alpha=-lr * record.grads[0])
-            self._directions.apply(p, seed, 0, i, fused)
+        decay = 1 - lr * wd if wd else 1.0
+        if restore:  # one draw of z serves the restore and the update: (θ + εz)·decay − lr·g·z
+            self._directions.add(p, seed, 0, i, restore, decay, -lr * record.grads[0])
         else:
             if wd:
-                p.mul_(1 - lr * wd)
+                p.mul_(decay)
             for k in range(n):
-                step = -lr * record.grads[k] / n
-                self._directions.apply(p, seed, k, i, lambda piece, z, step=step: piece.add_(z, alpha=step))
+                self._directions.add(p, seed, k, i, -lr * record.grads[k] / n)
 
     def _restore_and_estimate(self, i: int, p: torch.Tensor, record: StepRecord, restore: float) -> torch.Tensor:
         """Take back the probe moves of tensor i and return ĝ_i = mean_k g_k z_k,i (one tensor of scratch)."""
         if restore:
-            self._directions.apply(p, record.seed, 0, i, lambda piece, z: piece.add_(z, alpha=restore))
+            self._directions.add(p, record.seed, 0, i, restore)
         ghat = torch.zeros_like(p)
         for k, g in enumerate(record.grads):
-            scale = g / self.n_directions
-            self._directions.apply(ghat, record.seed, k, i, lambda piece, z, scale=scale: piece.add_(z, alpha=scale))
+            self._directions.add(ghat, record.seed, k, i, g / self.n_directions)
         return ghat
 
     def state_dict(self):

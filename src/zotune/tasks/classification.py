@@ -210,10 +210,15 @@ class ClassificationTask:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return nn.functional.cross_entropy(self.class_logits(model, batch), batch.labels)
 
+    def lengths(self, examples: list[Example]) -> list[int]:
+        """Each example's prompt length in tokens, as `collate` truncates it."""
+        prompts = [self.cfg.template.format(text=t) for t, _ in examples]
+        return [min(len(ids), self.cfg.max_length) for ids in self.tokenizer(prompts)["input_ids"]]
+
     def batches(self, examples: list[Example], batch_size: int, by_length: bool = False):
         """Fixed-size batches; `by_length` groups similar lengths to cut padding (evaluation)."""
         if by_length:
-            lengths = [len(self.tokenizer(self.cfg.template.format(text=t))["input_ids"]) for t, _ in examples]
+            lengths = self.lengths(examples)
             examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
         for start in range(0, len(examples), batch_size):
             yield self.collate(examples[start: start + batch_size])

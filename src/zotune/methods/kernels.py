@@ -1,0 +1,89 @@
+"""A fused CPU kernel for the sweeps of Rademacher directions (format 2), compiled with numba.
+
+The eager path of a sweep computes the counter words, expands them to ±1 floats in a scratch
+buffer (three integer passes) and adds them: six passes over memory per chunk, bounded by cache
+bandwidth and op overhead. Here one parallel pass makes the words (1/32 of the tensor's bytes) and a
+second updates each value once, on every core. The float32 operations are the eager path's, in
+the same order (x + a·z, x·d, x + b·z with z = ±1, so a·z is exact), and the words are the same
+integers: both paths give the same bits (tested). Without numba, or for other dtypes and devices,
+callers take the eager path.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_lock = threading.Lock()  # one kernel at a time: numba's default threading layers are not re-entrant
+_kernels = None  # (words, apply) once compiled; False once numba turned out to be unavailable
+
+
+def _compile():
+    import numba
+    import numpy as np
+
+    golden, mix1, mix2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def words(out, key, first):  # out[j] = splitmix64 word first + j keyed by key (perturb.counter_words)
+        for j in numba.prange(out.shape[0]):
+            x = key + np.uint64(first + j + 1) * golden
+            x = (x ^ (x >> s30)) * mix1
+            x = (x ^ (x >> s27)) * mix2
+            out[j] = x ^ (x >> s31)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def apply(p, signs, scale, decay, then):  # p: rows of (up to) 32 values, row m's signs in int32 word m
+        minus_scale, minus_then = -scale, -then  # ±a instead of a·z: the same float (z = ±1)
+        for m in numba.prange(p.shape[0]):
+            word = signs[m]
+            for k in range(p.shape[1]):
+                negative = (word >> (31 - k)) & 1  # value 32m + k: −1 if bit 31 − k is set
+                x = p[m, k]
+                if scale != 0:
+                    x = x + (minus_scale if negative else scale)
+                if decay != 1:
+                    x = x * decay
+                if then != 0:
+                    x = x + (minus_then if negative else then)
+                p[m, k] = x
+
+    return words, apply
+
+
+def available() -> bool:
+    """Whether the fused kernel can run here (numba importable); compiled on first use."""
+    global _kernels
+    if _kernels is None:
+        with _lock:
+            if _kernels is None:
+                try:
+                    _kernels = _compile()
+                except ImportError:
+                    _kernels = False
+    return bool(_kernels)
+
+
+def signs_axpy(p: torch.Tensor, key: int, first_word: int, scale: float, decay: float = 1.0, then: float = 0.0) -> None:
+    """p ← (p + scale·z)·decay + then·z in place, z the signs of counter words `first_word`, ... of `key`.
+
+    `p`: a contiguous float32 CPU tensor. A term equal to 0 (or a decay of 1) is skipped, as in the
+    eager path.
+    """
+    import numba
+    import numpy as np
+
+    flat = p.detach().view(-1)
+    signs = torch.empty((flat.numel() + 63) // 64, dtype=torch.int64)
+    words, apply = _kernels
+    with _lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        words(signs.numpy().view(np.uint64), np.uint64(key), first_word)
+        values, bits = flat.numpy(), signs.view(torch.int32).numpy()
+        terms = np.float32(scale), np.float32(decay), np.float32(then)
+        rows = values.shape[0] // 32  # 2-D rows of 32 vectorise; a flat index does not
+        apply(values[: rows * 32].reshape(rows, 32), bits, *terms)
+        if values.shape[0] > rows * 32:
+            apply(values[rows * 32:].reshape(1, -1), bits[rows:], *terms)
