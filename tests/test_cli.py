@@ -212,3 +212,30 @@ def test_a_run_from_before_group_by_length_resumes_with_its_own_batches(tiny_mod
     log = (old / "steps.log").read_bytes()
     assert log == (tmp_path / "whole" / "steps.log").read_bytes()
     assert log != (tmp_path / "grouped" / "steps.log").read_bytes()
+
+
+def test_eval_a_model_and_a_run_folder(tiny_model_dir, data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, run, "--steps", "6", "--lr", "1e-2")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 6" in out and "test" in out
+    result = json.loads((run / "eval.json").read_text())
+    assert result["step"] == 6 and result["splits"]["test"] == summary["after"]  # the run's own final evaluation
+
+    base_json = tmp_path / "base.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(base_json),
+                 "task.verbalizer={pos: great, neg: terrible}", "task.n_dev=4", "task.n_test=8"]) == 0
+    base = json.loads(base_json.read_text())
+    assert base["run"] is None and base["splits"]["test"] == summary["before"] and base["splits"]["dev"]["n"] == 4
+
+
+def test_eval_refuses_bad_input(tiny_model_dir, data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, run, "--steps", "2")) == 0
+    assert main(["eval", "--model", str(run), "method.lr=1"]) == 2
+    assert "pass only task.* or run.*" in capsys.readouterr().err
+    assert main(["eval", "--model", str(run), "--split", "valid"]) == 2
+    assert "choose from dev, test, train" in capsys.readouterr().err

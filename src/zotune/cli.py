@@ -59,6 +59,15 @@ def _rebuild(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from zotune.evaluation import evaluate_source
+
+    overrides = list(args.overrides) + ([f"task.data={args.data}"] if args.data else [])
+    evaluate_source(args.model, overrides, tuple(s for s in args.split.split(",") if s), args.out,
+                    args.batch_size, args.device)
+    return 0
+
+
 def _compare(args) -> int:
     from zotune.compare import compare
 
@@ -161,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("run_dir")
         e.add_argument("--out", required=True, help="a new folder for the model")
         e.set_defaults(func=_rebuild)
+
+    e = sub.add_parser("eval", help="accuracy and loss of a model or of a run folder's weights, without training",
+                       description="Evaluate a model (built-in name, HF folder, .gguf file) or a run folder (its "
+                                   "trained weights at the latest step, with its own task) on the task's splits.")
+    e.add_argument("--model", help="a model or a run folder (default: the default model)")
+    e.add_argument("--data", help="same as task.data=VALUE")
+    e.add_argument("--split", default="dev,test", help="comma-separated: dev, test, train (default: dev,test)")
+    e.add_argument("--out", help="JSON file (default: RUN/eval.json for a run folder, else ./eval.json)")
+    e.add_argument("--batch-size", type=int, help="default: run.eval_batch_size")
+    e.add_argument("--device", default="auto")
+    e.add_argument("overrides", nargs="*", metavar="task.key=value", help="e.g. task.template='{text} Overall:'")
+    e.set_defaults(func=_eval)
 
     c = sub.add_parser("compare", help="several methods and setups, the same budget of forward passes, one table",
                        description="Each --run is METHOD [section.key=value ...]; the trailing section.key=value "

@@ -159,20 +159,27 @@ class RunFolder:
 
         `directions` is the direction format the step log was drawn with (missing: format 1).
         """
-        path = self.path / "base.json"
-        if path.exists():
-            try:
-                recorded = json.loads(path.read_text())
-                recorded["hash"], recorded["model"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{path} is damaged; restore it from a copy of the run, or start a new run") from None
-            if recorded["hash"] != base["hash"]:
-                raise ConfigError(
-                    f"the base model {base['model']} (hash {base['hash'][:16]}) is not the one this run started from "
-                    f"({recorded['model']}, hash {recorded['hash'][:16]}); resume with the original base model")
-            return {"directions": 1, **recorded}
+        recorded = self._recorded_base(base)
+        if recorded is not None:
+            return recorded
         self._atomic_write("base.json", json.dumps(base, indent=2) + "\n")
         return base
+
+    def _recorded_base(self, base: dict[str, Any]) -> dict[str, Any] | None:
+        """base.json as written when the run started (None for a new run), checked against `base`."""
+        path = self.path / "base.json"
+        if not path.exists():
+            return None
+        try:
+            recorded = json.loads(path.read_text())
+            recorded["hash"], recorded["model"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{path} is damaged; restore it from a copy of the run, or start a new run") from None
+        if recorded["hash"] != base["hash"]:
+            raise ConfigError(
+                f"the base model {base['model']} (hash {base['hash'][:16]}) is not the one this run started from "
+                f"({recorded['model']}, hash {recorded['hash'][:16]}); use the original base model")
+        return {"directions": 1, **recorded}
 
     def append_step(self, step: int, record: StepRecord, loss: float) -> None:
         self._steps.write(encode_step(step, record, loss))
@@ -279,11 +286,7 @@ class FollowerRun(RunFolder):
     def write_config(self, *args, **kwargs) -> None: pass
     def log(self, *args, **kwargs) -> None: pass
     def write_base(self, base: dict[str, Any]) -> dict[str, Any]:
-        path = self.path / "base.json"  # rank 0 checks it; here only the run's direction format matters
-        try:
-            return {**base, "directions": json.loads(path.read_text()).get("directions", 1)}
-        except (OSError, json.JSONDecodeError, AttributeError):  # a new run: rank 0 writes it now
-            return base
+        return self._recorded_base(base) or base  # checked, never written (rank 0 writes it, atomically)
     def append_step(self, *args, **kwargs) -> None: pass
     def write_snapshot(self, *args, **kwargs) -> None: pass
     def write_summary(self, *args, **kwargs) -> None: pass

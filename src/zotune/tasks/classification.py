@@ -7,6 +7,7 @@ The loss is the cross-entropy over the verbalizer tokens' logits at the last pro
 from __future__ import annotations
 
 import contextlib
+import os
 
 import random
 import string
@@ -16,9 +17,7 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
-from zotune.tasks.sources import Example
-
-RT_VERBALIZER = {"fresh": "great", "rotten": "terrible"}
+from zotune.tasks.sources import BUILTIN_DATA, Example
 
 
 @dataclass
@@ -32,15 +31,24 @@ class TaskConfig:
     data: str = "rotten_tomatoes"
     text_column: str = "text"
     label_column: str = "label"
-    template: str = "{text} It was"
-    verbalizer: dict[str, str] = field(default_factory=lambda: dict(RT_VERBALIZER))
+    template: str = ""  # "": the built-in data set's own, else "{text} It was" (MeZO's SST-2 prompt)
+    verbalizer: dict[str, str] = field(default_factory=dict)  # label -> word; {}: the built-in data set's own
     n_train: int = 1000  # MeZO's setting; 0: every example not in dev or test
     n_dev: int = 200
     n_test: int = 500
     split_seed: int = 0
     max_length: int = 128
+    objective: str = "loss"  # what ZO minimises: loss, accuracy, f1, or a function "module:name" / "file.py:name"
 
     def __post_init__(self):
+        builtin = BUILTIN_DATA.get(self.data)
+        if not self.template:
+            self.template = builtin.template if builtin else "{text} It was"
+        if not self.verbalizer:
+            if builtin is None:
+                raise ConfigError(f"task.verbalizer is needed for {self.data}: map every label to a word, "
+                                  f"e.g. task.verbalizer={{pos: great, neg: terrible}}")
+            self.verbalizer = dict(builtin.verbalizer)
         fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
         if fields != ["text"]:
             bad = next((f for f in fields if f != "text"), None)
@@ -58,6 +66,7 @@ class TaskConfig:
             raise ConfigError("task.n_test must be >= 1: accuracy before and after is measured on the test split")
         if self.max_length < 8:
             raise ConfigError(f"task.max_length={self.max_length} is too short for a prompt; use >= 8 tokens")
+        objective_function(self.objective)  # fails here, before any work, when it cannot be found
 
 
 @dataclass
@@ -88,6 +97,7 @@ class ClassificationTask:
                 f"label {unmapped[0]!r} in {cfg.data} has no verbalizer word; add it to task.verbalizer "
                 f"(labels in the data: {', '.join(labels_seen)})")
         self.label_token_ids = self._verbalizer_ids()
+        self._objective = objective_function(cfg.objective)
         self._ids_on: dict[torch.device, torch.Tensor] = {}
         order = list(range(len(examples)))
         random.Random(cfg.split_seed).shuffle(order)
@@ -178,8 +188,8 @@ class ClassificationTask:
         return logits.float()
 
     def head_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The loss from one forward, inside `head(model, batch)`: what a ZO closure computes."""
-        return nn.functional.cross_entropy(self.logits(model, batch), batch.labels)
+        """The objective from one forward, inside `head(model, batch)`: what a ZO closure computes."""
+        return self._objective(self.logits(model, batch), batch.labels)
 
     def class_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, C) logits of the verbalizer tokens at each row's last real position."""
@@ -208,7 +218,8 @@ class ClassificationTask:
         return ids
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.class_logits(model, batch), batch.labels)
+        """The training objective of `batch` (cross-entropy unless `task.objective` says otherwise)."""
+        return self._objective(self.class_logits(model, batch), batch.labels)
 
     def lengths(self, examples: list[Example]) -> list[int]:
         """Each example's prompt length in tokens, as `collate` truncates it."""
@@ -239,3 +250,54 @@ class _VerbalizerHead(nn.Module):
         picked = hidden[rows, self.last].unsqueeze(1)
         bias = head.bias[self.token_ids] if head.bias is not None else None
         return nn.functional.linear(picked, head.weight[self.token_ids], bias)
+
+
+def _error_rate(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) != labels).float().mean()
+
+
+def _one_minus_macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    predicted, scores = logits.argmax(-1), []
+    for c in range(logits.shape[-1]):
+        tp = ((predicted == c) & (labels == c)).sum()
+        denominator = (predicted == c).sum() + (labels == c).sum()
+        if denominator:  # a class absent from both the batch and the predictions does not count
+            scores.append(2 * tp / denominator)
+    return 1 - torch.stack(scores).mean()
+
+
+OBJECTIVES = {"loss": lambda logits, labels: nn.functional.cross_entropy(logits, labels),
+              "accuracy": _error_rate,  # minimised: 1 − accuracy
+              "f1": _one_minus_macro_f1}  # minimised: 1 − macro F1
+
+
+def objective_function(spec: str):
+    """The function (class logits (B, C), labels (B,)) -> value to minimise that `task.objective` names.
+
+    ZO needs only values, so any metric works, differentiable or not: accuracy and F1 are minimised
+    as 1 − metric; "module:name" or "path/file.py:name" is a user function (e.g. a reward model's
+    negated score), returning a float or a 0-d tensor.
+    """
+    if spec in OBJECTIVES:
+        return OBJECTIVES[spec]
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ConfigError(f"task.objective={spec!r}: use loss, accuracy, f1, or a function as module:name or file.py:name")
+    import importlib
+    import importlib.util
+
+    try:
+        if where.endswith(".py"):
+            loader_spec = importlib.util.spec_from_file_location(f"zotune_objective_{abs(hash(where))}", where)
+            if loader_spec is None or not os.path.isfile(where):
+                raise ConfigError(f"task.objective={spec!r}: no file {where}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as e:
+        raise ConfigError(f"task.objective={spec!r}: cannot import {where} ({e})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"task.objective={spec!r}: {where} has no function {name!r}")
+    return function

@@ -1,0 +1,78 @@
+"""`zotune eval`: accuracy and loss of a model, or of a run's trained weights, without training."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from zotune.config import ConfigError
+
+SPLITS = ("dev", "test", "train")
+
+
+def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), out: str | None = None,
+                    batch_size: int | None = None, device: str = "auto", log=print) -> dict:
+    """Evaluate `source` (a model zotune can load, or a run folder) on the task's splits.
+
+    A run folder is evaluated at its latest logged step with its own task, unless `task.*`
+    overrides change it; it is only read (a run that is training may be evaluated). Returns and
+    writes (to `out`, default RUN/eval.json for a run, else ./eval.json) one JSON object.
+    """
+    from zotune.runs import FollowerRun, RunFolder
+    from zotune.tasks import ClassificationTask, load_examples
+    from zotune.train import Session, evaluate, resolve_configs, resolve_device
+
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise ConfigError(f"--split {','.join(splits)}: choose from {', '.join(SPLITS)}")
+    changed = {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
+    run_dir = Path(source) if source and (Path(source) / "config.yaml").is_file() else None
+    started = time.perf_counter()
+    if run_dir is not None:
+        if changed - {"task", "run"}:
+            raise ConfigError("a run folder is evaluated with its own model and method: pass only task.* or run.* "
+                              "options (e.g. task.data=other.csv)")
+        cfgs = resolve_configs(run_dir / "config.yaml", overrides, run_folder=True)
+        disk = cfgs["stream"].tier == "disk"
+        run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
+        try:
+            records, problem = run.read_steps()
+            if problem:
+                log(problem)
+            session = Session(cfgs, run, resolve_device(device), log)
+            session.restore(records)
+        finally:
+            if disk:
+                run.close()
+        model, tokenizer, step = session.model, session.tokenizer, len(records)
+    else:
+        from zotune.models import load_model
+
+        cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None)
+        model, tokenizer = load_model(cfgs["model"], log=log)
+        session, step = None, None
+    task_cfg, run_cfg = cfgs["task"], cfgs["run"]
+    dev = resolve_device(device)
+    if session is None:
+        model.to(dev)
+    task = ClassificationTask(task_cfg, tokenizer, load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column))
+    results = {}
+    for split in splits:
+        examples = getattr(task, split)
+        results[split] = evaluate(model, task, examples, batch_size or run_cfg.eval_batch_size, dev, desc=split)
+    if session is not None:
+        session.close()
+    summary = {"model": cfgs["model"].name, "run": str(run_dir) if run_dir else None, "step": step,
+               "task": {"data": task_cfg.data, "template": task_cfg.template, "verbalizer": task_cfg.verbalizer,
+                        "split_seed": task_cfg.split_seed},
+               "splits": results, "seconds": round(time.perf_counter() - started, 1)}
+    path = Path(out) if out else (run_dir / "eval.json" if run_dir else Path("eval.json"))
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    what = f"run {run_dir} at step {step}" if run_dir else cfgs["model"].name
+    log(f"\n{what} on {task_cfg.data}")
+    log(f"{'split':8}{'examples':>10}{'accuracy':>10}{'loss':>10}")
+    for split, r in results.items():
+        log(f"{split:8}{r['n']:>10}{r['accuracy']:>10.3f}{r['loss']:>10.4f}")
+    log(f"{summary['seconds']:.0f}s; wrote {path}")
+    return summary
