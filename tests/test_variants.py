@@ -61,13 +61,13 @@ def test_variant_matches_its_naive_reference(name, n_directions):
             got.copy_(want)  # keep the comparison step by step
 
 
-@pytest.mark.parametrize("name", ["zosgd", *VARIANTS, "zosgd-conservative", "hizoo"])
+@pytest.mark.parametrize("name", ["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad"])
 def test_every_method_converges_on_a_quadratic(name):
     """60 values, 500 steps: each method with a learning rate in its stable range gets below 10% of
     the starting loss (measured: zosgd 0.0002, momentum 0.0005, adam 0.0063, sign 0.075)."""
     params, loss = quadratic(1, shape=(6, 8))
     lr = {"zosgd": 1e-2, "zosgd-momentum": 1e-3, "zoadam": 3e-2, "zosgd-sign": 3e-2, "zosgd-conservative": 1e-2,
-          "hizoo": 1e-2}[name]
+          "hizoo": 1e-2, "forward-grad": 1e-2}[name]
     opt = make_optimizer(name, params, seed=0, lr=lr, eps=1e-3, **VARIANTS.get(name, {}))
     start = float(loss())
     for _ in range(500):
@@ -75,7 +75,7 @@ def test_every_method_converges_on_a_quadratic(name):
     assert float(loss()) < 0.1 * start, name
 
 
-@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo"])
+@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo", "forward-grad"])
 def test_state_dict_resume_equals_uninterrupted(name):
     params, loss = quadratic(2)
     opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
@@ -116,7 +116,7 @@ def test_bad_options_are_refused(name, options, match):
 
 
 def test_registry_lists_every_method():
-    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo"])
+    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad"])
 
 
 def loss_at(params, loss, points):
@@ -177,7 +177,8 @@ def test_hizoo_matches_its_naive_reference():
 @pytest.mark.parametrize("method, refusal", [
     (["--method", "zoadam", "method.beta1=0.8"], "does not travel with streamed blocks"),
     (["--method", "hizoo", "method.hessian_smoothing=0.1"], "does not travel with streamed blocks"),
-    (["--method", "zosgd-conservative"], "forwards after its update"),
+    (["--method", "zosgd-conservative"], "forwards come after its update"),
+    (["--method", "forward-grad"], "jvp needs every trainable tensor"),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):
@@ -195,3 +196,31 @@ def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model
     assert "momentum" in capsys.readouterr().err
     assert main([*args(tmp_path / "y", 2), "--offload", "cpu"]) == 2
     assert refusal in capsys.readouterr().err
+
+
+def test_forward_gradient_is_the_exact_directional_derivative_and_replays():
+    """g = ∇L·z by one forward-mode forward (SDPA on its math kernel), against autograd's gradient
+    dotted with the same z; the update θ − lr·g·z; and replay from the record, bit for bit."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    params = [p for n, p in model.named_parameters() if n.startswith("model.layers.1.")]
+    start = [p.clone() for p in params]
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    opt = make_optimizer("forward-grad", params, seed=3, lr=1e-2, weight_decay=0.1)
+    opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    record = opt.last
+    twin = tiny_model("llama")
+    twin_params = [p for n, p in twin.named_parameters() if n.startswith("model.layers.1.")]
+    for p in twin_params:
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(twin(input_ids=ids, labels=ids).loss, twin_params)
+    zs = [Directions().z(p, record.seed, 0, i) for i, p in enumerate(start)]
+    assert record.grads[0] == pytest.approx(float(sum((g * z).sum() for g, z in zip(grads, zs))), rel=1e-4)
+    for p, before, z in zip(params, start, zs):
+        wd = 0.1 if p.dim() >= 2 else 0.0
+        assert torch.allclose(p, before * (1 - 1e-2 * wd) - 1e-2 * record.grads[0] * z, atol=1e-6)
+    replayed = [b.clone() for b in start]
+    again = make_optimizer("forward-grad", replayed, seed=3, lr=1e-2, weight_decay=0.1)
+    again.replay(record)
+    assert all(torch.equal(a, b) for a, b in zip(params, replayed))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from zotune.config import ConfigError
 from zotune.methods.conservative import ZOConservative
+from zotune.methods.forward_grad import ForwardGradient
 from zotune.methods.hizoo import HiZOO
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
 from zotune.methods.variants import ZOAdam, ZOMomentum, ZOSign
@@ -105,6 +106,13 @@ class HiZOOConfig(MethodConfig):
         return 3
 
 
+@dataclass
+class ForwardGradConfig(MethodConfig):
+    @property
+    def forwards_per_step(self) -> int:
+        return 1  # one forward in forward-mode AD (about 2-3x a plain forward's time)
+
+
 # name -> (its config, its optimizer). The optimizer's `state_per_value` says how many floats of
 # state it keeps per trainable value (0: memory stays at inference level).
 METHODS = {
@@ -114,6 +122,7 @@ METHODS = {
     "zoadam": (AdamConfig, ZOAdam),
     "zosgd-conservative": (ConservativeConfig, ZOConservative),
     "hizoo": (HiZOOConfig, HiZOO),
+    "forward-grad": (ForwardGradConfig, ForwardGradient),
 }
 
 
@@ -141,5 +150,5 @@ def make_optimizer(name: str, params, seed: int = 0, group=None, directions_form
     return optimizer_cls(params, seed=seed, group=group, directions_format=directions_format, **cfg.options())
 
 
-__all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
+__all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
            "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]

@@ -19,6 +19,7 @@ class ZOConservative(ZOSGD):
     """ZO-SGD that never takes a step that makes the batch loss worse (one direction, two-sided)."""
 
     streamable = False  # its extra forwards come after the update: not a walk of probe moves
+    why_not_streamable = "its extra forwards come after its update, which the streaming engine does not schedule"
 
     def __init__(self, params, **options):
         super().__init__(params, **options)

@@ -229,8 +229,8 @@ class StreamEngine:
         if self._opt is not None:
             raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
         if not getattr(opt, "streamable", True):
-            raise ConfigError(f"{type(opt).__name__} takes forwards after its update, which the streaming engine "
-                              f"does not schedule; stream with method zosgd or zosgd-sign, or train it resident")
+            raise ConfigError(f"{type(opt).__name__} cannot be streamed: {opt.why_not_streamable}; stream with method "
+                              f"zosgd or zosgd-sign, or train it resident")
         if getattr(opt, "state_per_value", 0):
             raise ConfigError(f"{type(opt).__name__} keeps {opt.state_per_value} float(s) of state per trained value, "
                               f"which does not travel with streamed blocks yet; stream with method zosgd or "
