@@ -15,7 +15,7 @@ EXAMPLES = [(f"review number {i}: {'a wonderful, moving film' if i % 2 else 'a d
 
 @pytest.fixture(scope="module")
 def task(tokenizer):
-    return ClassificationTask(TaskConfig(data="inline", n_dev=0, n_test=8), tokenizer, EXAMPLES)
+    return ClassificationTask(TaskConfig(data="inline", verbalizer={"fresh": "great", "rotten": "terrible"}, n_dev=0, n_test=8), tokenizer, EXAMPLES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
