@@ -1,5 +1,6 @@
 """The ZO-SGD variants against naive references that store z, on a quadratic, and through the CLI."""
 
+import math
 import pytest
 import torch
 
@@ -75,7 +76,7 @@ def test_every_method_converges_on_a_quadratic(name):
     assert float(loss()) < 0.1 * start, name
 
 
-@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo", "forward-grad"])
+@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo"])
 def test_state_dict_resume_equals_uninterrupted(name):
     params, loss = quadratic(2)
     opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
@@ -116,7 +117,7 @@ def test_bad_options_are_refused(name, options, match):
 
 
 def test_registry_lists_every_method():
-    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad"])
+    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo"])
 
 
 def loss_at(params, loss, points):
@@ -179,6 +180,7 @@ def test_hizoo_matches_its_naive_reference():
     (["--method", "hizoo", "method.hessian_smoothing=0.1"], "does not travel with streamed blocks"),
     (["--method", "zosgd-conservative"], "forwards come after its update"),
     (["--method", "forward-grad"], "jvp needs every trainable tensor"),
+    (["--method", "sparse-mezo", "method.sparsity=0.5"], "masks are not kept with streamed blocks"),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):
@@ -224,3 +226,62 @@ def test_forward_gradient_is_the_exact_directional_derivative_and_replays():
     again = make_optimizer("forward-grad", replayed, seed=3, lr=1e-2, weight_decay=0.1)
     again.replay(record)
     assert all(torch.equal(a, b) for a, b in zip(params, replayed))
+
+
+@pytest.mark.parametrize("n_directions,wd", [(1, 0.0), (1, 0.1), (2, 0.0)])
+def test_sparse_mezo_matches_its_naive_reference(n_directions, wd):
+    """Stored z, a mask taken from the weights at rest at each step, thresholds from step 0: the same
+    moves and update out of the optimizer's hands; values outside the mask never move (but decay)."""
+    from zotune.methods.sparse import pack, unpack
+
+    params, loss = quadratic(5, shape=(12, 10))
+    lr, eps, sparsity = 1e-2, 1e-3, 0.7
+    opt = make_optimizer("sparse-mezo", params, seed=4, lr=lr, eps=eps, weight_decay=wd, n_directions=n_directions,
+                         sparsity=sparsity)
+    twin = [p.clone() for p in params]
+    thresholds = [float(p.abs().flatten().kthvalue(round(0.3 * p.numel())).values) for p in twin]
+    z = Directions()
+    for _ in range(4):
+        opt.step(loss)
+        rec = opt.last
+        masks = [t.abs() <= th for t, th in zip(twin, thresholds)]
+        assert all(torch.equal(unpack(pack(m), m), m) for m in masks)
+        zs = [[z.z(t, rec.seed, k, i) * m for i, (t, m) in enumerate(zip(twin, masks))] for k in range(n_directions)]
+        frozen = [t[~m].clone() for t, m in zip(twin, masks)]
+        for i, t in enumerate(twin):
+            wd_i = wd if t.dim() >= 2 else 0.0
+            t.mul_(1 - lr * wd_i)
+            for k in range(n_directions):
+                t.add_(zs[k][i], alpha=-lr * rec.grads[k] / n_directions)
+        for got, want, m, before in zip(params, twin, masks, frozen):
+            assert torch.allclose(got, want, atol=2e-5, rtol=0)
+            decay = 1 - lr * wd if got.dim() >= 2 else 1.0
+            assert torch.allclose(got[~m], before * decay, atol=1e-6)  # the large values only decay
+            got.copy_(want)
+    assert 0.25 < masks[0].float().mean() < 0.35  # about 1 − sparsity of the values take part
+
+
+def test_sparse_mezo_fits_a_change_in_the_small_weights_and_replays_exactly():
+    gen = torch.Generator().manual_seed(7)
+    theta = torch.randn(8, 8, generator=gen)
+    target = theta.clone()
+    small = theta.abs() <= theta.abs().flatten().kthvalue(32).values
+    target[small] += 0.2 * torch.randn(int(small.sum()), generator=gen)
+    base = theta.clone()
+    loss = lambda: ((theta - target) ** 2).sum()
+    start = float(loss())
+    opt = make_optimizer("sparse-mezo", [theta], seed=0, lr=1e-2, sparsity=0.25)
+    for _ in range(500):
+        opt.step(loss)
+    assert float(loss()) < 0.1 * start
+    records = []
+    opt2 = make_optimizer("sparse-mezo", [base], seed=0, lr=1e-2, sparsity=0.5)
+    replayer = make_optimizer("sparse-mezo", [base.clone()], seed=0, lr=1e-2, sparsity=0.5)
+    for _ in range(5):
+        opt2.step(lambda: ((base - target) ** 2).sum())
+        records.append(opt2.last)
+    for rec in records:
+        replayer.replay(rec)
+    assert torch.equal(replayer.param_groups[0]["params"][0], base)
+    with pytest.raises(ConfigError, match="sparsity"):
+        make_optimizer("sparse-mezo", [theta], sparsity=1.0)

@@ -200,7 +200,8 @@ class Session:
         """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
         self.opt.skip(records)
         params = self._snapshot_params()
-        if use_snapshots and self.opt.state_per_value:  # snapshots hold weights, not momentum or moments
+        if use_snapshots and (self.opt.state_per_value or getattr(self.opt, "replays_from_base", False)):
+            # snapshots hold weights, not momentum, moments or thresholds taken from the base weights
             self.log(f"{type(self.opt).__name__} keeps optimizer state: replaying every step from the base weights")
             use_snapshots = False
         start, note = self.run.latest_snapshot(len(records), params) if use_snapshots else (0, None)

@@ -14,6 +14,7 @@ from zotune.config import ConfigError
 from zotune.methods.conservative import ZOConservative
 from zotune.methods.forward_grad import ForwardGradient
 from zotune.methods.hizoo import HiZOO
+from zotune.methods.sparse import SparseMeZO
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
 from zotune.methods.variants import ZOAdam, ZOMomentum, ZOSign
 from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepRecord
@@ -107,6 +108,16 @@ class HiZOOConfig(MethodConfig):
 
 
 @dataclass
+class SparseConfig(MethodConfig):
+    sparsity: float = 0.75  # the fraction of each tensor's values left out: the largest in magnitude
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"method.sparsity={self.sparsity} must be in [0, 1) (e.g. 0.75)")
+
+
+@dataclass
 class ForwardGradConfig(MethodConfig):
     @property
     def forwards_per_step(self) -> int:
@@ -123,6 +134,7 @@ METHODS = {
     "zosgd-conservative": (ConservativeConfig, ZOConservative),
     "hizoo": (HiZOOConfig, HiZOO),
     "forward-grad": (ForwardGradConfig, ForwardGradient),
+    "sparse-mezo": (SparseConfig, SparseMeZO),
 }
 
 
@@ -150,5 +162,5 @@ def make_optimizer(name: str, params, seed: int = 0, group=None, directions_form
     return optimizer_cls(params, seed=seed, group=group, directions_format=directions_format, **cfg.options())
 
 
-__all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
+__all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
            "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]
