@@ -239,3 +239,31 @@ def test_eval_refuses_bad_input(tiny_model_dir, data_file, tmp_path, capsys):
     assert "pass only task.* or run.*" in capsys.readouterr().err
     assert main(["eval", "--model", str(run), "--split", "valid"]) == 2
     assert "choose from dev, test, train" in capsys.readouterr().err
+
+
+def test_report_to_a_tracker_copies_the_metrics(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    """W&B through a stand-in module (the real one is never required): every step's loss and each
+    evaluation arrive keyed by step; a tracker that is not installed or not known stops the run."""
+    import types
+
+    logged, finished = [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            finished.append(True)
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "4", "run.report_to=wandb")) == 0
+    steps_with_loss = [step for step, values in logged if "loss" in values]
+    assert steps_with_loss == [1, 2, 3, 4] and finished == [True]
+    assert any("dev_accuracy" in v for _, v in logged) and sum("test_accuracy" in v for _, v in logged) == 2
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "tb", "--steps", "1", "run.report_to=tensorboard")) == 2
+    assert "pip install tensorboard" in capsys.readouterr().err
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "x", "--steps", "1", "run.report_to=mlflow")) == 2
+    assert "'mlflow' is not a tracker" in capsys.readouterr().err

@@ -46,6 +46,7 @@ class RunConfig:
     prefix_cache_mb: int = 2048  # frozen-prefix outputs kept across epochs (0: recompute every step)
     snapshot_every: int = 200  # trainable tensors saved every N steps to bound replay on resume (0: never)
     group_by_length: bool = True  # training batches of similar lengths (less padding), as HF's Trainer option
+    report_to: str = "none"  # also log to: tensorboard, wandb, or both comma-separated (when installed)
 
     def __post_init__(self):
         if self.steps < 0:
@@ -62,6 +63,9 @@ class RunConfig:
             raise ConfigError(f"run.snapshot_every={self.snapshot_every} must be >= 0 (0: the log alone)")
         if self.threads < 0:
             raise ConfigError(f"run.threads={self.threads} must be >= 0")
+        from zotune.trackers import tracker_names
+
+        tracker_names(self.report_to)
 
 
 class RunFolder:
@@ -90,6 +94,7 @@ class RunFolder:
         self._lock.flush()
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
         self._steps = (self.path / "steps.log").open("ab")
+        self.trackers: list = []  # zotune.trackers: copies of the metrics, when run.report_to asks
 
     def write_config(self, sections: dict[str, Any]) -> None:
         import yaml
@@ -98,6 +103,8 @@ class RunFolder:
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
         self._metrics.flush()
 
     def _metric_rows(self) -> list[dict[str, Any]]:
@@ -149,6 +156,9 @@ class RunFolder:
         os.replace(tmp, self.path / name)
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         self._metrics.close()
         self._steps.close()
         self._lock.close()  # releases the flock

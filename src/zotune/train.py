@@ -22,6 +22,7 @@ from zotune.models import ModelConfig, load_model, resolve_source, select_traina
 from zotune.prefix import FrozenPrefix
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
+from zotune.trackers import open_trackers
 from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
 from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
 
@@ -290,6 +291,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
                 raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
                                   f"train longer with `zotune resume {run.path} run.steps=N`")
         run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
+        run.trackers = open_trackers(run_cfg.report_to, run.path, {name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     if group is not None:  # the others follow rank 0's folder (same name even when it was a timestamp)
         out = group.broadcast(str(run.path) if main else None)
         if not main:
