@@ -89,3 +89,19 @@ def test_own_data_needs_a_verbalizer_and_a_user_prompt_wins():
         TaskConfig(data="my.csv")
     cfg = TaskConfig(data="tweets", template="Tweet: {text}\nMood:")
     assert cfg.template == "Tweet: {text}\nMood:" and set(cfg.verbalizer) == {"negative", "neutral", "positive"}
+
+
+def test_k_shot_takes_k_of_each_label_from_the_fixed_split(tokenizer):
+    examples = load_examples("tweets")
+    cfg = dict(data="tweets", n_dev=50, n_test=100, split_seed=3)
+    task16 = ClassificationTask(TaskConfig(k_shot=16, **cfg), tokenizer, examples)
+    task4 = ClassificationTask(TaskConfig(k_shot=4, **cfg), tokenizer, examples)
+    plain = ClassificationTask(TaskConfig(**cfg), tokenizer, examples)
+    from collections import Counter
+
+    assert Counter(label for _, label in task16.train) == {"negative": 16, "neutral": 16, "positive": 16}
+    assert set(task4.train) <= set(task16.train)  # nested: a larger k only adds examples
+    assert task16.test == plain.test and task16.dev == plain.dev  # dev and test do not move
+    assert not {id(e) for e in task16.train} & {id(e) for e in plain.test}  # (the data repeats some tweets)
+    with pytest.raises(ConfigError, match=r"task.k_shot=20000: label '\w+' has only \d+ training examples"):
+        ClassificationTask(TaskConfig(k_shot=20000, **cfg), tokenizer, examples)

@@ -34,6 +34,7 @@ class TaskConfig:
     template: str = ""  # "": the built-in data set's own, else "{text} It was" (MeZO's SST-2 prompt)
     verbalizer: dict[str, str] = field(default_factory=dict)  # label -> word; {}: the built-in data set's own
     n_train: int = 1000  # MeZO's setting; 0: every example not in dev or test
+    k_shot: int = 0  # > 0: train on k examples of each label instead (MeZO's k = 16 or 512), n_train unused
     n_dev: int = 200
     n_test: int = 500
     split_seed: int = 0
@@ -59,7 +60,7 @@ class TaskConfig:
         empty = [k for k, v in self.verbalizer.items() if not str(v).strip()]
         if empty:
             raise ConfigError(f"task.verbalizer gives label {empty[0]!r} an empty word; give every label a word")
-        for name in ("n_train", "n_dev", "n_test"):
+        for name in ("n_train", "n_dev", "n_test", "k_shot"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"task.{name}={getattr(self, name)} must be >= 0")
         if self.n_test < 1:
@@ -109,7 +110,18 @@ class ClassificationTask:
         self.test = shuffled[: cfg.n_test]
         self.dev = shuffled[cfg.n_test: cfg.n_test + cfg.n_dev]
         train = shuffled[cfg.n_test + cfg.n_dev:]
-        self.train = train[: cfg.n_train] if cfg.n_train else train
+        if cfg.k_shot:  # the first k of each label in the fixed shuffled order: balanced, seeded, nested in k
+            by_label: dict[str, list[Example]] = {}
+            for example in train:
+                by_label.setdefault(example[1], []).append(example)
+            short = [label for label in self.labels if len(by_label.get(label, [])) < cfg.k_shot]
+            if short:
+                raise ConfigError(f"task.k_shot={cfg.k_shot}: label {short[0]!r} has only "
+                                  f"{len(by_label.get(short[0], []))} training examples in {cfg.data}; lower k_shot")
+            chosen = {id(e) for label in self.labels for e in by_label[label][: cfg.k_shot]}
+            self.train = [e for e in train if id(e) in chosen]
+        else:
+            self.train = train[: cfg.n_train] if cfg.n_train else train
 
     def _verbalizer_ids(self) -> list[int]:
         """First token of each verbalizer word as it follows the prompt (with a leading space)."""
