@@ -182,13 +182,16 @@ class Directions:
         return flat.view(like.shape)
 
     def apply(self, p: torch.Tensor, step_seed: int, direction: int, tensor_index: int,
-              fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        """Call fn(piece of p, the same piece of z) chunk by chunk, in place, on every core.
+              fn: Callable[..., None], offsets: bool = False) -> None:
+        """Call fn(piece of p, the same piece of z) chunk by chunk, in place, on every core; with
+        `offsets`, fn(piece, z, start) where start is the piece's first flat index in p.
 
         Each chunk of z is drawn into a per-thread scratch buffer and used while it is in cache,
         so z is never materialised for the whole tensor.
         """
         if not p.is_contiguous():
+            if offsets:
+                raise ValueError("offsets need a contiguous tensor")
             fn(p, self.z(p, step_seed, direction, tensor_index))
             return
         flat = p.view(-1)
@@ -200,7 +203,10 @@ class Directions:
             buf = self._per_thread("scratch", (device, dtype), lambda: _scratch(device, dtype))
             z = buf[: piece.numel()]
             draw(z, gen, self.distribution, self.version, key, start)
-            fn(piece, z)
+            if offsets:
+                fn(piece, z, start)
+            else:
+                fn(piece, z)
 
         self._each_chunk(flat.numel(), device, step_seed, direction, tensor_index, body)
 

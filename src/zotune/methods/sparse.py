@@ -1,10 +1,11 @@
 """Sparse MeZO (Liu et al., 2024): perturb and update only the small-magnitude weights of each tensor.
 
 Tensor i's threshold τ_i is the (1 − sparsity) quantile of |θ_i| at the first step (one float per
-tensor, from the base weights: a resumed run replays from them). At every step the mask
+tensor, from the base weights: a resumed run replays from them; above 4M values, the quantile of
+every m-th value, so that memory stays at one chunk's scale). At every step the mask
 m_i = |θ_i| ≤ τ_i is taken from the weights at rest, at the step's first move, and every move and
-the update use z ⊙ m. The mask is held as bits (1/32 of the tensor's bytes) until the update and
-then dropped: it cannot be recomputed on the perturbed weights, because a value within ε of τ_i
+the update use z ⊙ m, chunk by chunk (one chunk of scratch, as ZO-SGD). The mask is held as bits
+(1/32 of the tensor's bytes) until the update and then dropped: it cannot be recomputed on the perturbed weights, because a value within ε of τ_i
 changes sides between the moves (about 1-2% of values at ε = 1e-3), and the moves would then not
 undo each other. That is the one departure from "recomputed on the fly": a transient bit per value,
 never a persistent mask.
@@ -19,6 +20,7 @@ from zotune.config import ConfigError
 from zotune.methods.zosgd import ZOSGD, StepRecord
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+_SAMPLE = 1 << 22  # values a threshold is taken from, at most about twice this (every m-th value)
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -55,24 +57,48 @@ class SparseMeZO(ZOSGD):
         self.thresholds: dict[int, float] = {}  # tensor index -> τ_i
         self._masks: dict[int, tuple[int, torch.Tensor]] = {}  # tensor index -> (step seed, packed mask)
 
-    def _mask(self, i: int, p: torch.Tensor, seed: int) -> torch.Tensor:
-        """m_i of the step with `seed`: from the weights now (at rest) the first time it is asked for."""
+    def _bits(self, i: int, p: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
+        """The packed mask of tensor i for the step with `seed`, and whether it is still to be filled
+        (then the first sweep fills it, chunk by chunk, from the weights at rest)."""
         held = self._masks.get(i)
         if held is not None and held[0] == seed:
-            return unpack(held[1], p)
-        if i not in self.thresholds:
-            k = max(1, round((1 - self.sparsity) * p.numel()))  # how many values take part
-            self.thresholds[i] = float(p.detach().abs().reshape(-1).kthvalue(k).values)
-        mask = p.detach().abs() <= self.thresholds[i]
-        self._masks[i] = (seed, pack(mask))
-        return mask
+            return held[1], False
+        if not p.is_contiguous():
+            raise ConfigError("sparse-mezo needs contiguous parameters; call .contiguous() on them before training")
+        if i not in self.thresholds:  # at the first step; a large tensor's quantile from an even sample
+            values = p.detach().reshape(-1)[:: max(1, p.numel() // _SAMPLE)].abs()  # at most 2·_SAMPLE values
+            k = max(1, round((1 - self.sparsity) * values.numel()))  # how many values take part
+            self.thresholds[i] = float(values.kthvalue(k).values)
+        bits = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+        self._masks[i] = (seed, bits)
+        return bits, True
 
-    def _masked_z(self, i: int, p: torch.Tensor, seed: int, k: int) -> torch.Tensor:
-        return self._directions.z(p, seed, k, i).mul_(self._mask(i, p, seed))  # one tensor of scratch
+    def _sweep(self, i: int, p: torch.Tensor, seed: int, k: int, scale: float, decay: float = 1.0,
+               then: float = 0.0) -> None:
+        """p ← (p + scale·z⊙m)·decay + then·z⊙m chunk by chunk (CHUNK is a multiple of 8: a chunk's mask
+        is whole bytes), as `Directions.add` does for ZO-SGD; the first sweep of a step takes m."""
+        bits, fill = self._bits(i, p, seed)
+        threshold = self.thresholds[i]
+
+        def fn(piece: torch.Tensor, z: torch.Tensor, start: int) -> None:
+            if fill:
+                mask = piece.abs() <= threshold
+                bits[start // 8: start // 8 + (piece.numel() + 7) // 8] = pack(mask)
+            else:
+                mask = unpack(bits[start // 8: start // 8 + (piece.numel() + 7) // 8], piece)
+            z.mul_(mask)
+            if scale:
+                piece.add_(z, alpha=scale)
+            if decay != 1:
+                piece.mul_(decay)
+            if then:
+                piece.add_(z, alpha=then)
+
+        self._directions.apply(p.view(-1), seed, k, i, fn, offsets=True)
 
     def move(self, indexed, seed: int, k: int, scale: float) -> None:
         for i, p in indexed:
-            p.add_(self._masked_z(i, p, seed, k), alpha=scale)
+            self._sweep(i, p, seed, k, scale)
 
     def undo(self, indexed, seed: int, offset: dict[int, float]) -> None:
         super().undo(indexed, seed, offset)
@@ -81,13 +107,9 @@ class SparseMeZO(ZOSGD):
 
     def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
         n, seed = self.n_directions, record.seed
-        for k in range(n):
-            zm = self._masked_z(i, p, seed, k)
-            if restore:
-                p.add_(zm, alpha=restore)
-            if wd and k == 0:
-                p.mul_(1 - lr * wd)
-            p.add_(zm, alpha=-lr * record.grads[k] / n)
+        decay = 1 - lr * wd if wd else 1.0
+        for k in range(n):  # as ZO-SGD: with one direction the restore is fused; decay once, at the first
+            self._sweep(i, p, seed, k, restore, decay if k == 0 else 1.0, -lr * record.grads[k] / n)
         self._masks.pop(i, None)  # the step is done: its mask goes
 
     def state_dict(self):
