@@ -267,3 +267,13 @@ def test_report_to_a_tracker_copies_the_metrics(tiny_model_dir, data_file, tmp_p
     assert "pip install tensorboard" in capsys.readouterr().err
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "x", "--steps", "1", "run.report_to=mlflow")) == 2
     assert "'mlflow' is not a tracker" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setup", [["adapter.kind=lora", "adapter.r=4"], ["--offload", "disk"]])
+def test_eval_of_lora_and_disk_tier_runs_equals_their_final_evaluation(setup, tiny_model_dir, data_file, tmp_path):
+    run = tmp_path / "run"
+    extra = [f"--offload-dir={tmp_path / 'blocks'}"] if "--offload" in setup else []
+    assert main(train_args(tiny_model_dir, data_file, run, "--steps", "4", "--lr", "1e-2", *setup, *extra)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["eval", "--model", str(run), "--split", "test"]) == 0
+    assert json.loads((run / "eval.json").read_text())["splits"]["test"] == summary["after"]
