@@ -120,6 +120,17 @@ def _rademacher_bytes(out: torch.Tensor, gen: torch.Generator) -> None:
     out.copy_(bits).mul_(2).sub_(1)
 
 
+def step_(piece: torch.Tensor, z: torch.Tensor, scale: float, decay: float = 1.0, then: float = 0.0) -> None:
+    """piece ← (piece + scale·z)·decay + then·z in place; a term equal to 0 (or a decay of 1) is skipped.
+    The one sequence of float operations every sweep uses (the fused kernel repeats it exactly)."""
+    if scale:
+        piece.add_(z, alpha=scale)
+    if decay != 1:
+        piece.mul_(decay)
+    if then:
+        piece.add_(z, alpha=then)
+
+
 def _scratch(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # A normal tensor even when first needed under inference mode (an evaluation that settles a
     # streamed block): an inference tensor could not be written to in a later step.
@@ -226,15 +237,7 @@ class Directions:
                 kernels.signs_axpy(flat[start: start + SLAB], key, start // 64, scale, decay, then)
             return
 
-        def fn(piece: torch.Tensor, z: torch.Tensor) -> None:
-            if scale:
-                piece.add_(z, alpha=scale)
-            if decay != 1:
-                piece.mul_(decay)
-            if then:
-                piece.add_(z, alpha=then)
-
-        self.apply(p, step_seed, direction, tensor_index, fn)
+        self.apply(p, step_seed, direction, tensor_index, lambda piece, z: step_(piece, z, scale, decay, then))
 
     fused = True  # False: always the eager path (the reference the kernel is tested against)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from zotune.config import ConfigError
+from zotune.methods.perturb import step_
 from zotune.methods.zosgd import ZOSGD, StepRecord
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -86,13 +87,7 @@ class SparseMeZO(ZOSGD):
                 bits[start // 8: start // 8 + (piece.numel() + 7) // 8] = pack(mask)
             else:
                 mask = unpack(bits[start // 8: start // 8 + (piece.numel() + 7) // 8], piece)
-            z.mul_(mask)
-            if scale:
-                piece.add_(z, alpha=scale)
-            if decay != 1:
-                piece.mul_(decay)
-            if then:
-                piece.add_(z, alpha=then)
+            step_(piece, z.mul_(mask), scale, decay, then)
 
         self._directions.apply(p.view(-1), seed, k, i, fn, offsets=True)
 
