@@ -29,6 +29,7 @@ import torch
 
 from zotune.config import ConfigError
 from zotune.methods import StepRecord
+from zotune.trackers import tracker_names
 
 
 @dataclass
@@ -63,9 +64,7 @@ class RunConfig:
             raise ConfigError(f"run.snapshot_every={self.snapshot_every} must be >= 0 (0: the log alone)")
         if self.threads < 0:
             raise ConfigError(f"run.threads={self.threads} must be >= 0")
-        from zotune.trackers import tracker_names
-
-        tracker_names(self.report_to)
+        tracker_names(self.report_to)  # an unknown tracker stops the run here
 
 
 class RunFolder:
