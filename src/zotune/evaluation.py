@@ -28,6 +28,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         raise ConfigError(f"--split {','.join(splits)}: choose from {', '.join(SPLITS)}")
     changed = {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
     run_dir = Path(source) if source and (Path(source) / "config.yaml").is_file() else None
+    target = resolve_device(device)
     started = time.perf_counter()
     if run_dir is not None:
         if changed - {"task", "run"}:
@@ -40,7 +41,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
             records, problem = run.read_steps()
             if problem:
                 log(problem)
-            session = Session(cfgs, run, resolve_device(device), log)
+            session = Session(cfgs, run, target, log)
             session.restore(records)
         finally:
             if disk:
@@ -51,16 +52,14 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
 
         cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None)
         model, tokenizer = load_model(cfgs["model"], log=log)
+        model.to(target)
         session, step = None, None
     task_cfg, run_cfg = cfgs["task"], cfgs["run"]
-    dev = resolve_device(device)
-    if session is None:
-        model.to(dev)
     task = ClassificationTask(task_cfg, tokenizer, load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column))
     results = {}
     for split in splits:
         examples = getattr(task, split)
-        results[split] = evaluate(model, task, examples, batch_size or run_cfg.eval_batch_size, dev, desc=split)
+        results[split] = evaluate(model, task, examples, batch_size or run_cfg.eval_batch_size, target, desc=split)
     if session is not None:
         session.close()
     summary = {"model": cfgs["model"].name, "run": str(run_dir) if run_dir else None, "step": step,

@@ -16,15 +16,15 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
-from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
+from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
-from zotune.trackers import open_trackers
 from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
 from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
+from zotune.trackers import open_trackers
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, "method": MethodConfig,
             "run": RunConfig, "stream": StreamConfig, "parallel": ParallelDims}

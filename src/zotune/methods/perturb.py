@@ -51,6 +51,17 @@ def direction_seed(step_seed: int, direction: int, tensor_index: int, chunk: int
     return h >> 1  # manual_seed wants a value that fits in int64 on every backend
 
 
+_BYTE_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_WORD_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_SIGN, _ONE = -(1 << 31), 0x3F800000  # the sign bit and the bits of 1.0 in a float32
+
+
+def _cached(store: dict, device: torch.device, make) -> torch.Tensor:
+    if device not in store:
+        store[device] = make().to(device)
+    return store[device]
+
+
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
@@ -86,17 +97,6 @@ def signs_from_words(out: torch.Tensor, words: torch.Tensor) -> None:
     bits.bitwise_and_(_SIGN).bitwise_or_(_ONE)
     if not in_place:
         out.copy_(bits.view(torch.float32).view(-1)[:n])
-
-
-_BYTE_SHIFTS: dict[torch.device, torch.Tensor] = {}
-_WORD_SHIFTS: dict[torch.device, torch.Tensor] = {}
-_SIGN, _ONE = -(1 << 31), 0x3F800000  # the sign bit and the bits of 1.0 in a float32
-
-
-def _cached(store: dict, device: torch.device, make) -> torch.Tensor:
-    if device not in store:
-        store[device] = make().to(device)
-    return store[device]
 
 
 def draw(out: torch.Tensor, gen: torch.Generator, distribution: str, version: int = FORMAT,
