@@ -83,7 +83,7 @@ def test_missing_empty_and_columnless_data(tiny_model_dir, tmp_path, capsys):
     assert "has no rows" in error_of(train_args(tiny_model_dir, empty, tmp_path / "r2"), capsys)
     wrong = write_csv(tmp_path / "wrong.csv", [("a", "pos")], header="review,label")
     err = error_of(train_args(tiny_model_dir, wrong, tmp_path / "r3"), capsys)
-    assert "no column 'text'" in err and "task.text_column" in err
+    assert "wrong.csv:2: task.template field {text} is not in the row (has: review, label)" in err and "task.text_column" in err
 
 
 def test_label_without_verbalizer(tiny_model_dir, tmp_path, capsys):
@@ -97,7 +97,7 @@ def test_label_without_verbalizer(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("override,match", [
     ("method.eps=0", "method.eps"), ("method.eps=-1e-3", "method.eps"), ("method.lr=-1", "method.lr"),
     ("method.lr=abc", "not a float"), ("run.steps=-3", "run.steps"), ("method.lrr=1", "unknown option method.lrr"),
-    ("model.trainable=half", "model.trainable"), ("task.template={text} {label}", "unknown field {label}"),
+    ("model.trainable=half", "model.trainable"), ("task.template={text} {lable}", "field {lable} is not in the row"),
     ("oops=1", "section.key=value"), ("optim.lr=1", "unknown config section"),
 ])
 def test_invalid_values_refused_before_step_0(override, match, tiny_model_dir, data_file, tmp_path, capsys):

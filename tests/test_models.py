@@ -7,10 +7,10 @@ from conftest import FAMILIES, tiny_model
 from zotune import ConfigError, ZOSGD
 from zotune.models import find_blocks, select_trainable
 from zotune.prefix import FrozenPrefix
-from zotune.tasks import ClassificationTask, TaskConfig
+from zotune.tasks import ClassificationTask, Table, TaskConfig
 
-EXAMPLES = [(f"review number {i}: {'a wonderful, moving film' if i % 2 else 'a dull and tedious mess'}",
-             "fresh" if i % 2 else "rotten") for i in range(64)]
+EXAMPLES = Table([{"text": f"review number {i}: {'a wonderful, moving film' if i % 2 else 'a dull and tedious mess'}",
+                   "label": "fresh" if i % 2 else "rotten"} for i in range(64)], "inline")
 
 
 @pytest.fixture(scope="module")

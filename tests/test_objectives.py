@@ -10,7 +10,8 @@ from zotune import ZOSGD
 from zotune.cli import main
 from zotune.config import ConfigError
 from zotune.tasks import TaskConfig
-from zotune.tasks.classification import OBJECTIVES, objective_function
+from zotune.tasks.base import load_function
+from zotune.tasks.classification import CLASS_OBJECTIVES as OBJECTIVES
 
 
 def test_metric_objectives_are_one_minus_the_metric():
@@ -56,11 +57,11 @@ def test_a_run_minimises_a_user_function_from_a_file(tiny_model_dir, data_file, 
     assert losses[:3] == pytest.approx([(values[2 * i] + values[2 * i + 1]) / 2 for i in range(3)], rel=1e-6)
 
 
-@pytest.mark.parametrize("spec,match", [("precision", "use loss, accuracy, f1, or a function"),
+@pytest.mark.parametrize("spec,match", [("precision", "minimises loss, accuracy, f1, or a function"),
                                         ("no_such_module_x:f", "cannot import no_such_module_x"),
                                         ("math:no_such", "math has no function 'no_such'"),
                                         ("/nowhere/obj.py:f", "no file /nowhere/obj.py")])
 def test_bad_objectives_are_refused_at_construction(spec, match):
     with pytest.raises(ConfigError, match=match):
         TaskConfig(objective=spec)
-    assert objective_function("math:sqrt")(4.0) == 2.0  # any importable callable
+    assert load_function("math:sqrt", "task.objective")(4.0) == 2.0  # any importable callable

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from zotune.config import ConfigError
-from zotune.tasks import ClassificationTask, TaskConfig, load_examples
+from zotune.tasks import ClassificationTask, TaskConfig, load_rows
 
 ROWS = [{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}", "label": "pos" if i % 2 else "neg"} for i in range(12)]
-EXPECTED = [(r["text"], r["label"]) for r in ROWS]
+EXPECTED = ROWS
 
 
 def write_parquet(path, rows):
@@ -26,11 +26,13 @@ def test_parquet_jsonl_and_csv_give_the_same_examples(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS))
     for name in ("d.parquet", "d.jsonl", "d.csv"):
-        assert load_examples(str(tmp_path / name)) == EXPECTED
+        assert load_rows(str(tmp_path / name)).rows == EXPECTED
+    (tmp_path / "d.tsv").write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in ROWS))
+    assert load_rows(str(tmp_path / "d.tsv")).rows == EXPECTED
 
 
 @pytest.mark.parametrize("name,content,match", [
-    ("mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n', r"mixed.jsonl:2: label 'pos' is a str, but the label of line 1 is a int"),
+    ("mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n', r"mixed.jsonl:2: label 'pos' is a str, but the label of .*mixed.jsonl:1 is a int"),
     ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label"\n', r"broken.jsonl:2: not valid JSON"),
     ("nolabel.csv", "text,stars\nfine,5\n", r"nolabel.csv:2: no column 'label' \(has: text, stars\)"),
     ("empty.csv", "text,label\n", r"has no rows"),
@@ -39,16 +41,17 @@ def test_parquet_jsonl_and_csv_give_the_same_examples(tmp_path):
 def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ConfigError, match=match):
-        load_examples(str(tmp_path / name))
+        ClassificationTask(TaskConfig(data=str(tmp_path / name), verbalizer={"1": "yes", "pos": "good"}, n_test=1, n_dev=0),
+                           None, load_rows(str(tmp_path / name)))
 
 
 def test_parquet_errors_name_the_row(tmp_path):
     write_parquet(tmp_path / "p.parquet", [{"text": "a", "grade": "x"}])
     with pytest.raises(ConfigError, match=r"p.parquet row 1: no column 'label' \(has: text, grade\)"):
-        load_examples(str(tmp_path / "p.parquet"))
+        ClassificationTask(TaskConfig(data="p", verbalizer={"a": "x", "b": "y"}), None, load_rows(str(tmp_path / "p.parquet")))
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(ConfigError, match="not a readable Parquet file"):
-        load_examples(str(tmp_path / "fake.parquet"))
+        load_rows(str(tmp_path / "fake.parquet"))
 
 
 def test_hf_datasets_on_local_files_with_class_label_names(tmp_path):
@@ -59,25 +62,25 @@ def test_hf_datasets_on_local_files_with_class_label_names(tmp_path):
     rows = {"text": [r["text"] for r in ROWS], "label": [1 if r["label"] == "pos" else 0 for r in ROWS]}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))
     datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()}, features=features).to_parquet(str(folder / "test.parquet"))
-    assert load_examples(f"hf:{folder}") == EXPECTED  # split train by default; integers become their names
-    assert load_examples(f"hf:{folder}@test") == EXPECTED[:4]
+    assert load_rows(f"hf:{folder}").rows == EXPECTED  # split train by default; integers become their names
+    assert load_rows(f"hf:{folder}@test").rows == EXPECTED[:4]
     with pytest.raises(ConfigError, match=r"task.data=hf:.*@nope: datasets could not load it"):
-        load_examples(f"hf:{folder}@nope")
+        load_rows(f"hf:{folder}@nope")
 
 
 def test_hf_source_without_the_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(ConfigError, match="needs the datasets package: pip install datasets"):
-        load_examples("hf:rotten_tomatoes")
+        load_rows("hf:rotten_tomatoes")
 
 
 @pytest.mark.parametrize("name,size,labels", [("rotten_tomatoes", 12808, {"fresh", "rotten"}),
                                               ("bbc_news", 2225, {"business", "entertainment", "politics", "sports", "tech"}),
                                               ("tweets", 38158, {"negative", "neutral", "positive"})])
 def test_builtin_data_sets_come_with_their_prompt(name, size, labels, tokenizer):
-    examples = load_examples(name)
-    assert len(examples) == size and {label for _, label in examples} == labels
-    assert all(text.strip() for text, _ in examples)
+    examples = load_rows(name)
+    assert len(examples.rows) == size and {r["label"] for r in examples.rows} == labels
+    assert all(r["text"].strip() for r in examples.rows)
     cfg = TaskConfig(data=name, n_train=50, n_dev=10, n_test=20)
     assert set(cfg.verbalizer) == labels and "{text}" in cfg.template
     task = ClassificationTask(cfg, tokenizer, examples)  # every verbalizer word has its own first token
@@ -92,7 +95,7 @@ def test_own_data_needs_a_verbalizer_and_a_user_prompt_wins():
 
 
 def test_k_shot_takes_k_of_each_label_from_the_fixed_split(tokenizer):
-    examples = load_examples("tweets")
+    examples = load_rows("tweets")
     cfg = dict(data="tweets", n_dev=50, n_test=100, split_seed=3)
     task16 = ClassificationTask(TaskConfig(k_shot=16, **cfg), tokenizer, examples)
     task4 = ClassificationTask(TaskConfig(k_shot=4, **cfg), tokenizer, examples)

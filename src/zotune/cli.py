@@ -20,6 +20,8 @@ FLAGS = {
     "--offload": ("stream", "tier"), "--offload-dir": ("stream", "dir"),
     "--data-parallel": ("parallel", "data"), "--perturb-parallel": ("parallel", "perturb"),
 }
+TASK_HELP = ("a suite task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, rotten_tomatoes, "
+             "bbc_news, tweets) or a task file (.yaml / .py); task.* options override it")
 
 
 def _train(args) -> int:
@@ -30,7 +32,7 @@ def _train(args) -> int:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             flags.setdefault(section, {})[key] = value
-    cfgs = resolve_configs(args.config, args.overrides, flags)
+    cfgs = resolve_configs(args.config, args.overrides, flags, task=args.task)
     summary = train(cfgs)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
@@ -64,7 +66,7 @@ def _eval(args) -> int:
 
     overrides = list(args.overrides) + ([f"task.data={args.data}"] if args.data else [])
     evaluate_source(args.model, overrides, tuple(s for s in args.split.split(",") if s), args.out,
-                    args.batch_size, args.device)
+                    args.batch_size, args.device, task=args.task)
     return 0
 
 
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune (defaults: SmolLM2-135M-Instruct on Rotten Tomatoes, offline)",
                        description="Options come from defaults, then --config FILE, then section.key=value, then flags.")
     t.add_argument("--config", help="YAML file with sections model, task, method, run")
+    t.add_argument("--task", help=TASK_HELP)
     for flag, (section, key) in FLAGS.items():
         t.add_argument(flag, default=None, help=f"same as {section}.{key}=VALUE")
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. method.lr=1e-3 run.steps=100")
@@ -171,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", required=True, help="a new folder for the model")
         e.set_defaults(func=_rebuild)
 
-    e = sub.add_parser("eval", help="accuracy and loss of a model or of a run folder's weights, without training",
+    e = sub.add_parser("eval", help="the task's metrics for a model or a run folder's weights, without training",
                        description="Evaluate a model (built-in name, HF folder, .gguf file) or a run folder (its "
                                    "trained weights at the latest step, with its own task) on the task's splits.")
     e.add_argument("--model", help="a model or a run folder (default: the default model)")
+    e.add_argument("--task", help=TASK_HELP)
     e.add_argument("--data", help="same as task.data=VALUE")
     e.add_argument("--split", default="dev,test", help="comma-separated: dev, test, train (default: dev,test)")
     e.add_argument("--out", help="JSON file (default: RUN/eval.json for a run folder, else ./eval.json)")

@@ -3,7 +3,7 @@
 Each run is `METHOD [section.key=value ...]` on top of the shared options; its steps are the budget
 divided by the method's forwards per step, and its dev set is evaluated at the same forward-pass
 counts as every other run's. Writes each run's folder, then `compare.json`, `compare.md` (a table)
-and `compare.png` (dev accuracy against forward passes).
+and `compare.png` (the dev metric against forward passes).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from zotune.config import ConfigError
+from zotune.runs import headline
 
 
 def _parse_run(text: str) -> tuple[str, list[str]]:
@@ -54,10 +55,11 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
         log(f"== {label}: {cfgs['run'].steps} steps x {per_step} forwards")
         summary = train(cfgs, log=log)
         metrics = [json.loads(line) for line in (Path(cfgs["run"].out) / "metrics.jsonl").read_text().splitlines()]
-        dev = [(r["step"] * per_step, r["dev_accuracy"]) for r in metrics if "dev_accuracy" in r]
+        dev = [(r["step"] * per_step, headline(r, "dev")[1]) for r in metrics if headline(r, "dev")]
+        metric = summary["before"]["metric"]
         rows.append({"run": label, "status": summary["status"], "steps": summary["steps"], "forwards": summary["steps"] * per_step,
-                     "dev": dev, "test_before": summary["before"]["accuracy"],
-                     "test_after": summary.get("after", {}).get("accuracy"), "seconds": summary["seconds"],
+                     "metric": metric, "dev": dev, "test_before": summary["before"][metric],
+                     "test_after": summary.get("after", {}).get(metric), "seconds": summary["seconds"],
                      "folder": cfgs["run"].out})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -68,7 +70,8 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | forward passes | steps | best dev | final dev | test before -> after | seconds |",
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
+    lines = [f"| run | forward passes | steps | best dev {metric} | final dev | test before -> after | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         devs = [a for _, a in r["dev"]]
@@ -87,7 +90,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         ax.plot(*zip(*r["dev"]), marker="o", label=r["run"])
-    ax.set(xlabel="forward passes", ylabel="dev accuracy", title="same budget of forward passes")
+    ax.set(xlabel="forward passes", ylabel=f"dev {rows[0].get('metric', 'accuracy') if rows else 'accuracy'}",
+           title="same budget of forward passes")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

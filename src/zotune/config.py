@@ -18,6 +18,15 @@ class ConfigError(ValueError):
     """A bad user input, reported as one line naming the problem and the fix."""
 
 
+def _yaml_value(text: str, where: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}={text!r} is not valid YAML ({str(e).splitlines()[0]}); quote the strings in it") from None
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -27,12 +36,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         return _coerce(value, args[0], where)
     if origin is dict:
-        if isinstance(value, str):
-            import yaml
-            value = yaml.safe_load(value)
+        value = _yaml_value(value, where) if isinstance(value, str) else value
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping like {{a: 1}}, got {value!r}")
         return {str(k): str(v) for k, v in value.items()}
+    if origin is list:
+        value = (_yaml_value(value, where) if value.strip() else []) if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list like [a, b], got {value!r}")
+        return [str(v) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -49,7 +61,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}={value!r} is not a {tp.__name__}; give a number") from None
     if tp is str:
+        if isinstance(value, str) and value[:1] in ("'", '"'):  # a quoted YAML scalar: '\n' is a newline
+            import yaml
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            return parsed if isinstance(parsed, str) else value
         return str(value)
+    if isinstance(value, str) and tp is not typing.Any:  # e.g. a number for a field typed by a class
+        import yaml
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
     return value
 
 
@@ -65,20 +90,15 @@ def build(cls: type, values: dict[str, Any], section: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`section.key=value` strings -> {section: {key: value}} (values parsed as YAML scalars)."""
-    import yaml
-
+    """`section.key=value` strings -> {section: {key: value}}, values as given: `build` parses each by its
+    field's type (so a template such as `{text}` stays text, and a verbalizer `{a: b}` becomes a mapping)."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. method.lr=1e-3)")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        out.setdefault(section, {})[name] = value
+        out.setdefault(section, {})[name] = raw
     return out
 
 

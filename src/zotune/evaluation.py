@@ -1,18 +1,20 @@
-"""`zotune eval`: accuracy and loss of a model, or of a run's trained weights, without training."""
+"""`zotune eval`: the task's metrics and loss for a model, or for a run's trained weights, without training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from zotune.config import ConfigError
+from zotune.tasks.base import METRICS
 
 SPLITS = ("dev", "test", "train")
 
 
 def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), out: str | None = None,
-                    batch_size: int | None = None, device: str = "auto", log=print) -> dict:
+                    batch_size: int | None = None, device: str = "auto", log=print, task: str | None = None) -> dict:
     """Evaluate `source` (a model zotune can load, or a run folder) on the task's splits.
 
     A run folder is evaluated at its latest logged step with its own task, unless `task.*`
@@ -20,7 +22,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
     writes (to `out`, default RUN/eval.json for a run, else ./eval.json) one JSON object.
     """
     from zotune.runs import FollowerRun, RunFolder
-    from zotune.tasks import ClassificationTask, load_examples
+    from zotune.tasks import load_rows, make_task
     from zotune.train import Session, evaluate, resolve_configs, resolve_device
 
     bad = [s for s in splits if s not in SPLITS]
@@ -34,7 +36,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         if changed - {"task", "run"}:
             raise ConfigError("a run folder is evaluated with its own model and method: pass only task.* or run.* "
                               "options (e.g. task.data=other.csv)")
-        cfgs = resolve_configs(run_dir / "config.yaml", overrides, run_folder=True)
+        cfgs = resolve_configs(run_dir / "config.yaml", overrides, run_folder=True, task=task)
         disk = cfgs["stream"].tier == "disk"
         run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
         try:
@@ -50,28 +52,28 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
     else:
         from zotune.models import load_model
 
-        cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None)
+        cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None, task=task)
         model, tokenizer = load_model(cfgs["model"], log=log)
         model.to(target)
         session, step = None, None
     task_cfg, run_cfg = cfgs["task"], cfgs["run"]
-    task = ClassificationTask(task_cfg, tokenizer, load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column))
+    evaluated = make_task(task_cfg, tokenizer, load_rows(task_cfg.data))
     results = {}
     for split in splits:
-        examples = getattr(task, split)
-        results[split] = evaluate(model, task, examples, batch_size or run_cfg.eval_batch_size, target, desc=split)
+        results[split] = evaluate(model, evaluated, getattr(evaluated, split), batch_size or run_cfg.eval_batch_size,
+                                  target, desc=split)
     if session is not None:
         session.close()
     summary = {"model": cfgs["model"].name, "run": str(run_dir) if run_dir else None, "step": step,
-               "task": {"data": task_cfg.data, "template": task_cfg.template, "verbalizer": task_cfg.verbalizer,
-                        "split_seed": task_cfg.split_seed},
+               "task": {k: v for k, v in dataclasses.asdict(task_cfg).items() if v not in ("", [], {})},
                "splits": results, "seconds": round(time.perf_counter() - started, 1)}
     path = Path(out) if out else (run_dir / "eval.json" if run_dir else Path("eval.json"))
     path.write_text(json.dumps(summary, indent=2) + "\n")
     what = f"run {run_dir} at step {step}" if run_dir else cfgs["model"].name
-    log(f"\n{what} on {task_cfg.data}")
-    log(f"{'split':8}{'examples':>10}{'accuracy':>10}{'loss':>10}")
+    names = METRICS[task_cfg.type]
+    log(f"\n{what} on {evaluated.describe()}")
+    log(f"{'split':8}{'examples':>10}" + "".join(f"{m:>13}" for m in names) + f"{'loss':>10}")
     for split, r in results.items():
-        log(f"{split:8}{r['n']:>10}{r['accuracy']:>10.3f}{r['loss']:>10.4f}")
+        log(f"{split:8}{r['n']:>10}" + "".join(f"{r[m]:>13.3f}" for m in names) + f"{r['loss']:>10.4f}")
     log(f"{summary['seconds']:.0f}s; wrote {path}")
     return summary

@@ -40,7 +40,7 @@ class RunConfig:
     steps: int = 1200
     batch_size: int = 16
     eval_batch_size: int = 32
-    eval_every: int = 300  # dev accuracy every N steps (0: only at the end)
+    eval_every: int = 300  # dev evaluation every N steps (0: only at the end)
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0: torch's default
@@ -116,7 +116,7 @@ class RunFolder:
         return rows
 
     def has_dev(self, step: int) -> bool:
-        return any(r.get("step") == step and "dev_accuracy" in r for r in self._metric_rows())
+        return any(r.get("step") == step and headline(r, "dev") for r in self._metric_rows())
 
     def rewind_metrics(self, records: list[StepRecord], keep_dev) -> tuple[dict | None, float]:
         """Make metrics.jsonl say what an uninterrupted run says at the end of `records`.
@@ -129,18 +129,19 @@ class RunFolder:
         before, kept, seen, seconds = None, [], set(), 0.0
         for r in self._metric_rows():
             step = r.get("step", -1)
-            if "test_accuracy" in r and step == 0:
-                before = {"accuracy": r["test_accuracy"], "loss": r["test_loss"], "n": r.get("n")}
+            if headline(r, "test") and step == 0:
+                metric, value = headline(r, "test")
+                before = {"metric": metric, metric: value, "loss": r["test_loss"], "n": r.get("n")}
             elif "loss" in r and 0 < step <= n and step not in seen:
                 seen.add(step)
                 seconds = max(seconds, r.get("seconds") or 0.0)
-            elif not ("dev_accuracy" in r and step <= n and (step == 0 or keep_dev(step))):
+            elif not (headline(r, "dev") and step <= n and (step == 0 or keep_dev(step))):
                 continue
             kept.append(r)
         kept += [{"step": rec.step + 1, "loss": rec.losses[0], "grads": rec.grads, "seed": rec.seed,
                   "lr": rec.lrs[0], "seconds": None} for rec in records if rec.step + 1 not in seen]
         # The order an uninterrupted run writes: zero-shot test, then per step its line and its dev eval.
-        kept.sort(key=lambda r: (r["step"], 0 if "test_accuracy" in r else 1 if "loss" in r else 2))
+        kept.sort(key=lambda r: (r["step"], 0 if headline(r, "test") else 1 if "loss" in r else 2))
         self._metrics.close()
         self._atomic_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
@@ -243,7 +244,7 @@ class RunFolder:
         return 0, note
 
     def plot(self) -> Path:
-        """curve.png: training loss (and its running mean) and dev accuracy against steps."""
+        """curve.png: training loss (and its running mean) and the dev metric against steps."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -251,7 +252,9 @@ class RunFolder:
 
         rows = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines() if line]
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-        dev = [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
+        dev = [(r["step"], headline(r, "dev")) for r in rows if headline(r, "dev")]
+        metric = dev[0][1][0] if dev else "accuracy"
+        dev = [(step, value) for step, (_, value) in dev]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
         if train:
             steps, losses = zip(*train)
@@ -264,12 +267,23 @@ class RunFolder:
         ax1.set(xlabel="step", ylabel="training loss", title="loss")
         if dev:
             ax2.plot(*zip(*dev), marker="o")
-        ax2.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
+        ax2.set(xlabel="step", ylabel=f"dev {metric}", title=f"dev {metric}")
         fig.tight_layout()
         out = self.path / "curve.png"
         fig.savefig(out, dpi=110)
         plt.close(fig)
         return out
+
+
+def headline(row: dict[str, Any], split: str) -> tuple[str, float] | None:
+    """(metric, value) of the evaluation of `split` (dev or test) a metrics.jsonl row holds, if any."""
+    for metric in HEADLINE_METRICS:
+        if f"{split}_{metric}" in row:
+            return metric, row[f"{split}_{metric}"]
+    return None
+
+
+HEADLINE_METRICS = ("accuracy", "f1", "exact_match")  # what a task's evaluation logs as dev_<metric> / test_<metric>
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from zotune.prefix import FrozenPrefix
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
 from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
-from zotune.tasks import Batch, ClassificationTask, TaskConfig, load_examples
+from zotune.tasks import SUITE, Task, TaskConfig, load_rows, load_task_file, make_task
 from zotune.trackers import open_trackers
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, "method": MethodConfig,
@@ -34,14 +34,20 @@ SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, 
 _EARLIER_DEFAULTS = {"run": {"group_by_length": False}, "method": {"distribution": "gaussian"}}
 
 
-def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False) -> dict:
-    """Defaults < YAML file < key=value overrides < flags; every section validated before step 0.
+def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False, task: str | None = None) -> dict:
+    """Defaults < YAML file < `task` < key=value overrides < flags; every section validated before step 0.
+
+    `task` is a suite task's name (`task.name`) or a task file (YAML or Python, `load_task_file`); it
+    replaces the task section of `config_file`.
 
     With `run_folder`, `config_file` is a run's own config.yaml: settings it does not name take the
     value they had when it was written (`_EARLIER_DEFAULTS`), so the run continues as it started.
     """
     layers = [_EARLIER_DEFAULTS] if run_folder else []
     layers += [load_yaml(config_file)] if config_file else []
+    if task:  # it replaces the task a config file (or a run folder) describes
+        layers = [{k: v for k, v in layer.items() if k != "task"} for layer in layers]
+        layers.append({"task": {"name": task} if task in SUITE else load_task_file(task)})
     values = merge(*layers, parse_overrides(list(overrides)), flags or {})
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
@@ -61,34 +67,35 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model, task: ClassificationTask, examples, batch_size: int, device, desc: str = "eval",
-             group: Group | None = None) -> dict:
-    """Accuracy and mean loss, batched and grouped by length, with a progress bar.
+def evaluate(model, task: Task, examples, batch_size: int, device, desc: str = "eval", group: Group | None = None) -> dict:
+    """The task's metrics (`metric` names the headline) and mean loss, batched and grouped by length.
 
     With a process group every rank evaluates its share of the examples and the counts are summed.
     """
     model.eval()
     if group is not None:
         examples = examples[group.rank::group.world]
-    correct, loss_sum, n = 0, 0.0, 0
+    counts = task.zero_counts()
     batches = list(task.batches(examples, batch_size, by_length=True)) if examples else []
-    if group is not None:  # every rank runs as many forwards (streamed blocks are fetched together)
+    lockstep = group is not None  # every rank runs as many forwards (streamed blocks are fetched together)
+    if lockstep:
         extra = int(group.max([len(batches)])[0]) - len(batches)
         for _ in range(extra):
-            task.class_logits(model, task.collate(task.test[:1] or task.train[:1]).to(device))
+            task.evaluate_batch(model, task.collate(task.test[:1] or task.train[:1]).to(device), lockstep)
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, file=sys.stderr,
               disable=group is not None and not group.is_main) as bar:
         for batch in batches:
-            batch = batch.to(device)
-            logits = task.class_logits(model, batch)
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
-            correct += int((logits.argmax(1) == batch.labels).sum())
-            n += len(batch)
+            for key, value in task.evaluate_batch(model, batch.to(device), lockstep).items():
+                counts[key] += value
             bar.update(len(batch))
     if group is not None:
-        correct, loss_sum, n = group.sum([correct, loss_sum, n])
-        correct, n = int(correct), int(n)
-    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
+        counts = dict(zip(counts, group.sum(list(counts.values()))))
+    return task.metrics(counts)
+
+
+def _metric_record(prefix: str, result: dict) -> dict:
+    """The metrics.jsonl fields of an evaluation: its headline metric and its loss."""
+    return {f"{prefix}_{result['metric']}": result[result["metric"]], f"{prefix}_loss": result["loss"]}
 
 
 class _StopOnCtrlC:
@@ -281,7 +288,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         log = lambda *a, **k: None  # noqa: E731 -- rank 0 speaks for the run
     # Inputs are checked before the run folder exists, so a fixed command can reuse the same --out.
     resolve_source(model_cfg)
-    examples = load_examples(task_cfg.data, task_cfg.text_column, task_cfg.label_column)
+    task = make_task(task_cfg, None, load_rows(task_cfg.data))  # its rows checked here; its tokenizer comes below
     if main:
         run = RunFolder(run_cfg.out, resume=resume)
         if resume:
@@ -305,9 +312,8 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         group.check_same("the model, config and seed", text_digest(
             json.dumps({k: dataclasses.asdict(v) for k, v in cfgs.items() if k != "run"}, sort_keys=True, default=str)
             + str(run_cfg.seed) + weights_digest(session.params if session.engine is None else []).hex()))
-    task = ClassificationTask(task_cfg, session.tokenizer, examples)
-    log(f"task: {task_cfg.data}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test, "
-        f"template {task_cfg.template!r}, verbalizer {task_cfg.verbalizer}")
+    task.bind(session.tokenizer)
+    log(f"task: {task.describe()}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     adapter = cfgs["adapter"]
     what = f"LoRA r={adapter.r} on {adapter.targets or 'PEFT default modules'}" if adapter.kind != "none" \
@@ -320,7 +326,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
             f"{torch.finfo(params[0].dtype).eps:.0e} relative every step and smaller updates are lost; "
             f"use model.dtype=float32 to train (a 16-bit base with float32 trainable tensors comes with streaming)")
     streamed = cfgs["stream"].tier != "none" or session.engine is not None
-    prefix = None if streamed else \
+    prefix = None if streamed or not task.fixed_inputs else \
         FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
     if prefix is not None:
         log(f"blocks 0..{prefix.k - 1} are frozen: computed once per batch (kept up to {run_cfg.prefix_cache_mb} MiB "
@@ -331,8 +337,8 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
 
     def log_dev(step: int) -> float:
         dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev", group)
-        run.log({"step": step, "dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]})
-        return dev["accuracy"]
+        run.log({"step": step, **_metric_record("dev", dev)})
+        return dev[dev["metric"]]
 
     start, before, seconds_before = 0, None, 0.0
     if resume:
@@ -346,8 +352,9 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         before, seconds_before = group.broadcast((before, seconds_before))
     if before is None:
         before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test", group)
-        run.log({"step": 0, "test_accuracy": before["accuracy"], "test_loss": before["loss"], "n": before["n"]})
-    log(f"zero-shot test accuracy {before['accuracy']:.3f} (loss {before['loss']:.4f})")
+        run.log({"step": 0, **_metric_record("test", before), "n": before["n"]})
+    metric = before.get("metric", "accuracy")
+    log(f"zero-shot test {metric} {before[metric]:.3f} (loss {before['loss']:.4f})")
     if track_dev:  # a run can stop between a step and its evaluation: evaluate what is missing
         last_eval = start - start % run_cfg.eval_every
         if last_eval and not is_eval_step(last_eval):
@@ -362,7 +369,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
                      task.lengths(task.train) if run_cfg.group_by_length else None)
     for _ in range(start):  # the data order of the steps already taken
         next(order)
-    collated: dict[int, Batch] = {}
+    collated: dict[int, object] = {}
     status, error, step = "finished", None, start
     train_started = time.perf_counter()
     bar = tqdm(total=run_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -375,7 +382,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
                 collated[batch_id] = task.collate([task.train[i] for i in indices[rows]]).to(device)
             batch = collated.get(batch_id)
             if prefix is not None and share:
-                prefix.capture(lambda: task.class_logits(model, batch), key=batch_id)
+                prefix.capture(lambda: task.forward(model, batch), key=batch_id)
             replay = prefix.replaying if prefix is not None else contextlib.nullcontext
             try:
                 with replay(), task.head(model, batch) if share else contextlib.nullcontext():
@@ -390,9 +397,9 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
                 run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],
                          "seconds": round(seconds_before + time.perf_counter() - train_started, 3)})
                 if is_eval_step(step):
-                    accuracy = log_dev(step)
+                    score = log_dev(step)
                     if main:
-                        bar.write(f"step {step}: dev accuracy {accuracy:.3f}")
+                        bar.write(f"step {step}: dev {task_cfg.metric} {score:.3f}")
                 if run_cfg.snapshot_every and step % run_cfg.snapshot_every == 0:
                     session.snapshot(step)
                 if group is not None and group.dims.check_every and step % group.dims.check_every == 0:
@@ -429,7 +436,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         summary["after"] = after
         if track_dev:
             log_dev(step)
-        run.log({"step": step, "test_accuracy": after["accuracy"], "test_loss": after["loss"], "n": after["n"]})
+        run.log({"step": step, **_metric_record("test", after), "n": after["n"]})
         if run_cfg.snapshot_every and step % run_cfg.snapshot_every:
             session.snapshot(step)
     else:
@@ -475,12 +482,13 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
 
 def _print_table(summary: dict, log) -> None:
     before, after = summary["before"], summary.get("after")
+    metric = before.get("metric", "accuracy")
     log("")
-    log(f"{'':14}{'accuracy':>10}{'loss':>10}")
-    log(f"{'zero-shot':14}{before['accuracy']:>10.3f}{before['loss']:>10.4f}")
+    log(f"{'':14}{metric:>12}{'loss':>10}")
+    log(f"{'zero-shot':14}{before[metric]:>12.3f}{before['loss']:>10.4f}")
     if after:
-        log(f"{'fine-tuned':14}{after['accuracy']:>10.3f}{after['loss']:>10.4f}")
-        log(f"{'change':14}{after['accuracy'] - before['accuracy']:>+10.3f}{after['loss'] - before['loss']:>+10.4f}")
+        log(f"{'fine-tuned':14}{after[metric]:>12.3f}{after['loss']:>10.4f}")
+        log(f"{'change':14}{after[metric] - before[metric]:>+12.3f}{after['loss'] - before['loss']:>+10.4f}")
     log(f"{summary['steps']} steps in {summary['train_seconds']:.0f}s of training, {summary['seconds']:.0f}s in all; "
         f"status {summary['status']}; run folder {summary['run']}")
     if summary.get("error"):

@@ -116,11 +116,11 @@ def run_task_bench(repeats: int = 5, log=print) -> dict:
     with the frozen prefix recomputed every step and kept across epochs, and tokens per second."""
     from zotune.models import ModelConfig, load_model, select_trainable
     from zotune.prefix import FrozenPrefix
-    from zotune.tasks import ClassificationTask, TaskConfig, load_examples
+    from zotune.tasks import TaskConfig, make_task
 
     model_cfg, task_cfg = ModelConfig(), TaskConfig()
     model, tokenizer = load_model(model_cfg, log=lambda *a: None)
-    task = ClassificationTask(task_cfg, tokenizer, load_examples(task_cfg.data))
+    task = make_task(task_cfg, tokenizer)
     params = [p for _, p in select_trainable(model, model_cfg.trainable)]
     batch = task.collate(task.train[:16])
     tokens = int(batch.attention_mask.sum())
@@ -132,11 +132,11 @@ def run_task_bench(repeats: int = 5, log=print) -> dict:
             return task.loss(model, batch)
 
     def step_recomputed():
-        prefix.capture(lambda: task.class_logits(model, batch))
+        prefix.capture(lambda: task.forward(model, batch))
         opt.step(lambda: _replaying(prefix, task, model, batch))
 
     def step_kept():
-        prefix.capture(lambda: task.class_logits(model, batch), key=0)
+        prefix.capture(lambda: task.forward(model, batch), key=0)
         opt.step(lambda: _replaying(prefix, task, model, batch))
 
     for fn in (forward, step_recomputed, step_kept):

@@ -1,9 +1,22 @@
-"""Tasks: data sources, prompt templates and verbalizers -> batches, a loss and a metric.
+"""Tasks: data sources, prompt templates and answers -> batches, a loss and metrics.
 
-Tasks know models only through a tokenizer and a forward call; they know no optimizer.
+Tasks know models only through a tokenizer and forward calls; they know no optimizer.
 """
 
-from zotune.tasks.classification import Batch, ClassificationTask, TaskConfig
-from zotune.tasks.sources import load_examples
+from zotune.tasks.base import Task, TaskConfig
+from zotune.tasks.choice import MultipleChoiceTask
+from zotune.tasks.classification import Batch, ClassificationTask
+from zotune.tasks.generation import GenerationTask
+from zotune.tasks.sources import Table, load_rows
+from zotune.tasks.suite import SUITE, load_task_file
 
-__all__ = ["Batch", "ClassificationTask", "TaskConfig", "load_examples"]
+TASK_TYPES = {"classification": ClassificationTask, "multiple_choice": MultipleChoiceTask, "generation": GenerationTask}
+
+
+def make_task(cfg: TaskConfig, tokenizer, table: Table | None = None) -> Task:
+    """The task `cfg` describes, over `table` (default: the rows of `cfg.data`)."""
+    return TASK_TYPES[cfg.type](cfg, tokenizer, table if table is not None else load_rows(cfg.data))
+
+
+__all__ = ["Batch", "ClassificationTask", "GenerationTask", "MultipleChoiceTask", "SUITE", "TASK_TYPES", "Table",
+           "Task", "TaskConfig", "load_rows", "load_task_file", "make_task"]

