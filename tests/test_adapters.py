@@ -1,5 +1,9 @@
-"""LoRA through HF PEFT: only the adapter trains; resume, streaming and export keep their guarantees."""
+"""LoRA and prefix tuning through HF PEFT: only the adapter trains; resume, streaming and export keep
+their guarantees; a prefix starts from the model's own keys and values of real tokens."""
 
+import json
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,7 +51,51 @@ def test_lora_trains_only_the_adapter_resumes_streams_and_exports(tiny_model_dir
 
 
 def test_bad_adapter_settings_are_refused(tiny_model_dir, data_file, tmp_path, capsys):
-    assert main(args(tiny_model_dir, data_file, tmp_path / "a", "adapter.kind=prefix")) == 2
-    assert "adapter.kind='prefix' is not known" in capsys.readouterr().err
+    assert main(args(tiny_model_dir, data_file, tmp_path / "a", "adapter.kind=ia3")) == 2
+    assert "adapter.kind='ia3' is not known" in capsys.readouterr().err
+    assert main(args(tiny_model_dir, data_file, tmp_path / "c", "adapter.kind=prefix", "adapter.init=zeros")) == 2
+    assert "adapter.init='zeros'" in capsys.readouterr().err
     assert main(args(tiny_model_dir, data_file, tmp_path / "b", "adapter.targets=no_such_module")) == 2
     assert "adapter.targets='no_such_module'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2"])
+def test_a_prefix_starts_as_the_models_own_keys_and_values_of_real_tokens(family):
+    """PEFT's prefix, as its forward hands it to every layer, equals the cache of n real tokens."""
+    from conftest import tiny_model
+    from zotune.adapters import AdapterConfig, apply_adapter
+
+    model, named = apply_adapter(tiny_model(family), AdapterConfig(kind="prefix", tokens=4), seed=7)
+    assert [n for n, _ in named] == ["prompt_encoder.default.embedding.weight"]
+    gen = torch.Generator().manual_seed(7)  # the tokens the initialisation drew
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, 4), generator=gen)
+    with torch.no_grad():
+        real = model.get_base_model()(input_ids=ids, use_cache=True).past_key_values
+        prompt = model.get_prompt(batch_size=1)
+    for layer, (k, v) in zip(real.layers, [(lay.keys, lay.values) for lay in prompt.layers]):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    with torch.no_grad():  # and with it the model continues those tokens as if it had read them
+        x = torch.tensor([[5, 6, 7]])
+        full = model.get_base_model()(input_ids=torch.cat([ids, x], 1)).logits[:, 4:]
+        prefixed = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    assert torch.allclose(full, prefixed, atol=1e-5)
+
+
+def test_prefix_tuning_trains_only_the_prefix_resumes_and_exports(tiny_model_dir, data_file, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prefix = ["adapter.kind=prefix", "adapter.tokens=3"]
+    whole = tmp_path / "whole"
+    assert main(args(tiny_model_dir, data_file, whole, *prefix)) == 0
+    assert "trainable (prefix tuning, 3 tokens per layer, real initialisation): 1 tensors, 288 values" in capsys.readouterr().out
+    parts = tmp_path / "parts"
+    assert main(args(tiny_model_dir, data_file, parts, *prefix, steps=3)) == 0
+    assert main(["resume", str(parts), "run.steps=6"]) == 0
+    assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["after"]["loss"] != summary["before"]["loss"]
+    exported = tmp_path / "adapter"
+    assert main(["export", str(whole), "--out", str(exported)]) == 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported)
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, final(whole)["t0"])

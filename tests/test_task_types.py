@@ -110,6 +110,25 @@ def test_teacher_forcing_and_batched_greedy_decoding_equal_references(family, to
             assert answer == tokenizer.decode(new, skip_special_tokens=True).split("\n")[0].strip()
 
 
+def test_decoding_a_prefix_tuned_model_reruns_the_sequence_and_equals_the_reference(tokenizer):
+    """PEFT's prefix tuning rebuilds the cache on every call: the decoder reruns prompt + answer."""
+    from zotune.adapters import AdapterConfig, apply_adapter
+
+    model, _ = apply_adapter(tiny_model("llama"), AdapterConfig(kind="prefix", tokens=3), seed=0)
+    task = qa_task(tokenizer)
+    examples = task.train[:4]
+    with torch.inference_mode():
+        answers = task.generate(model, task.collate(examples))
+        for (prompt, _), answer in zip(examples, answers):
+            ids, new = tokenizer(prompt)["input_ids"], []
+            for _ in range(task.cfg.max_new_tokens):
+                x = torch.tensor([ids + new])
+                new.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+                if new[-1] == tokenizer.eos_token_id or "\n" in tokenizer.decode(new):
+                    break
+            assert answer == tokenizer.decode(new, skip_special_tokens=True).split("\n")[0].strip()
+
+
 def test_squad_answer_metrics():
     assert normalize_answer("The  Eiffel tower!") == "eiffel tower"
     assert exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
@@ -297,3 +316,19 @@ def test_a_multiple_choice_task_file_trains_from_the_cli(tiny_model_dir, tmp_pat
     assert summary["after"]["metric"] == "accuracy" and summary["after"]["n"] == 6
     config = (out / "config.yaml").read_text()
     assert "multiple_choice" in config and "{a}" in config  # the run folder holds the task itself, not the file's name
+
+
+def test_two_ranks_train_and_decode_a_generation_task_like_one(tiny_model_dir, qa_file, tmp_path):
+    """Perturbation parallel: the step log is bit for bit one process's; evaluation is split over the
+    ranks, which decode in lockstep, and the counts summed."""
+    from test_parallel import launch, wait_all
+
+    extra = ["run.device=cpu", "run.threads=1"]
+    assert main(qa_args(tiny_model_dir, qa_file, tmp_path / "one", *extra)) == 0
+    argv = qa_args(tiny_model_dir, qa_file, tmp_path / "two", *extra, "parallel.perturb=2")
+    assert wait_all(launch(2, argv, tmp_path)) == [0, 0]
+    assert (tmp_path / "two" / "steps.log").read_bytes() == (tmp_path / "one" / "steps.log").read_bytes()
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    for split in ("before", "after"):
+        assert two[split]["n"] == one[split]["n"] and two[split]["exact_match"] == one[split]["exact_match"]
+        assert two[split]["f1"] == pytest.approx(one[split]["f1"]) and two[split]["loss"] == pytest.approx(one[split]["loss"])

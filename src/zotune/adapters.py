@@ -1,9 +1,13 @@
 """Parameter-efficient setups through HF PEFT: the adapter's parameters are the ones that train.
 
 LoRA targets PEFT's own default modules for the architecture unless `adapter.targets` names them.
-The adapter is created right after the base model loads, from a seeded RNG (its A matrices start
-random), so a resumed or replayed run rebuilds the same starting point; `zotune export` of such a
-run writes the adapter (adapter_config.json + adapter_model.safetensors), loadable with PEFT.
+Prefix tuning (PEFT's PrefixTuning) trains `adapter.tokens` keys and values in front of every
+layer's attention; they start as the keys and values the model itself computes for that many real
+tokens (MeZO's initialisation: "prefix initialised from real activations"), drawn from the
+vocabulary by the run's seed, or at random (`adapter.init=random`, PEFT's own).
+The adapter is created right after the base model loads, from a seeded RNG, so a resumed or
+replayed run rebuilds the same starting point; `zotune export` of such a run writes the adapter
+(adapter_config.json + adapter_model.safetensors), loadable with PEFT.
 """
 
 from __future__ import annotations
@@ -15,17 +19,20 @@ from torch import nn
 
 from zotune.config import ConfigError
 
-KINDS = ("none", "lora")
+KINDS = ("none", "lora", "prefix")
 
 
 @dataclass
 class AdapterConfig:
-    """kind: `none` (train `model.trainable`) or `lora` (train LoRA matrices of rank r; model.trainable unused)."""
+    """kind: `none` (train `model.trainable`), `lora` (LoRA matrices of rank r) or `prefix` (prefix
+    tuning: `tokens` keys and values per layer); with an adapter, model.trainable is unused."""
 
     kind: str = "none"
-    r: int = 8
-    alpha: float = 16.0
-    targets: str | None = None  # comma-separated module names, e.g. "q_proj,v_proj"; default: PEFT's
+    r: int = 8  # LoRA
+    alpha: float = 16.0  # LoRA
+    targets: str | None = None  # LoRA: comma-separated module names, e.g. "q_proj,v_proj"; default: PEFT's
+    tokens: int = 5  # prefix: virtual tokens per layer (MeZO's 5)
+    init: str = "real"  # prefix: "real" (the model's own keys and values of real tokens) or "random"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -34,28 +41,66 @@ class AdapterConfig:
             raise ConfigError(f"adapter.r={self.r} must be an integer >= 1 (e.g. 8)")
         if not self.alpha > 0:
             raise ConfigError(f"adapter.alpha={self.alpha} must be > 0 (e.g. 16)")
+        if not (isinstance(self.tokens, int) and self.tokens >= 1):
+            raise ConfigError(f"adapter.tokens={self.tokens} must be an integer >= 1 (e.g. 5)")
+        if self.init not in ("real", "random"):
+            raise ConfigError(f"adapter.init={self.init!r}: use real (activations of real tokens) or random")
+
+    def describe(self) -> str:
+        if self.kind == "lora":
+            return f"LoRA r={self.r} on {self.targets or 'PEFT default modules'}"
+        return f"prefix tuning, {self.tokens} tokens per layer, {self.init} initialisation"
 
 
 def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """(the model with its adapter, the adapter's (name, parameter) pairs), or the model unchanged."""
     if cfg.kind == "none":
         return model, []
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()] if cfg.targets else None
     devices = {p.device for p in model.parameters()}
     state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # LoRA's A matrices: the same start on every run of this config
+    torch.manual_seed(seed)  # LoRA's A matrices, a random prefix: the same start on every run of this config
     try:
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                      target_modules=targets))
+        if cfg.kind == "lora":
+            peft_config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=targets)
+        else:
+            peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.tokens)
+        real = prefix_from_real_tokens(model, cfg.tokens, seed) if cfg.kind == "prefix" and cfg.init == "real" else None
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as e:
         raise ConfigError(f"adapter.targets={cfg.targets!r}: {str(e).splitlines()[0]}") from None
     finally:
         torch.random.set_rng_state(state)
+    if real is not None:
+        with torch.no_grad():
+            peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.copy_(real)
     if len(devices) == 1:
         peft_model.to(next(iter(devices)))
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     for _, p in peft_model.named_parameters():
         p.requires_grad_(False)  # forward passes only
     return peft_model.eval(), named
+
+
+@torch.no_grad()
+def prefix_from_real_tokens(model: nn.Module, n: int, seed: int) -> torch.Tensor:
+    """PEFT's prefix table (n, layers x 2 x key/value width) holding the keys and values the model
+    computes for n tokens drawn from its vocabulary by `seed`.
+
+    PEFT reads row t of the table as layer l's key (columns [2l]) and value ([2l + 1]) for virtual
+    token t, each (heads, head dim) flattened; the model's cache holds them as (1, heads, n, head dim).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, n), generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    cache = model(input_ids=ids, use_cache=True).past_key_values
+    model.train(was_training)
+    columns = []
+    for layer in cache.layers:
+        for kv in (layer.keys, layer.values):
+            columns.append(kv[0].permute(1, 0, 2).reshape(n, -1))  # (heads, n, dim) -> (n, heads x dim)
+    return torch.cat(columns, 1)

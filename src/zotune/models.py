@@ -51,11 +51,18 @@ class ModelConfig:
     trainable: str = "last-blocks:2"
     blocks_path: str | None = None
     cache_dir: str | None = None
+    quantize: str = "none"  # int8: the frozen block linears held in int8 (zotune.quant); trainable=scales tunes their scales
 
     def __post_init__(self):
+        from zotune.quant import QUANTIZE
+
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
         parse_trainable(self.trainable)  # raises with the accepted forms
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"model.quantize={self.quantize!r}: use one of {', '.join(QUANTIZE)}")
+        if self.trainable == "scales" and self.quantize == "none":
+            raise ConfigError("model.trainable=scales tunes the scales of a quantized base: add model.quantize=int8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,11 +241,11 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> list[tuple[
 # ----------------------------------------------------------------------------------------------
 # Which parameters train
 
-TRAINABLE_FORMS = "all, norms, final-norm, last-blocks:K, last-blocks:K+head-norm, or a regex with re:"
+TRAINABLE_FORMS = "all, norms, final-norm, last-blocks:K, scales (of a quantized base), or a regex with re:"
 
 
 def parse_trainable(spec: str) -> tuple[str, int]:
-    if spec in ("all", "norms", "final-norm"):
+    if spec in ("all", "norms", "final-norm", "scales"):
         return spec, 0
     if spec.startswith("re:") and len(spec) > 3:
         return "re", 0
@@ -256,7 +263,8 @@ def _is_norm(module: nn.Module) -> bool:
     # By structure: a module whose direct parameters are 1-D (a scale and maybe a shift), as every
     # LayerNorm/RMSNorm variant has, and which is not an embedding.
     params = list(module.parameters(recurse=False))
-    return bool(params) and all(p.dim() == 1 for p in params) and not isinstance(module, nn.Embedding)
+    return bool(params) and all(p.dim() == 1 for p in params) and not isinstance(module, nn.Embedding) \
+        and not getattr(module, "is_quantized_linear", False)
 
 
 def select_trainable(model: nn.Module, spec: str, blocks_path: str | None = None) -> list[tuple[str, nn.Parameter]]:
@@ -265,6 +273,7 @@ def select_trainable(model: nn.Module, spec: str, blocks_path: str | None = None
     - `all`: every parameter; `norms`: every normalisation scale/shift;
     - `final-norm`: the normalisation after the last block;
     - `last-blocks:K`: the last K transformer blocks plus the final norm;
+    - `scales`: the per-row scales of the int8 linears of a quantized base (`zotune.quant`);
     - `re:PATTERN`: parameters whose qualified name matches PATTERN.
     """
     import re
@@ -276,6 +285,9 @@ def select_trainable(model: nn.Module, spec: str, blocks_path: str | None = None
     elif kind == "re":
         pattern = re.compile(spec[3:])
         chosen = [(n, p) for n, p in named if pattern.search(n)]
+    elif kind == "scales":
+        scales = {id(m.scale) for m in model.modules() if getattr(m, "is_quantized_linear", False)}
+        chosen = [(n, p) for n, p in named if id(p) in scales]
     else:
         blocks = find_blocks(model, blocks_path)
         block_names = [name for name, _ in blocks]

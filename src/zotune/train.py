@@ -20,6 +20,7 @@ from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_op
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
+from zotune.quant import dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
 from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
@@ -189,6 +190,13 @@ class Session:
         if adapter.kind != "none" and self.engine is not None:
             raise ConfigError(f"adapter.kind={adapter.kind} with a disk-tier stream folder is not supported yet; "
                               f"use --offload cpu or no offload")
+        if model_cfg.quantize != "none":
+            if adapter.kind != "none" or self.stream_cfg.tier != "none" or self.engine is not None:
+                raise ConfigError(f"model.quantize={model_cfg.quantize} works on a resident model without an adapter "
+                                  f"(not yet with adapter.kind or --offload)")
+            keep = set() if model_cfg.trainable == "scales" else \
+                {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
+            quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)  # what trains stays float
         self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
         if not named:
             named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
@@ -316,8 +324,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     log(f"task: {task.describe()}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     adapter = cfgs["adapter"]
-    what = f"LoRA r={adapter.r} on {adapter.targets or 'PEFT default modules'}" if adapter.kind != "none" \
-        else model_cfg.trainable
+    what = adapter.describe() if adapter.kind != "none" else model_cfg.trainable
     log(f"trainable ({what}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
     if session.engine is None and cfgs["stream"].tier == "none" and \
@@ -326,7 +333,8 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
             f"{torch.finfo(params[0].dtype).eps:.0e} relative every step and smaller updates are lost; "
             f"use model.dtype=float32 to train (a 16-bit base with float32 trainable tensors comes with streaming)")
     streamed = cfgs["stream"].tier != "none" or session.engine is not None
-    prefix = None if streamed or not task.fixed_inputs else \
+    # (prefix tuning feeds every block trained keys and values: no block is frozen)
+    prefix = None if streamed or not task.fixed_inputs or adapter.kind == "prefix" else \
         FrozenPrefix.for_params(model, params, model_cfg.blocks_path, keep_bytes=run_cfg.prefix_cache_mb << 20)
     if prefix is not None:
         log(f"blocks 0..{prefix.k - 1} are frozen: computed once per batch (kept up to {run_cfg.prefix_cache_mb} MiB "
@@ -472,6 +480,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         session.restore(records, use_snapshots=use_snapshots)
         if session.engine is not None:  # a disk tier: bring every block into memory to save a normal folder
             unstream_(session.model, session.engine)
+        dequantize_(session.model)  # a quantized base: standard linears holding q x the trained scales
     finally:
         run.close()
     session.model.save_pretrained(out_path)

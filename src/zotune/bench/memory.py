@@ -2,7 +2,8 @@
 
 Each method runs two steps on the same random-weight model in a fresh process: the state bytes are
 counted from the optimizer's state tensors, the peak RSS of the steps from the kernel (reset after
-set-up), next to a plain forward's.
+set-up), next to a plain forward's. Two more rows hold the block linears in int8 (`zotune.quant`):
+a plain forward, and ZO-SGD on the quantization scales alone (QZO).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def _child(spec: dict) -> dict:
 
     model = _random_model(spec["shape"], None)
     params = list(model.parameters())
+    if spec.get("quantize"):
+        from zotune.models import select_trainable
+        from zotune.quant import quantize_
+
+        quantize_(model, "int8", set(), log=lambda *a: None)
+        params = [p for _, p in select_trainable(model, "scales")]
     ids = _batch(model.config.vocab_size, spec["batch"], spec["seq"])
 
     def closure():
@@ -47,16 +54,20 @@ def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, lo
     result = {"shape": shape, "batch": batch, "seq": seq}
     log(f"{shape} shape, batch {batch} x {seq}, every parameter trainable, fp32")
     log(f"{'':20}{'state bytes / value':>20}{'peak RSS (MiB)':>16}")
-    for method in ["forward", *list_methods()]:
-        out = subprocess.run([sys.executable, "-m", "zotune.bench.memory",
-                              json.dumps({"shape": shape, "batch": batch, "seq": seq, "method": method})],
+    runs = [("forward", False), *((m, False) for m in list_methods()), ("forward", True), ("zosgd", True)]
+    for method, quantized in runs:
+        spec = {"shape": shape, "batch": batch, "seq": seq, "method": method, "quantize": quantized}
+        out = subprocess.run([sys.executable, "-m", "zotune.bench.memory", json.dumps(spec)],
                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if out.returncode:
             raise RuntimeError(f"memory benchmark of {method} failed: {out.stderr.strip().splitlines()[-1:]}")
         got = json.loads(out.stdout.strip().splitlines()[-1])
         per_value = got["state_bytes"] / got["values"]
-        result[method] = {"state_bytes_per_value": per_value, "peak_rss_mib": round(got["peak_rss"] / 2**20)}
-        log(f"{'plain forward' if method == 'forward' else method:20}{per_value:>20.1f}{got['peak_rss'] / 2**20:>16,.0f}")
+        name = {("forward", False): "plain forward", ("forward", True): "int8 base, forward",
+                ("zosgd", True): "int8 base, QZO"}.get((method, quantized), method)
+        result[f"int8-{method}" if quantized else method] = {"state_bytes_per_value": per_value,
+                                                             "peak_rss_mib": round(got["peak_rss"] / 2**20)}
+        log(f"{name:20}{per_value:>20.1f}{got['peak_rss'] / 2**20:>16,.0f}")
     return result
 
 

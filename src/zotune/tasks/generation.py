@@ -92,35 +92,64 @@ class GenerationTask(Task):
     # -- decoding ---------------------------------------------------------------------------------
     def generate(self, model: nn.Module, batch: GenerationBatch, lockstep: bool = False) -> list[str]:
         """Greedy answers, cut at `task.stop`. With `lockstep`, always `max_new_tokens` forwards
-        (ranks that fetch streamed blocks together must run as many forwards as each other)."""
+        (ranks that fetch streamed blocks together must run as many forwards as each other).
+
+        The prompts run once and each new token reads the KV cache, with explicit position ids (the
+        prompts are left-padded). A model that rebuilds its cache on every call (PEFT prefix tuning
+        puts its prefix there) instead reruns the whole right-padded sequence for each new token.
+        """
+        peft_config = getattr(model, "active_peft_config", None)
+        cached = not getattr(peft_config, "is_prompt_learning", False)
         tok, stop = self.tokenizer, self.cfg.stop
-        ids, mask = batch.prompt_ids, batch.prompt_mask
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
         rows = len(batch)
-        generated = torch.empty(rows, 0, dtype=torch.long, device=ids.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-        head = model.get_output_embeddings()
-        handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],) + tuple(args[1:]))
-        past = None
-        try:
-            for _ in range(self.cfg.max_new_tokens):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                            use_cache=True)
-                past = out.past_key_values
-                token = out.logits[:, -1].argmax(-1)
-                generated = torch.cat([generated, token[:, None]], 1)
-                if tok.eos_token_id is not None:
-                    done |= token == tok.eos_token_id
-                if stop:
-                    done |= torch.tensor([stop in tok.decode(g) for g in generated[:, -4:].tolist()], device=done.device)
-                if bool(done.all()) and not lockstep:
-                    break
-                ids, positions = token[:, None], positions[:, -1:] + 1
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        finally:
-            handle.remove()
+        generated = torch.empty(rows, 0, dtype=torch.long, device=batch.prompt_ids.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=generated.device)
+        step = self._cached_steps(model, batch) if cached else self._recomputed_steps(model, batch)
+        for _ in range(self.cfg.max_new_tokens):
+            token = step(generated)
+            generated = torch.cat([generated, token[:, None]], 1)
+            if tok.eos_token_id is not None:
+                done |= token == tok.eos_token_id
+            if stop:
+                done |= torch.tensor([stop in tok.decode(g) for g in generated[:, -4:].tolist()], device=done.device)
+            if bool(done.all()) and not lockstep:
+                break
         texts = tok.batch_decode(generated, skip_special_tokens=True)
         return [(text.split(stop)[0] if stop else text).strip() for text in texts]
+
+    def _cached_steps(self, model: nn.Module, batch: GenerationBatch):
+        """generated -> next tokens: the prompts once, then one token per row per call, with the cache."""
+        state = {"ids": batch.prompt_ids, "mask": batch.prompt_mask, "past": None,
+                 "positions": (batch.prompt_mask.cumsum(1) - 1).clamp(min=0)}
+
+        def step(generated: torch.Tensor) -> torch.Tensor:
+            if generated.shape[1]:
+                state["ids"], state["positions"] = generated[:, -1:], state["positions"][:, -1:] + 1
+                state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
+            with _last_position_head(model, None):
+                out = model(input_ids=state["ids"], attention_mask=state["mask"], position_ids=state["positions"],
+                            past_key_values=state["past"], use_cache=True)
+            state["past"] = out.past_key_values
+            return out.logits[:, -1].argmax(-1)
+
+        return step
+
+    def _recomputed_steps(self, model: nn.Module, batch: GenerationBatch):
+        """generated -> next tokens: every call runs prompt + generated, right-padded, in full."""
+        prompts = [ids[mask.bool()] for ids, mask in zip(batch.prompt_ids, batch.prompt_mask)]
+
+        def step(generated: torch.Tensor) -> torch.Tensor:
+            rows = [torch.cat([p, g]) for p, g in zip(prompts, generated)]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id(), dtype=torch.long, device=generated.device)
+            mask = torch.zeros_like(ids)
+            for r, row in enumerate(rows):
+                ids[r, : len(row)], mask[r, : len(row)] = row, 1
+            with _last_position_head(model, mask.sum(1) - 1):
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return out.logits[:, -1].argmax(-1)
+
+        return step
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate_batch(self, model: nn.Module, batch: GenerationBatch, lockstep: bool = False) -> dict[str, float]:
@@ -138,6 +167,23 @@ class GenerationTask(Task):
         n = max(counts["n"], 1)
         return {"metric": self.cfg.metric, "f1": counts["f1"] / n, "exact_match": counts["exact_match"] / n,
                 "loss": counts["nll"] / max(counts["tokens"], 1), "n": int(counts["n"])}
+
+
+@contextlib.contextmanager
+def _last_position_head(model: nn.Module, last: torch.Tensor | None):
+    """Within this block the LM head sees one position per row: `last[r]`, or the final one."""
+
+    def pick(module, args):
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[:, -1:] if last is None else hidden[rows, last].unsqueeze(1)
+        return (picked,) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # -- SQuAD's answer metrics ----------------------------------------------------------------------------
