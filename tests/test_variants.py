@@ -2,6 +2,7 @@
 
 import math
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from zotune.cli import main
@@ -172,15 +173,19 @@ def test_hizoo_matches_its_naive_reference():
             zi = z.z(p, opt.last.seed, 0, i)
             assert torch.allclose(p, before - lr * g * zi / h.sqrt(), atol=2e-5)  # the step used the old H
             h.mul_(1 - alpha).add_(alpha * d * zi * zi).clamp_(min=1e-8)
-            assert torch.allclose(opt.state[p]["hessian"], h, rtol=1e-5)
+            assert torch.allclose(opt.state_of(i)["hessian"], h, rtol=1e-5)
+
+
+STATE_ON_DISK = "keeps state the disk tier's folder"
 
 
 @pytest.mark.parametrize("method, refusal", [
-    (["--method", "zoadam", "method.beta1=0.8"], "does not travel with streamed blocks"),
-    (["--method", "hizoo", "method.hessian_smoothing=0.1"], "does not travel with streamed blocks"),
+    (["--method", "zosgd-momentum"], STATE_ON_DISK),
+    (["--method", "zoadam", "method.beta1=0.8"], STATE_ON_DISK),
+    (["--method", "hizoo", "method.hessian_smoothing=0.1"], STATE_ON_DISK),
     (["--method", "zosgd-conservative"], "forwards come after its update"),
     (["--method", "forward-grad"], "jvp needs every trainable tensor"),
-    (["--method", "sparse-mezo", "method.sparsity=0.5"], "masks are not kept with streamed blocks"),
+    (["--method", "sparse-mezo", "method.sparsity=0.5"], STATE_ON_DISK),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):
@@ -194,9 +199,18 @@ def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model
     assert (tmp_path / "parts" / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes()
     capsys.readouterr()
     # An option of another method, and a method streaming cannot run, are refused with one line.
-    assert main([*args(tmp_path / "x", 2), "method.momentum=0.9"]) == 2
-    assert "momentum" in capsys.readouterr().err
-    assert main([*args(tmp_path / "y", 2), "--offload", "cpu"]) == 2
+    assert main([*args(tmp_path / "x", 2), "method.momentum=0.9" if "zosgd-momentum" not in method else "method.beta1=0.9"]) == 2
+    assert ("momentum" if "zosgd-momentum" not in method else "beta1") in capsys.readouterr().err
+    if refusal == STATE_ON_DISK:  # its state travels with the blocks in host memory: streamed == resident
+        assert main([*args(tmp_path / "streamed", 3), "--offload", "cpu"]) == 0  # and resumed: state from replay
+        assert main(["resume", str(tmp_path / "streamed"), "run.steps=6"]) == 0
+        assert (tmp_path / "streamed" / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes()
+        streamed = load_file(sorted((tmp_path / "streamed" / "snapshots").glob("*.safetensors"))[-1])
+        whole = load_file(sorted((tmp_path / "whole" / "snapshots").glob("*.safetensors"))[-1])
+        assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+        assert main([*args(tmp_path / "y", 2), "--offload", "disk", "--offload-dir", str(tmp_path / "blocks")]) == 2
+    else:
+        assert main([*args(tmp_path / "y", 2), "--offload", "cpu"]) == 2
     assert refusal in capsys.readouterr().err
 
 

@@ -33,8 +33,8 @@ class HiZOO(ZOSGD):
         base, plus, minus = losses
         return [(plus - minus) / (2 * self.eps), abs(plus + minus - 2 * base) / (2 * self.eps ** 2)]
 
-    def _hessian(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
+    def _hessian(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        state = self.state_of(i)
         if "hessian" not in state:
             state["hessian"] = torch.ones_like(p)
         return state["hessian"]
@@ -47,13 +47,13 @@ class HiZOO(ZOSGD):
     def move(self, indexed, seed: int, k: int, scale: float) -> None:
         """θ_i += scale · z_i / √H_i, chunk by chunk."""
         for i, p in indexed:
-            h = self._hessian(p)
+            h = self._hessian(i, p)
             self._directions.apply(p, seed, k, i, lambda piece, z, p=p, h=h: piece.addcmul_(
                 z, self._same_chunk(h, p, piece).rsqrt(), value=scale))
 
     def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
         g, d = record.grads
-        h = self._hessian(p)
+        h = self._hessian(i, p)
 
         def fused(piece, z):
             hc = self._same_chunk(h, p, piece)

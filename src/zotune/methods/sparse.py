@@ -45,8 +45,6 @@ def unpack(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SparseMeZO(ZOSGD):
-    streamable = False
-    why_not_streamable = "its per-step masks are not kept with streamed blocks yet"
     replays_from_base = True  # the thresholds come from the step-0 weights, which snapshots do not hold
 
     def __init__(self, params, sparsity: float = 0.75, **options):
@@ -56,14 +54,14 @@ class SparseMeZO(ZOSGD):
                               f"out (the largest in magnitude), e.g. 0.75")
         self.sparsity = float(sparsity)
         self.thresholds: dict[int, float] = {}  # tensor index -> τ_i
-        self._masks: dict[int, tuple[int, torch.Tensor]] = {}  # tensor index -> (step seed, packed mask)
+        # A step's mask: state_of(i)["mask"] (packed bits) for the step of state_of(i)["mask_seed"]
 
     def _bits(self, i: int, p: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
         """The packed mask of tensor i for the step with `seed`, and whether it is still to be filled
         (then the first sweep fills it, chunk by chunk, from the weights at rest)."""
-        held = self._masks.get(i)
-        if held is not None and held[0] == seed:
-            return held[1], False
+        state = self.state_of(i)
+        if state.get("mask_seed") == seed:
+            return state["mask"], False
         if not p.is_contiguous():
             raise ConfigError("sparse-mezo needs contiguous parameters; call .contiguous() on them before training")
         if i not in self.thresholds:  # at the first step; a large tensor's quantile from an even sample
@@ -71,7 +69,7 @@ class SparseMeZO(ZOSGD):
             k = max(1, round((1 - self.sparsity) * values.numel()))  # how many values take part
             self.thresholds[i] = float(values.kthvalue(k).values)
         bits = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
-        self._masks[i] = (seed, bits)
+        state.update(mask_seed=seed, mask=bits)
         return bits, True
 
     def _sweep(self, i: int, p: torch.Tensor, seed: int, k: int, scale: float, decay: float = 1.0,
@@ -98,14 +96,19 @@ class SparseMeZO(ZOSGD):
     def undo(self, indexed, seed: int, offset: dict[int, float]) -> None:
         super().undo(indexed, seed, offset)
         for i, _ in indexed:
-            self._masks.pop(i, None)
+            self._drop_mask(i)
 
     def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
         n, seed = self.n_directions, record.seed
         decay = 1 - lr * wd if wd else 1.0
         for k in range(n):  # as ZO-SGD: with one direction the restore is fused; decay once, at the first
             self._sweep(i, p, seed, k, restore, decay if k == 0 else 1.0, -lr * record.grads[k] / n)
-        self._masks.pop(i, None)  # the step is done: its mask goes
+        self._drop_mask(i)  # the step is done: its mask goes
+
+    def _drop_mask(self, i: int) -> None:
+        state = self.state_of(i)
+        state.pop("mask", None)
+        state.pop("mask_seed", None)
 
     def state_dict(self):
         state = super().state_dict()

@@ -24,7 +24,7 @@ class ZOMomentum(ZOSGD):
         ghat = self._restore_and_estimate(i, p, record, restore)
         if wd:
             ghat.add_(p, alpha=wd)
-        state = self.state[p]
+        state = self.state_of(i)
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         m = state["momentum_buffer"]
@@ -43,7 +43,7 @@ class ZOAdam(ZOSGD):
 
     def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
         ghat = self._restore_and_estimate(i, p, record, restore)
-        state = self.state[p]
+        state = self.state_of(i)
         if "exp_avg" not in state:
             state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         state["step"] += 1

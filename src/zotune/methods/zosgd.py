@@ -75,7 +75,14 @@ class ZOSGD(torch.optim.Optimizer):
         self._seeds = torch.Generator().manual_seed(seed)
         self._directions = Directions(distribution, version=directions_format)
         self.last: StepRecord | None = None
+        # Per-tensor state by tensor index i (momentum, moments, Hessian, a step's mask): a streaming
+        # engine moves tensor i's entry between the device and its tier with the block that holds it.
+        self.tensor_state: dict[int, dict] = {}
         self.group = group  # a zotune.parallel.Group, or None: with one process nothing is sent
+
+    def state_of(self, i: int) -> dict:
+        """The state of tensor i (created empty)."""
+        return self.tensor_state.setdefault(i, {})
 
     def _params(self) -> list[torch.Tensor]:
         """Every trainable tensor in a fixed order: tensor i of the direction seeds."""
@@ -273,7 +280,8 @@ class ZOSGD(torch.optim.Optimizer):
 
     def state_dict(self):
         state = super().state_dict()
-        state["zo"] = {"steps": self.steps, "seeds": self._seeds.get_state(), "seed": self.seed}
+        state["zo"] = {"steps": self.steps, "seeds": self._seeds.get_state(), "seed": self.seed,
+                       "tensor_state": {i: dict(s) for i, s in self.tensor_state.items()}}
         return state
 
     def load_state_dict(self, state_dict):
@@ -283,3 +291,6 @@ class ZOSGD(torch.optim.Optimizer):
         if zo is not None:
             self.steps, self.seed = zo["steps"], zo["seed"]
             self._seeds.set_state(zo["seeds"])
+            devices = {i: p.device for i, p in self.indexed()}
+            self.tensor_state = {int(i): {k: v.to(devices[int(i)]) if torch.is_tensor(v) else v for k, v in s.items()}
+                                 for i, s in zo.get("tensor_state", {}).items()}

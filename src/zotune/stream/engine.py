@@ -14,7 +14,9 @@ runs unchanged). Then `engine.step(opt, closure)` takes one ZO step that visits 
 
 The same moves, in the same order, on the same values as `opt.step(closure)` on a resident model:
 streamed == resident bit for bit. Trainable tensors outside the blocks (final norm, tied embedding)
-stay on the device; each probe sees its own copy of them while it runs.
+stay on the device; each probe sees its own copy of them while it runs. A method's per-tensor state
+(`opt.tensor_state`: momentum, Adam's moments, HiZOO's Hessian, Sparse MeZO's mask of the step)
+travels with its block: on the device while the block is there, in host memory while it is away.
 
 Outside `step` (evaluation, any forward) a block is fetched on demand, brought up to date and
 released after use. `flush()` brings every block up to date: before a checkpoint and at the end.
@@ -79,6 +81,11 @@ class Precision:
             return cls(storage, compute, text + "; updates applied in float32")
         return cls(storage, compute, text + "; trained tensors kept as float32 masters on the tier and moved "
                    "in float32 (a 16-bit value would round away updates of about 1e-7 relative)")
+
+
+def _moved(state: dict, device: torch.device) -> dict:
+    """An optimizer state dict with its tensors on `device` (the same tensors when already there)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _hollow(p: torch.Tensor) -> torch.Tensor:
@@ -204,6 +211,7 @@ class StreamEngine:
         self.version = 0  # steps completed: a settled block has had this many updates
         self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
         self._opt = None
+        self._host_state: dict[int, dict] = {}  # tensor index -> its optimizer state while its block is away
         self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
         self.outside: list[tuple[int, nn.Parameter]] = []  # trainable tensors that stay on the device
         self._resident: dict[int, _Resident] = {}
@@ -229,12 +237,12 @@ class StreamEngine:
         if self._opt is not None:
             raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
         if not getattr(opt, "streamable", True):
-            raise ConfigError(f"{type(opt).__name__} cannot be streamed: {opt.why_not_streamable}; stream with method "
-                              f"zosgd or zosgd-sign, or train it resident")
-        if getattr(opt, "state_per_value", 0):
-            raise ConfigError(f"{type(opt).__name__} keeps {opt.state_per_value} float(s) of state per trained value, "
-                              f"which does not travel with streamed blocks yet; stream with method zosgd or "
-                              f"zosgd-sign, or train this method resident")
+            raise ConfigError(f"{type(opt).__name__} cannot be streamed: {opt.why_not_streamable}; stream another method "
+                              f"(zosgd, zosgd-momentum, zoadam, zosgd-sign, hizoo, sparse-mezo), or train it resident")
+        if isinstance(self.tier, DiskTier) and (getattr(opt, "state_per_value", 0) or
+                                                getattr(opt, "replays_from_base", False)):
+            raise ConfigError(f"{type(opt).__name__} keeps state the disk tier's folder (the checkpoint of the "
+                              f"blocks) does not hold yet; stream it with --offload cpu, or train it resident")
         index = {id(p): i for i, p in opt.indexed()}
         in_blocks = set()
         group = getattr(opt, "group", None)
@@ -248,6 +256,10 @@ class StreamEngine:
             group.barrier()
             self.tier.reload_slots()
         self.outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
+        for j, trained in enumerate(self._trainable):  # state the optimizer holds already (a resumed run)
+            for i, _ in trained:
+                if i in opt.tensor_state and j not in self._resident:
+                    self._host_state[i] = _moved(opt.tensor_state.pop(i), torch.device("cpu"))
         self.version = opt.steps
         self._opt = opt
 
@@ -312,6 +324,10 @@ class StreamEngine:
         self._transfers.wait(event, tensors)
         res = _Resident(tensors, keep)
         self._resident[j] = res
+        if self._opt is not None:  # the block's optimizer state comes with it
+            for i, _ in self._trainable[j]:
+                if i in self._host_state:
+                    self._opt.tensor_state[i] = _moved(self._host_state.pop(i), self.device)
         self._settle(j, res)
         self._bind(j)
         for ahead in range(1, self.prefetch + 1):
@@ -365,6 +381,10 @@ class StreamEngine:
         res = self._resident.pop(j)
         for p in self.params[j].values():
             p.data = _hollow(p)
+        if self._opt is not None:  # and leaves with it (host memory: the tier of the blocks)
+            for i, _ in self._trainable[j]:
+                if i in self._opt.tensor_state:
+                    self._host_state[i] = _moved(self._opt.tensor_state.pop(i), torch.device("cpu"))
         state = self.states[j]
         changed = {n: res.tensors[n] for _, n in self._trainable[j]} if res.changed else {}
         after = self._transfers.mark_compute() if changed else None
