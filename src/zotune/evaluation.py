@@ -37,6 +37,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
             raise ConfigError("a run folder is evaluated with its own model and method: pass only task.* or run.* "
                               "options (e.g. task.data=other.csv)")
         cfgs = resolve_configs(run_dir / "config.yaml", overrides, run_folder=True, task=task)
+        evaluated = make_task(cfgs["task"], None, load_rows(cfgs["task"].data))  # bad data stops before the model loads
         disk = cfgs["stream"].tier == "disk"
         run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
         try:
@@ -53,11 +54,12 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         from zotune.models import load_model
 
         cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None, task=task)
+        evaluated = make_task(cfgs["task"], None, load_rows(cfgs["task"].data))
         model, tokenizer = load_model(cfgs["model"], log=log)
         model.to(target)
         session, step = None, None
     task_cfg, run_cfg = cfgs["task"], cfgs["run"]
-    evaluated = make_task(task_cfg, tokenizer, load_rows(task_cfg.data))
+    evaluated.bind(tokenizer)
     results = {}
     for split in splits:
         results[split] = evaluate(model, evaluated, getattr(evaluated, split), batch_size or run_cfg.eval_batch_size,
