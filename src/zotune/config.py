@@ -18,12 +18,15 @@ class ConfigError(ValueError):
     """A bad user input, reported as one line naming the problem and the fix."""
 
 
-def _yaml_value(text: str, where: str) -> Any:
+def _yaml_value(text: str, where: str | None = None) -> Any:
+    """`text` parsed as YAML; when it does not parse, a ConfigError naming `where`, or without one the text."""
     import yaml
 
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
+        if where is None:
+            return text
         raise ConfigError(f"{where}={text!r} is not valid YAML ({str(e).splitlines()[0]}); quote the strings in it") from None
 
 
@@ -62,19 +65,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} is not a {tp.__name__}; give a number") from None
     if tp is str:
         if isinstance(value, str) and value[:1] in ("'", '"'):  # a quoted YAML scalar: '\n' is a newline
-            import yaml
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError:
-                parsed = None
+            parsed = _yaml_value(value)
             return parsed if isinstance(parsed, str) else value
         return str(value)
     if isinstance(value, str) and tp is not typing.Any:  # e.g. a number for a field typed by a class
-        import yaml
-        try:
-            return yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value
+        return _yaml_value(value)
     return value
 
 

@@ -29,6 +29,7 @@ import torch
 
 from zotune.config import ConfigError
 from zotune.methods import StepRecord
+from zotune.tasks.base import METRICS
 from zotune.trackers import tracker_names
 
 
@@ -252,9 +253,9 @@ class RunFolder:
 
         rows = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines() if line]
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-        dev = [(r["step"], headline(r, "dev")) for r in rows if headline(r, "dev")]
-        metric = dev[0][1][0] if dev else "accuracy"
-        dev = [(step, value) for step, (_, value) in dev]
+        evaluations = [(r["step"], headline(r, "dev")) for r in rows]
+        dev = [(step, found[1]) for step, found in evaluations if found]
+        metric = next((found[0] for _, found in evaluations if found), "accuracy")
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
         if train:
             steps, losses = zip(*train)
@@ -283,7 +284,8 @@ def headline(row: dict[str, Any], split: str) -> tuple[str, float] | None:
     return None
 
 
-HEADLINE_METRICS = ("accuracy", "f1", "exact_match")  # what a task's evaluation logs as dev_<metric> / test_<metric>
+# What a task's evaluation logs as dev_<metric> / test_<metric>: any type's metric.
+HEADLINE_METRICS = tuple(dict.fromkeys(m for names in METRICS.values() for m in names))
 
 
 # ----------------------------------------------------------------------------------------------

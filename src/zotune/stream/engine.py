@@ -256,10 +256,9 @@ class StreamEngine:
             group.barrier()
             self.tier.reload_slots()
         self.outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
-        for j, trained in enumerate(self._trainable):  # state the optimizer holds already (a resumed run)
-            for i, _ in trained:
-                if i in opt.tensor_state and j not in self._resident:
-                    self._host_state[i] = _moved(opt.tensor_state.pop(i), torch.device("cpu"))
+        for j in range(len(self.layers)):  # state the optimizer holds already (a resumed run)
+            if j not in self._resident:
+                self._state_away(j, opt)
         self.version = opt.steps
         self._opt = opt
 
@@ -381,10 +380,8 @@ class StreamEngine:
         res = self._resident.pop(j)
         for p in self.params[j].values():
             p.data = _hollow(p)
-        if self._opt is not None:  # and leaves with it (host memory: the tier of the blocks)
-            for i, _ in self._trainable[j]:
-                if i in self._opt.tensor_state:
-                    self._host_state[i] = _moved(self._opt.tensor_state.pop(i), torch.device("cpu"))
+        if self._opt is not None:  # and leaves with it
+            self._state_away(j, self._opt)
         state = self.states[j]
         changed = {n: res.tensors[n] for _, n in self._trainable[j]} if res.changed else {}
         after = self._transfers.mark_compute() if changed else None
@@ -396,6 +393,12 @@ class StreamEngine:
                 self._pool.give(buf)
         self._writes = [f for f in self._writes if not f.done()]
         self._writes.append(self._worker.submit(write_back))
+
+    def _state_away(self, j: int, opt) -> None:
+        """Block j's optimizer state to host memory (the tier of the blocks) while the block is away."""
+        for i, _ in self._trainable[j]:
+            if i in opt.tensor_state:
+                self._host_state[i] = _moved(opt.tensor_state.pop(i), torch.device("cpu"))
 
     def wait(self) -> None:
         """Block until every write-back has reached the tier and every fetch has landed

@@ -213,7 +213,7 @@ class Task:
                     raise ConfigError(f"{where}: task.prepare={cfg.prepare} failed ({type(e).__name__}: {e})") from None
             if cfg.text_column != "text" and "text" in self._fields and cfg.text_column in row:
                 row = {**row, "text": row[cfg.text_column]}
-            examples.append(self.example(row, where, table))
+            examples.append(self.example(row, where))
         order = list(range(len(examples)))
         random.Random(cfg.split_seed).shuffle(order)
         shuffled = [examples[i] for i in order]
@@ -239,10 +239,11 @@ class Task:
         return f"{cfg.name or cfg.data} ({cfg.type.replace('_', ' ')}), template {cfg.template!r}, {what}"
 
     # -- rows -> examples ---------------------------------------------------------------------
-    def example(self, row: dict, where: str, table: Table):
+    def example(self, row: dict, where: str):
         raise NotImplementedError
 
     def k_shot(self, train: list) -> list:
+        """The k-shot training set (classification; TaskConfig refuses k_shot for the other types)."""
         raise NotImplementedError
 
     def render(self, template: str, row: dict, where: str, option: str = "task.template") -> str:

@@ -40,7 +40,7 @@ class MultipleChoiceTask(Task):
         self._objective = {"loss": _cross_entropy, "accuracy": _error_rate}.get(cfg.objective)
         self._user_objective = None if self._objective else load_function(cfg.objective, "task.objective")
 
-    def example(self, row: dict, where: str, table: Table) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
+    def example(self, row: dict, where: str) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
         cfg = self.cfg
         prompt = self.render(cfg.template, row, where)
         single = cfg.choices[0].strip()
@@ -67,9 +67,6 @@ class MultipleChoiceTask(Task):
         if not correct:
             raise ConfigError(f"{where}: no correct candidate (label {label!r}); every example needs one")
         return prompt, candidates, tuple(dict.fromkeys(correct))
-
-    def k_shot(self, train: list) -> list:  # TaskConfig refuses k_shot for this type
-        raise ConfigError("task.k_shot is for classification tasks")
 
     def collate(self, examples: list) -> ChoiceBatch:
         keep = self.cfg.max_length

@@ -46,7 +46,7 @@ class ClassificationTask(Task):
         self.label_token_ids = self._verbalizer_ids()
         self._ids_on.clear()
 
-    def example(self, row: dict, where: str, table: Table) -> tuple[str, str]:
+    def example(self, row: dict, where: str) -> tuple[str, str]:
         label = self.column(row, self.cfg.label_column, where)
         kind = type(label).__name__
         if self._label_type is None:

@@ -44,16 +44,13 @@ class GenerationTask(Task):
         self._user_objective = None if cfg.objective in ("loss", "f1", "exact_match") else \
             load_function(cfg.objective, "task.objective")
 
-    def example(self, row: dict, where: str, table: Table) -> tuple[str, tuple[str, ...]]:
+    def example(self, row: dict, where: str) -> tuple[str, tuple[str, ...]]:
         value = self.column(row, self.cfg.answer, where)
         answers = tuple(str(a) for a in value) if isinstance(value, (list, tuple)) else (str(value),)
         if not answers or not any(a.strip() for a in answers):
             raise ConfigError(f"{where}: task.answer={self.cfg.answer} is empty; every example needs a gold answer "
                               f"(drop such rows, or fill them with task.prepare)")
         return self.render(self.cfg.template, row, where), answers
-
-    def k_shot(self, train: list) -> list:  # TaskConfig refuses k_shot for this type
-        raise ConfigError("task.k_shot is for classification tasks")
 
     def collate(self, examples: list) -> GenerationBatch:
         cfg, tok = self.cfg, self.tokenizer
@@ -126,11 +123,13 @@ class GenerationTask(Task):
             if generated.shape[1]:
                 state["ids"], state["positions"] = generated[:, -1:], state["positions"][:, -1:] + 1
                 state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
-            with _last_position_head(model, None):
-                out = model(input_ids=state["ids"], attention_mask=state["mask"], position_ids=state["positions"],
+            ids = state["ids"]
+            rows = torch.arange(len(ids), device=ids.device)
+            with picked_positions(model, rows, torch.full_like(rows, ids.shape[1] - 1)):  # left-padded: the last column
+                out = model(input_ids=ids, attention_mask=state["mask"], position_ids=state["positions"],
                             past_key_values=state["past"], use_cache=True)
             state["past"] = out.past_key_values
-            return out.logits[:, -1].argmax(-1)
+            return out.logits[0].argmax(-1)
 
         return step
 
@@ -145,9 +144,9 @@ class GenerationTask(Task):
             mask = torch.zeros_like(ids)
             for r, row in enumerate(rows):
                 ids[r, : len(row)], mask[r, : len(row)] = row, 1
-            with _last_position_head(model, mask.sum(1) - 1):
+            with picked_positions(model, torch.arange(len(rows), device=ids.device), mask.sum(1) - 1):
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-            return out.logits[:, -1].argmax(-1)
+            return out.logits[0].argmax(-1)
 
         return step
 
@@ -167,23 +166,6 @@ class GenerationTask(Task):
         n = max(counts["n"], 1)
         return {"metric": self.cfg.metric, "f1": counts["f1"] / n, "exact_match": counts["exact_match"] / n,
                 "loss": counts["nll"] / max(counts["tokens"], 1), "n": int(counts["n"])}
-
-
-@contextlib.contextmanager
-def _last_position_head(model: nn.Module, last: torch.Tensor | None):
-    """Within this block the LM head sees one position per row: `last[r]`, or the final one."""
-
-    def pick(module, args):
-        hidden = args[0]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[:, -1:] if last is None else hidden[rows, last].unsqueeze(1)
-        return (picked,) + tuple(args[1:])
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # -- SQuAD's answer metrics ----------------------------------------------------------------------------
