@@ -167,6 +167,17 @@ def test_bench_step_prints_both_ratios_as_json(capsys):
     assert result["zotune_ratio"] > 0 and result["mezo_ratio"] > 0 and result["shape"] == "tiny"
 
 
+@pytest.mark.parametrize("method", ["zosgd", "zoadam"])
+def test_bench_stream_times_the_three_placements_of_one_method_on_the_same_loss(method, tmp_path):
+    from zotune.bench.stream import run_time_bench
+
+    result = run_time_bench("tiny", 2, 16, 2, "all", tmp_path, log=lambda *a: None, method=method)
+    assert result["same_loss"]  # resident, RAM tier and disk tier took the same steps
+    assert result["disk_tier_time_ratio"] > 0 and result["ram_tier_time_ratio"] > 0
+    if method == "zoadam":  # the moments of the disk tier's blocks were in their state files
+        assert list(tmp_path.glob("time-disk/block-*.state-*.safetensors"))
+
+
 def test_16_bit_training_warns_that_updates_are_lost(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")) == 0
     assert "warning: the trainable tensors are bfloat16" in capsys.readouterr().out

@@ -37,6 +37,26 @@ def test_trainable_subsets(family):
                                                               if n.startswith(last_block + ".")}
     everything = select_trainable(model, "all")
     assert len({id(p) for _, p in everything}) == len(everything)  # tied weights listed once
+    # BitFit: every module's bias (families without biases have none to train and say so)
+    biases = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), torch.nn.Parameter)}
+    if biases:
+        assert {id(p) for _, p in select_trainable(model, "biases")} == biases
+    else:
+        with pytest.raises(ConfigError, match="selects no parameter"):
+            select_trainable(model, "biases")
+    # forms joined with +: their union, each tensor once, each form's tensors in turn
+    union = select_trainable(model, "last-blocks:1+norms")
+    assert [n for n, _ in union[:len(last)]] == [n for n, _ in last]
+    assert {id(p) for _, p in union} == {id(p) for _, p in last} | {id(p) for _, p in select_trainable(model, "norms")}
+    assert len({id(p) for _, p in union}) == len(union)
+    # a module filter: by class from the CLI, by any function from Python
+    cls = next(type(m) for m in dict(find_blocks(model))[last_block].modules() if list(m.parameters(recurse=False)))
+    of_class = select_trainable(model, f"modules:Embedding,{cls.__name__}")
+    assert {id(p) for _, p in of_class} == {id(p) for m in model.modules() if type(m) in (cls, torch.nn.Embedding)
+                                            for p in m.parameters(recurse=False)}
+    in_tail = select_trainable(model, lambda name, m: name.startswith(last_block + ".") and type(m) is cls)
+    tail = {id(p) for n, p in last if n.startswith(last_block + ".")}
+    assert in_tail and {id(p) for _, p in in_tail} == {id(p) for _, p in of_class} & tail
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -84,8 +104,14 @@ def test_prefix_refused_when_a_trainable_module_runs_early(task):
 
 def test_unknown_trainable_spec_and_bad_blocks_path():
     model = tiny_model("opt")
-    with pytest.raises(ConfigError, match="not understood"):
-        select_trainable(model, "last-blocks:x")
+    for bad in ("last-blocks:x", "last-blocks:0", "norms+", "modules:", "biases+everything"):
+        with pytest.raises(ConfigError, match="not understood"):
+            select_trainable(model, bad)
+    combo = [n for n, _ in select_trainable(model, r"biases+re:fc[12]+\.weight")]  # a regex takes the rest, + included
+    assert combo == [n for n, _ in select_trainable(model, "biases")] + [
+        n for n, _ in model.named_parameters() if n.endswith(("fc1.weight", "fc2.weight"))]
+    with pytest.raises(ConfigError, match="selects no parameter"):
+        select_trainable(model, lambda name, m: False)
     with pytest.raises(ConfigError, match="selects no parameter"):
         select_trainable(model, "re:^nothing$")
     with pytest.raises(ConfigError, match="ModuleList"):

@@ -120,13 +120,16 @@ def test_dims_that_do_not_match_the_world_are_refused_before_any_work(tiny_model
     assert not (tmp_path / "b").exists()
 
 
-def test_disk_streaming_with_sliced_reads_equals_resident_on_two_ranks(tiny_model_dir, data_file, tmp_path):
-    """data = 2 with the disk tier: each rank reads half of every block and gathers the other half;
-    the run is the same, bit for bit, as data = 2 with resident weights."""
+@pytest.mark.parametrize("method", [[], ["--method", "zoadam"]], ids=["zosgd", "zoadam"])
+def test_disk_streaming_with_sliced_reads_equals_resident_on_two_ranks(method, tiny_model_dir, data_file, tmp_path):
+    """data = 2 with the disk tier: each rank reads half of every block and gathers the other half
+    (with Adam, both ranks write the same moments to the blocks' state files); the run is the same,
+    bit for bit, as data = 2 with resident weights."""
     resident, streamed = tmp_path / "resident", tmp_path / "streamed"
-    assert wait_all(launch(2, train_args(tiny_model_dir, data_file, resident, "parallel.data=2"), tmp_path)) == [0, 0]
+    argv = train_args(tiny_model_dir, data_file, resident, "parallel.data=2", *method)
+    assert wait_all(launch(2, argv, tmp_path)) == [0, 0]
     argv = train_args(tiny_model_dir, data_file, streamed, "parallel.data=2", "--offload", "disk",
-                      "--offload-dir", str(tmp_path / "blocks"))
+                      "--offload-dir", str(tmp_path / "blocks"), *method)
     assert wait_all(launch(2, argv, tmp_path)) == [0, 0]
     assert (streamed / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
 

@@ -1,5 +1,6 @@
-"""Quantized bases: int8 block linears with a float scale per row; ZO on the scales (QZO) or on a
-float subset; runs that resume exactly and export a standard model."""
+"""Quantized bases: int8 block linears with a float scale per row, int4 ones with a scale and a minimum
+per group of 32 inputs; ZO on the scales (QZO) or on a float subset; runs that resume exactly and
+export a standard model."""
 
 import json
 
@@ -10,8 +11,8 @@ from torch import nn
 from conftest import tiny_model
 from zotune import ZOSGD
 from zotune.cli import main
-from zotune.models import select_trainable
-from zotune.quant import Int8Linear, dequantize_, quantize_
+from zotune.models import find_blocks, select_trainable
+from zotune.quant import GROUP, Int4Linear, Int8Linear, QuantizedLinear, dequantize_, quantize_
 
 
 def test_an_int8_linear_is_its_dequantized_weight_within_half_a_step():
@@ -22,6 +23,80 @@ def test_an_int8_linear_is_its_dequantized_weight_within_half_a_step():
     assert ((linear.weight - q.weight_value()).abs() <= q.scale[:, None] / 2 + 1e-7).all()
     x = torch.randn(5, 48)
     assert torch.equal(q(x), nn.functional.linear(x, q.weight_value(), linear.bias))
+
+
+def test_an_int4_linear_is_its_dequantized_weight_within_half_a_step_of_its_group():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 10)
+    q = Int4Linear(linear)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (10, 48)
+    assert q.scale.shape == (10 * 96 // GROUP,) and q.minimum.shape == (10, 96 // GROUP)  # 1-D: never decayed
+    step = q.scale.view(10, -1).repeat_interleave(GROUP, 1)
+    assert ((linear.weight - q.weight_value()).abs() <= step / 2 + 1e-6).all()
+    assert q.stored_bytes() == 10 * 48 + 2 * 10 * 3 * 4  # 0.5 byte a weight, two floats a group
+    x = torch.randn(5, 96)
+    assert torch.equal(q(x), nn.functional.linear(x, q.weight_value(), linear.bias))
+
+
+def test_int4_gives_back_a_q4_1_weight_it_was_made_from():
+    """A weight already on the 4-bit grid of GGUF's Q4_1 (w = d·q + m per 32 inputs, q spanning 0..15
+    in each group, as a loaded .gguf's Q4_1 tensors are) comes back to within float rounding."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (8, 64), generator=gen)
+    q[:, ::GROUP], q[:, 1::GROUP] = 0, 15  # every group uses the whole range, as a Q4_1 block usually does
+    d = torch.rand(8, 2, 1, generator=gen) * 0.01 + 1e-3
+    m = -torch.rand(8, 2, 1, generator=gen) * 0.05
+    weight = (q.view(8, 2, GROUP) * d + m).view(8, 64)
+    linear = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    back = Int4Linear(linear).weight_value()
+    assert (back - weight).abs().max() <= 4 * torch.finfo(torch.float32).eps * weight.abs().max()
+
+
+@pytest.mark.parametrize("kind,ratio", [("int8", 0.29), ("int4", 0.19)])
+def test_every_quantized_kind_runs_a_model_close_to_its_float_self_and_trains_its_scales(kind, ratio):
+    model = tiny_model("llama")
+    x = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=x).logits
+    floats = sum(m.weight.nbytes for _, b in find_blocks(model) for m in b.modules() if type(m) is nn.Linear)
+    saved = quantize_(model, kind, set(), log=lambda *a: None)
+    assert (floats - saved) <= ratio * floats  # what the weights cost at rest
+    with torch.no_grad():
+        quantized = model(input_ids=x).logits
+    assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
+    params = [p for _, p in select_trainable(model, "scales")]
+    assert len(params) == 21 and all(p.dim() == 1 and not p.requires_grad for p in params)  # 7 linears x 3 blocks
+
+    def loss():
+        logits = model(input_ids=x).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+    opt = ZOSGD(params, lr=1e-3, eps=1e-4, seed=0)
+    with torch.inference_mode():
+        start = float(loss())
+    for _ in range(40):
+        opt.step(loss)
+    with torch.inference_mode():
+        assert float(loss()) < start - 0.01
+    dequantize_(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_int4_keeps_layers_whose_inputs_do_not_split_into_groups_in_float():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=80, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    said = []
+    quantize_(model, "int4", set(), log=said.append)  # q k v o gate up: 64 inputs; down: 80, uneven
+    assert "(1 kept in float: their inputs are not a multiple of 32)" in said[0]
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    with pytest.raises(Exception, match="none has a multiple of 32 inputs"):
+        quantize_(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=40,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)),
+                  "int4", set(), log=said.append)
 
 
 def test_quantize_keeps_what_trains_in_float_and_a_quarter_of_the_rest():
@@ -62,28 +137,29 @@ def test_zo_on_the_scales_alone_lowers_the_loss():
     assert float(loss()) < start - 0.01
 
 
-def args(model, data, out, *extra, steps=6):
+def args(model, data, out, *extra, steps=6, kind="int8"):
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=3", "run.snapshot_every=2",
-            "run.device=cpu", "--lr", "1e-3", "task.verbalizer={pos: great, neg: terrible}", "model.quantize=int8",
+            "run.device=cpu", "--lr", "1e-3", "task.verbalizer={pos: great, neg: terrible}", f"model.quantize={kind}",
             "--trainable", "scales", *extra]
 
 
-def test_a_qzo_run_resumes_exactly_and_exports_a_standard_model(tiny_model_dir, data_file, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_qzo_run_resumes_exactly_and_exports_a_standard_model(kind, tiny_model_dir, data_file, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     whole = tmp_path / "whole"
-    assert main(args(tiny_model_dir, data_file, whole)) == 0
+    assert main(args(tiny_model_dir, data_file, whole, kind=kind)) == 0
     out = capsys.readouterr().out
-    assert "quantized 21 block linears to int8" in out and "trainable (scales): 21 tensors" in out
+    assert f"quantized 21 block linears to {kind}" in out and "trainable (scales): 21 tensors" in out
     parts = tmp_path / "parts"
-    assert main(args(tiny_model_dir, data_file, parts, steps=3)) == 0
+    assert main(args(tiny_model_dir, data_file, parts, steps=3, kind=kind)) == 0
     assert main(["resume", str(parts), "run.steps=6"]) == 0
     assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
     exported = tmp_path / "model"
     assert main(["export", str(whole), "--out", str(exported)]) == 0
     model = AutoModelForCausalLM.from_pretrained(exported)  # plain nn.Linear layers holding q x trained scale
-    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert main(["eval", "--model", str(exported), "--data", str(data_file), "--split", "test", "--out",
                  str(tmp_path / "e.json"), "task.verbalizer={pos: great, neg: terrible}", "task.n_test=8",
                  "task.n_dev=4"]) == 0
@@ -96,7 +172,7 @@ def test_a_qzo_run_resumes_exactly_and_exports_a_standard_model(tiny_model_dir, 
     (["adapter.kind=lora"], "model.quantize=int8 works on a resident model without an adapter"),
     (["--offload", "cpu"], "model.quantize=int8 works on a resident model without an adapter"),
     (["model.quantize=none"], "model.trainable=scales tunes the scales of a quantized base"),
-    (["model.quantize=int4"], "model.quantize='int4': use one of none, int8"),
+    (["model.quantize=int2"], "model.quantize='int2': use one of none, int8, int4"),
 ])
 def test_quantized_combinations_that_cannot_work_are_refused(tiny_model_dir, data_file, tmp_path, capsys, extra, match):
     assert main(args(tiny_model_dir, data_file, tmp_path / "r", *extra)) == 2

@@ -7,7 +7,7 @@ import torch
 
 from zotune.cli import main
 from zotune.config import ConfigError
-from zotune.methods import list_methods, make_optimizer
+from zotune.methods import METHODS, list_methods, make_optimizer
 from zotune.methods.perturb import Directions
 
 VARIANTS = {"zosgd-momentum": dict(momentum=0.8), "zoadam": dict(beta1=0.8, beta2=0.9), "zosgd-sign": {}}
@@ -176,16 +176,22 @@ def test_hizoo_matches_its_naive_reference():
             assert torch.allclose(opt.state_of(i)["hessian"], h, rtol=1e-5)
 
 
-STATE_ON_DISK = "keeps state the disk tier's folder"
+STREAMS = None  # no refusal: the method streams on both tiers, its state travelling with the blocks
+
+
+def exported(run, out):
+    """Every weight of the model a run ends with, by name (through `zotune export`)."""
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("method, refusal", [
-    (["--method", "zosgd-momentum"], STATE_ON_DISK),
-    (["--method", "zoadam", "method.beta1=0.8"], STATE_ON_DISK),
-    (["--method", "hizoo", "method.hessian_smoothing=0.1"], STATE_ON_DISK),
+    (["--method", "zosgd-momentum"], STREAMS),
+    (["--method", "zoadam", "method.beta1=0.8"], STREAMS),
+    (["--method", "hizoo", "method.hessian_smoothing=0.1"], STREAMS),
     (["--method", "zosgd-conservative"], "forwards come after its update"),
     (["--method", "forward-grad"], "jvp needs every trainable tensor"),
-    (["--method", "sparse-mezo", "method.sparsity=0.5"], STATE_ON_DISK),
+    (["--method", "sparse-mezo", "method.sparsity=0.5"], STREAMS),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):
@@ -201,17 +207,27 @@ def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model
     # An option of another method, and a method streaming cannot run, are refused with one line.
     assert main([*args(tmp_path / "x", 2), "method.momentum=0.9" if "zosgd-momentum" not in method else "method.beta1=0.9"]) == 2
     assert ("momentum" if "zosgd-momentum" not in method else "beta1") in capsys.readouterr().err
-    if refusal == STATE_ON_DISK:  # its state travels with the blocks in host memory: streamed == resident
-        assert main([*args(tmp_path / "streamed", 3), "--offload", "cpu"]) == 0  # and resumed: state from replay
-        assert main(["resume", str(tmp_path / "streamed"), "run.steps=6"]) == 0
-        assert (tmp_path / "streamed" / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes()
-        streamed = load_file(sorted((tmp_path / "streamed" / "snapshots").glob("*.safetensors"))[-1])
-        whole = load_file(sorted((tmp_path / "whole" / "snapshots").glob("*.safetensors"))[-1])
-        assert all(torch.equal(streamed[k], whole[k]) for k in whole)
-        assert main([*args(tmp_path / "y", 2), "--offload", "disk", "--offload-dir", str(tmp_path / "blocks")]) == 2
-    else:
-        assert main([*args(tmp_path / "y", 2), "--offload", "cpu"]) == 2
-    assert refusal in capsys.readouterr().err
+    if refusal is not STREAMS:
+        for tier in (["--offload", "cpu"], ["--offload", "disk", "--offload-dir", str(tmp_path / "blocks")]):
+            assert main([*args(tmp_path / tier[1], 2), *tier]) == 2
+            assert refusal in capsys.readouterr().err
+        assert not (tmp_path / "blocks").exists()  # refused before a block was written
+        return
+    # Its state travels with the blocks, in host memory or in their slots on disk: streamed, stopped
+    # and resumed == resident, bit for bit (the RAM tier's state comes back by replay, the disk
+    # tier's from the blocks' files).
+    whole = exported(tmp_path / "whole", tmp_path / "whole-model")
+    for name, tier, folder in [("ram", ["--offload", "cpu"], None),
+                               ("disk", ["--offload", "disk", "--offload-dir", str(tmp_path / "blocks")],
+                                tmp_path / "blocks")]:
+        out = tmp_path / name
+        assert main([*args(out, 3), *tier]) == 0
+        assert main(["resume", str(out), "run.steps=6"]) == 0
+        assert (out / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes(), name
+        got = exported(out, tmp_path / f"{name}-model")
+        assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole), name
+        if folder is not None:  # the blocks' state was in their slots on disk
+            assert any(folder.glob("block-*.state-*.safetensors"))
 
 
 def test_forward_gradient_is_the_exact_directional_derivative_and_replays():
@@ -299,3 +315,19 @@ def test_sparse_mezo_fits_a_change_in_the_small_weights_and_replays_exactly():
     assert torch.equal(replayer.param_groups[0]["params"][0], base)
     with pytest.raises(ConfigError, match="sparsity"):
         make_optimizer("sparse-mezo", [theta], sparsity=1.0)
+
+
+@pytest.mark.parametrize("method,quantize", [*((m, None) for m in list_methods()), ("zosgd", "int8"), ("zosgd", "int4")])
+def test_bench_memory_counts_the_state_each_method_says_it_keeps(method, quantize):
+    """`zotune bench memory`'s measurement on a small shape: the state bytes it counts are the method's
+    `state_per_value` floats per trainable value (the measurement itself asserts it), on a quantized
+    base the values are the scales alone."""
+    from zotune.bench.memory import _child
+
+    got = _child({"shape": "tiny", "batch": 2, "seq": 8, "method": method, "quantize": quantize})
+    assert got["state_bytes"] == METHODS[method][1].state_per_value * 4 * got["values"]
+    assert got["peak_rss"] > 0
+    if quantize:  # two OPT blocks of hidden 64: q k v out (64 x 64), fc1 (256 x 64), fc2 (64 x 256)
+        per_block = {"int8": 4 * 64 + 256 + 64,  # a scale per row
+                     "int4": 4 * 64 * 2 + 256 * 2 + 64 * 8}[quantize]  # a scale per row and 32 inputs
+        assert got["values"] == 2 * per_block

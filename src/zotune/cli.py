@@ -113,7 +113,8 @@ def _bench_stream(args) -> int:
         raise ConfigError(f"--depths {args.depths!r}: give two depths, e.g. 12,48")
     result = {}
     if not args.scale_only:
-        result.update(run_stream_bench(args.shape, args.batch, args.seq, args.repeats, depths, args.trainable, log))
+        result.update(run_stream_bench(args.shape, args.batch, args.seq, args.repeats, depths, args.trainable, log,
+                                       args.method))
     if args.scale:
         result.update(run_scale_bench(args.scale, args.scale_steps, trainable=args.trainable, log=log))
     if args.json:
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shape_and_batch(s, repeats=5)
     s.add_argument("--depths", default="12,48", help="two block counts for the memory growth, e.g. 12,48")
     s.add_argument("--trainable", default="all", help="which parameters train (model.trainable forms)")
+    s.add_argument("--method", default="zosgd", help="the ZO method stepped (zotune.list_methods())")
     s.add_argument("--scale", metavar="DIR", help="also run a step on a Llama-7B-shaped model (27 GB) streamed "
                                                    "from DIR (prepared there first if missing)")
     s.add_argument("--scale-steps", type=int, default=1)

@@ -51,7 +51,7 @@ class ModelConfig:
     trainable: str = "last-blocks:2"
     blocks_path: str | None = None
     cache_dir: str | None = None
-    quantize: str = "none"  # int8: the frozen block linears held in int8 (zotune.quant); trainable=scales tunes their scales
+    quantize: str = "none"  # int8 / int4: the frozen block linears held in 8 or 4 bits (zotune.quant); trainable=scales tunes their scales
 
     def __post_init__(self):
         from zotune.quant import QUANTIZE
@@ -61,8 +61,8 @@ class ModelConfig:
         parse_trainable(self.trainable)  # raises with the accepted forms
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"model.quantize={self.quantize!r}: use one of {', '.join(QUANTIZE)}")
-        if self.trainable == "scales" and self.quantize == "none":
-            raise ConfigError("model.trainable=scales tunes the scales of a quantized base: add model.quantize=int8")
+        if self.quantize == "none" and any(kind == "scales" for kind, _ in parse_trainable(self.trainable)):
+            raise ConfigError("model.trainable=scales tunes the scales of a quantized base: add model.quantize=int8 (or int4)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,22 +241,39 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> list[tuple[
 # ----------------------------------------------------------------------------------------------
 # Which parameters train
 
-TRAINABLE_FORMS = "all, norms, final-norm, last-blocks:K, scales (of a quantized base), or a regex with re:"
+TRAINABLE_FORMS = ("all, norms, final-norm, biases, last-blocks:K, scales (of a quantized base), modules:CLASS[,CLASS] "
+                   "(module class names), or a regex on parameter names with re:; join forms with + "
+                   "(e.g. last-blocks:1+biases)")
 
 
-def parse_trainable(spec: str) -> tuple[str, int]:
-    if spec in ("all", "norms", "final-norm", "scales"):
-        return spec, 0
-    if spec.startswith("re:") and len(spec) > 3:
-        return "re", 0
-    if spec.startswith("last-blocks:"):
-        try:
-            k = int(spec.split(":", 1)[1])
-        except ValueError:
-            k = 0
-        if k > 0:
-            return "last-blocks", k
-    raise ConfigError(f"model.trainable={spec!r} is not understood; use one of: {TRAINABLE_FORMS}")
+def _parts(spec: str) -> list[str]:
+    """`a+b+re:x+y` -> ["a", "b", "re:x+y"]: a regex takes the rest of the spec, `+` included."""
+    parts = []
+    while True:
+        if spec.startswith("re:"):
+            parts.append(spec)
+            return parts
+        head, plus, spec = spec.partition("+")
+        parts.append(head)  # "" when a + has nothing on one side: refused
+        if not plus:
+            return parts
+
+
+def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
+    """The forms of a trainable spec as (kind, argument) pairs; raises with the accepted forms."""
+    out = []
+    for part in _parts(spec) if isinstance(spec, str) else [None]:
+        if part in ("all", "norms", "final-norm", "biases", "scales"):
+            out.append((part, 0))
+        elif part and part.startswith("re:") and len(part) > 3:
+            out.append(("re", part[3:]))
+        elif part and part.startswith("modules:") and part[8:].strip(","):
+            out.append(("modules", part[8:]))
+        elif part and part.startswith("last-blocks:") and part[12:].isdigit() and int(part[12:]) > 0:
+            out.append(("last-blocks", int(part[12:])))
+        else:
+            raise ConfigError(f"model.trainable={spec!r} is not understood ({part!r}); use one of: {TRAINABLE_FORMS}")
+    return out
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -267,40 +284,66 @@ def _is_norm(module: nn.Module) -> bool:
         and not getattr(module, "is_quantized_linear", False)
 
 
-def select_trainable(model: nn.Module, spec: str, blocks_path: str | None = None) -> list[tuple[str, nn.Parameter]]:
-    """The (name, parameter) pairs that train, each listed once even when tied.
+def _norm_params(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
 
+
+def _final_norm(model: nn.Module, named, blocks_path: str | None) -> list[tuple[str, nn.Parameter]]:
+    """The norm parameters outside the blocks (the normalisation after the last block)."""
+    blocks = tuple(b + "." for b, _ in find_blocks(model, blocks_path))
+    norms = _norm_params(model)
+    return [(n, p) for n, p in named if id(p) in norms and not n.startswith(blocks)]
+
+
+def select_trainable(model: nn.Module, spec, blocks_path: str | None = None) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs that train, each listed once even when tied: each form's in the
+    model's order (`last-blocks:K`: the blocks', then the final norm's), forms in the order written.
+
+    `spec` is a string of forms joined with `+` (their union), or from Python a module filter
+    `fn(qualified_name, module) -> bool` whose chosen modules train their direct parameters:
     - `all`: every parameter; `norms`: every normalisation scale/shift;
     - `final-norm`: the normalisation after the last block;
+    - `biases`: every module's `bias` (BitFit);
     - `last-blocks:K`: the last K transformer blocks plus the final norm;
-    - `scales`: the per-row scales of the int8 linears of a quantized base (`zotune.quant`);
+    - `scales`: the scales of the quantized linears of a quantized base (`zotune.quant`);
+    - `modules:CLASS[,CLASS]`: the direct parameters of modules of those classes (e.g.
+      `modules:LlamaAttention` trains nothing, its linears are children: `modules:Linear`);
     - `re:PATTERN`: parameters whose qualified name matches PATTERN.
     """
     import re
 
-    kind, k = parse_trainable(spec)
     named = list(model.named_parameters())  # named_parameters() already drops tied duplicates
-    if kind == "all":
-        chosen = named
-    elif kind == "re":
-        pattern = re.compile(spec[3:])
-        chosen = [(n, p) for n, p in named if pattern.search(n)]
-    elif kind == "scales":
-        scales = {id(m.scale) for m in model.modules() if getattr(m, "is_quantized_linear", False)}
-        chosen = [(n, p) for n, p in named if id(p) in scales]
-    else:
-        blocks = find_blocks(model, blocks_path)
-        block_names = [name for name, _ in blocks]
-        in_blocks = lambda n: any(n.startswith(b + ".") for b in block_names)  # noqa: E731
-        norm_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
-        final_norm = [(n, p) for n, p in named if id(p) in norm_params and not in_blocks(n)]
-        if kind == "norms":
-            chosen = [(n, p) for n, p in named if id(p) in norm_params]
+    if callable(spec):
+        ids = {id(p) for name, m in model.named_modules() if spec(name, m) for p in m.parameters(recurse=False)}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+        if not chosen:
+            raise ConfigError("the trainable module filter selects no parameter of this model")
+        return chosen
+    chosen: list[tuple[str, nn.Parameter]] = []  # each form's parameters in turn: the order of the direction seeds
+    for kind, arg in parse_trainable(spec):
+        if kind == "last-blocks":
+            tail = tuple(b + "." for b, _ in find_blocks(model, blocks_path)[-arg:])
+            picked = [(n, p) for n, p in named if n.startswith(tail)] + _final_norm(model, named, blocks_path)
         elif kind == "final-norm":
-            chosen = final_norm
+            picked = _final_norm(model, named, blocks_path)
         else:
-            tail = tuple(b + "." for b in block_names[-k:])
-            chosen = [(n, p) for n, p in named if n.startswith(tail)] + final_norm
+            if kind == "all":
+                ids = {id(p) for _, p in named}
+            elif kind == "re":
+                pattern = re.compile(arg)
+                ids = {id(p) for n, p in named if pattern.search(n)}
+            elif kind == "scales":
+                ids = {id(m.scale) for m in model.modules() if getattr(m, "is_quantized_linear", False)}
+            elif kind == "biases":
+                ids = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+            elif kind == "norms":
+                ids = _norm_params(model)
+            else:  # modules
+                classes = {c.strip() for c in arg.split(",") if c.strip()}
+                ids = {id(p) for m in model.modules() if type(m).__name__ in classes for p in m.parameters(recurse=False)}
+            picked = [(n, p) for n, p in named if id(p) in ids]
+        have = {id(p) for _, p in chosen}
+        chosen += [(n, p) for n, p in picked if id(p) not in have]
     if not chosen:
         raise ConfigError(f"model.trainable={spec!r} selects no parameter of this model; use one of: {TRAINABLE_FORMS}")
     return chosen

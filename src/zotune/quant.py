@@ -1,12 +1,17 @@
-"""Quantized bases: the frozen linear layers of the blocks held in int8, a float scale per output row.
+"""Quantized bases: the frozen linear layers of the blocks held in 8 or 4 bits, with float scales.
 
-`quantize_(model, keep)` replaces every `nn.Linear` inside the transformer blocks whose weight is
-not in `keep` (the tensors that train stay in full precision) by an `Int8Linear`: the weight
-rounded to int8 per output row (symmetric, absmax / 127), a float32 scale per row, the bias as it
-was. The layer computes `x @ (q * scale)ᵀ + b`, the weight dequantized for the one matmul, so
-memory at rest is a quarter of float32. The scales are parameters: `model.trainable=scales` tunes
-them with ZO and nothing else (the QZO idea: ZO on the quantization scales of a quantized model),
-1 value per output row. `dequantize_` turns the layers back into `nn.Linear` (for export).
+`quantize_(model, kind, keep)` replaces every `nn.Linear` inside the transformer blocks whose weight
+is not in `keep` (the tensors that train stay in full precision) by a quantized layer that
+dequantizes its weight for the one matmul of each forward:
+- `int8` (`Int8Linear`): symmetric, a float scale per output row (absmax / 127): a quarter of
+  float32 at rest.
+- `int4` (`Int4Linear`): asymmetric in groups of 32 consecutive inputs, w = scale·q + minimum with
+  q in 0..15, two values a byte: 0.75 bytes a weight with the float32 scale and minimum (0.19 of
+  float32). The grid is that of GGUF's Q4_1, so a model shipped as Q4_1 (the default SmolLM2 is)
+  goes back to the values it shipped with, up to float rounding of the group's scale.
+The scales are parameters: `model.trainable=scales` tunes them with ZO and nothing else (the QZO
+idea: ZO on the quantization scales of a quantized model). `dequantize_` turns the layers back
+into `nn.Linear` (for export).
 """
 
 from __future__ import annotations
@@ -16,31 +21,76 @@ from torch import nn
 
 from zotune.config import ConfigError
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
+GROUP = 32  # int4: inputs per scale, GGUF's Q4_0 / Q4_1 block
 
 
-class Int8Linear(nn.Module):
-    """A linear layer with an int8 weight and a trainable float scale per output row."""
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is `weight_value()`, rebuilt from its quantized form at each forward."""
 
-    is_quantized_linear = True  # how model code tells it from a norm (its own parameters are 1-D too)
+    is_quantized_linear = True  # how model code tells it from a norm (its own parameters are small too)
+    bits = 0
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def weight_value(self) -> torch.Tensor:
-        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight_value().to(x.dtype), self.bias)
 
+    def stored_bytes(self) -> int:
+        """Bytes of the weight at rest (bias excluded): the quantized values and their float parameters."""
+        return sum(t.nbytes for name, t in [*self.named_buffers(), *self.named_parameters()] if name != "bias")
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, scale per row"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe}"
+
+
+class Int8Linear(QuantizedLinear):
+    """An int8 weight with a trainable float scale per output row."""
+
+    bits, describe = 8, "int8 weight, scale per row"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
+
+    def weight_value(self) -> torch.Tensor:
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+
+class Int4Linear(QuantizedLinear):
+    """A 4-bit weight, two values a byte, with a trainable float scale and a frozen minimum per group of
+    32 inputs (w = scale·q + minimum, q in 0..15); `scale` is flat (row-major: row, then group)."""
+
+    bits, describe = 4, f"int4 weight, scale and minimum per {GROUP} inputs"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        rows, cols = linear.weight.shape
+        groups = linear.weight.detach().float().view(rows, cols // GROUP, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(rows, cols)
+        self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))  # even inputs low, odd inputs high
+        self.register_buffer("minimum", low.to(linear.weight.dtype))
+        # Flat, like every other scale: 1-D tensors never take weight decay.
+        self.scale = nn.Parameter(scale.to(linear.weight.dtype).view(-1), requires_grad=False)
+
+    def weight_value(self) -> torch.Tensor:
+        q = torch.stack((self.qweight & 15, self.qweight >> 4), -1).view(self.out_features, -1, GROUP)
+        value = q.to(self.scale.dtype) * self.scale.view(self.minimum.shape)[..., None] + self.minimum[..., None]
+        return value.view(self.out_features, self.in_features)
+
+
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize_(model: nn.Module, kind: str, keep: set[int], blocks_path: str | None = None, log=print) -> int:
@@ -51,28 +101,35 @@ def quantize_(model: nn.Module, kind: str, keep: set[int], blocks_path: str | No
         return 0
     if kind not in QUANTIZE:
         raise ConfigError(f"model.quantize={kind!r}: use one of {', '.join(QUANTIZE)}")
-    before = after = count = 0
+    layer = LAYERS[kind]
+    before = after = count = uneven = 0
     for _, block in find_blocks(model, blocks_path):
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and id(child.weight) not in keep:
-                    quantized = Int8Linear(child)
-                    setattr(parent, name, quantized)
-                    before += child.weight.numel() * child.weight.element_size()
-                    after += quantized.qweight.numel() + quantized.scale.numel() * quantized.scale.element_size()
-                    count += 1
+                if type(child) is not nn.Linear or id(child.weight) in keep:
+                    continue
+                if layer is Int4Linear and child.in_features % GROUP:
+                    uneven += 1  # its rows do not split into whole groups: it stays float
+                    continue
+                quantized = layer(child)
+                setattr(parent, name, quantized)
+                before += child.weight.nbytes
+                after += quantized.stored_bytes()
+                count += 1
     if not count:
-        raise ConfigError("model.quantize=int8 found no frozen nn.Linear in the blocks; this model's layers are of "
-                          "another type (e.g. GPT-2's Conv1D), or all of them train")
-    log(f"quantized {count} block linears to int8: {before / 2**20:,.0f} MiB -> {after / 2**20:,.0f} MiB")
+        why = f"none has a multiple of {GROUP} inputs" if uneven else \
+            "this model's layers are of another type (e.g. GPT-2's Conv1D), or all of them train"
+        raise ConfigError(f"model.quantize={kind} found no frozen nn.Linear in the blocks to quantize: {why}")
+    log(f"quantized {count} block linears to {kind}: {before / 2**20:,.0f} MiB -> {after / 2**20:,.0f} MiB"
+        + (f" ({uneven} kept in float: their inputs are not a multiple of {GROUP})" if uneven else ""))
     return before - after
 
 
 def dequantize_(model: nn.Module) -> None:
-    """Every Int8Linear back to an nn.Linear holding q * scale (a standard model, e.g. to export)."""
+    """Every quantized linear back to an nn.Linear holding its weight value (a standard model, e.g. to export)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Int8Linear):
+            if isinstance(child, QuantizedLinear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                    device=child.scale.device, dtype=child.scale.dtype)
                 with torch.no_grad():

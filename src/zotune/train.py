@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
-from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
+from zotune.methods import METHODS, MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
-from zotune.models import ModelConfig, load_model, resolve_source, select_trainable
+from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.quant import dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
-from zotune.stream import StreamConfig, is_stream_folder, load_streamed, stream_, unstream_
+from zotune.stream import StreamConfig, is_stream_folder, load_streamed, refuse_unstreamable, stream_, unstream_
 from zotune.tasks import SUITE, Task, TaskConfig, load_rows, load_task_file, make_task
 from zotune.trackers import open_trackers
 
@@ -156,6 +156,8 @@ class Session:
         self.stream_cfg: StreamConfig = cfgs.get("stream") or StreamConfig()
         self.blocks_path = model_cfg.blocks_path
         self.engine = None
+        if self.stream_cfg.tier != "none" or is_stream_folder(model_cfg.name):  # before any block is written
+            refuse_unstreamable(METHODS[method_cfg.name][1])
         folder = model_cfg.name if is_stream_folder(model_cfg.name) else (
             self.stream_cfg.dir if self.stream_cfg.tier == "disk" and is_stream_folder(self.stream_cfg.dir) else None)
         if folder:  # blocks already on disk: load only what lies outside them
@@ -194,7 +196,8 @@ class Session:
             if adapter.kind != "none" or self.stream_cfg.tier != "none" or self.engine is not None:
                 raise ConfigError(f"model.quantize={model_cfg.quantize} works on a resident model without an adapter "
                                   f"(not yet with adapter.kind or --offload)")
-            keep = set() if model_cfg.trainable == "scales" else \
+            only_scales = all(kind == "scales" for kind, _ in parse_trainable(model_cfg.trainable))
+            keep = set() if only_scales else \
                 {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
             quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)  # what trains stays float
         self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)

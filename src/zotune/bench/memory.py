@@ -2,8 +2,8 @@
 
 Each method runs two steps on the same random-weight model in a fresh process: the state bytes are
 counted from the optimizer's state tensors, the peak RSS of the steps from the kernel (reset after
-set-up), next to a plain forward's. Two more rows hold the block linears in int8 (`zotune.quant`):
-a plain forward, and ZO-SGD on the quantization scales alone (QZO).
+set-up), next to a plain forward's. Four more rows hold the block linears in int8, then int4
+(`zotune.quant`): a plain forward, and ZO-SGD on the quantization scales alone (QZO).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _child(spec: dict) -> dict:
         from zotune.models import select_trainable
         from zotune.quant import quantize_
 
-        quantize_(model, "int8", set(), log=lambda *a: None)
+        quantize_(model, spec["quantize"], set(), log=lambda *a: None)
         params = [p for _, p in select_trainable(model, "scales")]
         _release_freed_memory()  # the float32 weights just replaced: give their pages back before measuring
     ids = _batch(model.config.vocab_size, spec["batch"], spec["seq"])
@@ -44,7 +44,7 @@ def _child(spec: dict) -> dict:
         opt = make_optimizer(spec["method"], params, lr=1e-7)
         for _ in range(2):
             opt.step(closure)
-        state = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        state = sum(t.nbytes for s in opt.tensor_state.values() for t in s.values() if torch.is_tensor(t))
         assert state == METHODS[spec["method"]][1].state_per_value * 4 * sum(p.numel() for p in params)
     return {**peak.stop(), "state_bytes": state, "values": sum(p.numel() for p in params)}
 
@@ -66,7 +66,8 @@ def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, lo
     result = {"shape": shape, "batch": batch, "seq": seq}
     log(f"{shape} shape, batch {batch} x {seq}, every parameter trainable, fp32")
     log(f"{'':20}{'state bytes / value':>20}{'peak RSS (MiB)':>16}")
-    runs = [("forward", False), *((m, False) for m in list_methods()), ("forward", True), ("zosgd", True)]
+    runs = [("forward", None), *((m, None) for m in list_methods()),
+            *((method, kind) for kind in ("int8", "int4") for method in ("forward", "zosgd"))]
     for method, quantized in runs:
         spec = {"shape": shape, "batch": batch, "seq": seq, "method": method, "quantize": quantized}
         out = subprocess.run([sys.executable, "-m", "zotune.bench.memory", json.dumps(spec)],
@@ -75,10 +76,11 @@ def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, lo
             raise RuntimeError(f"memory benchmark of {method} failed: {out.stderr.strip().splitlines()[-1:]}")
         got = json.loads(out.stdout.strip().splitlines()[-1])
         per_value = got["state_bytes"] / got["values"]
-        name = {("forward", False): "plain forward", ("forward", True): "int8 base, forward",
-                ("zosgd", True): "int8 base, QZO"}.get((method, quantized), method)
-        result[f"int8-{method}" if quantized else method] = {"state_bytes_per_value": per_value,
-                                                             "peak_rss_mib": round(got["peak_rss"] / 2**20)}
+        name = "plain forward" if method == "forward" else method
+        if quantized:
+            name = f"{quantized} base, " + ("forward" if method == "forward" else "QZO")
+        result[f"{quantized}-{method}" if quantized else method] = {"state_bytes_per_value": per_value,
+                                                                    "peak_rss_mib": round(got["peak_rss"] / 2**20)}
         log(f"{name:20}{per_value:>20.1f}{got['peak_rss'] / 2**20:>16,.0f}")
     return result
 

@@ -75,12 +75,12 @@ def _random_model(shape: str, layers: int | None):
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
-def _stepper(model, engine, trainable: str):
-    from zotune.methods import ZOSGD
+def _stepper(model, engine, trainable: str, method: str = "zosgd"):
+    from zotune.methods import make_optimizer
     from zotune.models import select_trainable
 
     params = [p for _, p in select_trainable(model, trainable)]
-    opt = ZOSGD(params, lr=1e-7, eps=1e-3, seed=0)
+    opt = make_optimizer(method, params, lr=1e-7, eps=1e-3, seed=0)
     if engine is None:
         return opt.step
     return lambda closure: engine.step(opt, closure)
@@ -107,7 +107,7 @@ def measure_memory(spec: dict) -> dict:
         model = _random_model(spec["shape"], spec["layers"])
         engine = stream_(model, StreamConfig(tier="cpu"), **QUIET) if tier == "cpu" else None
     ids = _batch(model.config.vocab_size, spec["batch"], spec["seq"])
-    step = _stepper(model, engine, spec["trainable"])
+    step = _stepper(model, engine, spec["trainable"], spec.get("method", "zosgd"))
     if engine is not None:
         step = _drained(step, engine)
 
@@ -142,7 +142,8 @@ def _prepare(shape: str, layers: int | None, folder: Path) -> None:
     prepare_folder(str(folder), config=config, **QUIET)
 
 
-def run_time_bench(shape: str, batch: int, seq: int, repeats: int, trainable: str, workdir: Path, log=print) -> dict:
+def run_time_bench(shape: str, batch: int, seq: int, repeats: int, trainable: str, workdir: Path, log=print,
+                   method: str = "zosgd") -> dict:
     """Resident, RAM-tier and disk-tier steps, interleaved in this process."""
     from zotune.stream import StreamConfig, load_streamed, stream_, write_folder
 
@@ -153,9 +154,9 @@ def run_time_bench(shape: str, batch: int, seq: int, repeats: int, trainable: st
     write_folder(_random_model(shape, None), str(folder), torch.float32, **QUIET)
     disk, disk_engine = load_streamed(str(folder), **QUIET)
     ids = _batch(resident.config.vocab_size, batch, seq)
-    runs = {"resident": (resident, _stepper(resident, None, trainable)),
-            "ram_tier": (ram, _drained(_stepper(ram, ram_engine, trainable), ram_engine)),
-            "disk_tier": (disk, _drained(_stepper(disk, disk_engine, trainable), disk_engine))}
+    runs = {"resident": (resident, _stepper(resident, None, trainable, method)),
+            "ram_tier": (ram, _drained(_stepper(ram, ram_engine, trainable, method), ram_engine)),
+            "disk_tier": (disk, _drained(_stepper(disk, disk_engine, trainable, method), disk_engine))}
     closures = {name: (lambda m=m: m(input_ids=ids, labels=ids, use_cache=False).loss) for name, (m, _) in runs.items()}
     for name, (_, step) in runs.items():  # warm-up
         step(closures[name])
@@ -179,12 +180,13 @@ def run_time_bench(shape: str, batch: int, seq: int, repeats: int, trainable: st
 
 
 def run_stream_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, repeats: int = 5,
-                     depths: tuple[int, int] = (12, 48), trainable: str = "all", log=print) -> dict:
+                     depths: tuple[int, int] = (12, 48), trainable: str = "all", log=print, method: str = "zosgd") -> dict:
     with tempfile.TemporaryDirectory(prefix="zotune-bench-") as tmp:
         workdir = Path(tmp)
-        log(f"{shape} shape, batch {batch} x {seq}, fp32, trainable {trainable}, {torch.get_num_threads()} threads")
-        result = {"shape": shape, "batch": batch, "seq": seq, "trainable": trainable}
-        result.update(run_time_bench(shape, batch, seq, repeats, trainable, workdir, log))
+        log(f"{shape} shape, batch {batch} x {seq}, fp32, trainable {trainable}, {method}, "
+            f"{torch.get_num_threads()} threads")
+        result = {"shape": shape, "batch": batch, "seq": seq, "trainable": trainable, "method": method}
+        result.update(run_time_bench(shape, batch, seq, repeats, trainable, workdir, log, method))
         log(f"step time (median of {repeats} interleaved): resident {result['resident_step_s']:.3f}s, "
             f"RAM tier {result['ram_tier_step_s']:.3f}s ({result['ram_tier_time_ratio']:.2f}x), "
             f"disk tier {result['disk_tier_step_s']:.3f}s ({result['disk_tier_time_ratio']:.2f}x)")
@@ -194,7 +196,7 @@ def run_stream_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, re
             _prepare(shape, layers, folder)
             for tier in ("resident", "cpu", "disk"):
                 spec = {"tier": tier, "shape": shape, "layers": layers, "batch": batch, "seq": seq, "steps": 2,
-                        "trainable": trainable, "folder": str(folder)}
+                        "trainable": trainable, "folder": str(folder), "method": method}
                 memory[(tier, layers)] = _in_child(spec)
         shallow, deep = depths
         log(f"{'peak memory (MiB)':28}{f'{shallow} layers':>14}{f'{deep} layers':>14}{'growth':>9}")

@@ -1,8 +1,9 @@
 """Sparse MeZO (Liu et al., 2024): perturb and update only the small-magnitude weights of each tensor.
 
 Tensor i's threshold τ_i is the (1 − sparsity) quantile of |θ_i| at the first step (one float per
-tensor, from the base weights: a resumed run replays from them; above 4M values, the quantile of
-every m-th value, so that memory stays at one chunk's scale). At every step the mask
+tensor, kept in its state: it travels with a streamed block; a resumed resident run replays from
+the base weights to find it again; above 4M values, the quantile of every m-th value, so that memory
+stays at one chunk's scale). At every step the mask
 m_i = |θ_i| ≤ τ_i is taken from the weights at rest, at the step's first move, and every move and
 the update use z ⊙ m, chunk by chunk (one chunk of scratch, as ZO-SGD). The mask is held as bits
 (1/32 of the tensor's bytes) until the update and then dropped: it cannot be recomputed on the perturbed weights, because a value within ε of τ_i
@@ -53,8 +54,7 @@ class SparseMeZO(ZOSGD):
             raise ConfigError(f"sparsity={sparsity} must be in [0, 1): the fraction of each tensor's values left "
                               f"out (the largest in magnitude), e.g. 0.75")
         self.sparsity = float(sparsity)
-        self.thresholds: dict[int, float] = {}  # tensor index -> τ_i
-        # A step's mask: state_of(i)["mask"] (packed bits) for the step of state_of(i)["mask_seed"]
+        # state_of(i): "threshold" (τ_i), and a step's mask: "mask" (packed bits) for the step of "mask_seed"
 
     def _bits(self, i: int, p: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
         """The packed mask of tensor i for the step with `seed`, and whether it is still to be filled
@@ -64,10 +64,10 @@ class SparseMeZO(ZOSGD):
             return state["mask"], False
         if not p.is_contiguous():
             raise ConfigError("sparse-mezo needs contiguous parameters; call .contiguous() on them before training")
-        if i not in self.thresholds:  # at the first step; a large tensor's quantile from an even sample
+        if "threshold" not in state:  # at the first step; a large tensor's quantile from an even sample
             values = p.detach().reshape(-1)[:: max(1, p.numel() // _SAMPLE)].abs()  # at most 2·_SAMPLE values
             k = max(1, round((1 - self.sparsity) * values.numel()))  # how many values take part
-            self.thresholds[i] = float(values.kthvalue(k).values)
+            state["threshold"] = float(values.kthvalue(k).values)
         bits = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
         state.update(mask_seed=seed, mask=bits)
         return bits, True
@@ -77,7 +77,7 @@ class SparseMeZO(ZOSGD):
         """p ← (p + scale·z⊙m)·decay + then·z⊙m chunk by chunk (CHUNK is a multiple of 8: a chunk's mask
         is whole bytes), as `Directions.add` does for ZO-SGD; the first sweep of a step takes m."""
         bits, fill = self._bits(i, p, seed)
-        threshold = self.thresholds[i]
+        threshold = self.state_of(i)["threshold"]
 
         def fn(piece: torch.Tensor, z: torch.Tensor, start: int) -> None:
             if fill:
@@ -110,13 +110,8 @@ class SparseMeZO(ZOSGD):
         state.pop("mask", None)
         state.pop("mask_seed", None)
 
-    def state_dict(self):
-        state = super().state_dict()
-        state["zo"]["thresholds"] = dict(self.thresholds)
-        return state
-
     def load_state_dict(self, state_dict):
-        thresholds = state_dict.get("zo", {}).get("thresholds")
+        thresholds = state_dict.get("zo", {}).get("thresholds")  # where state dicts before 2026-12 kept them
         super().load_state_dict(state_dict)
-        if thresholds is not None:
-            self.thresholds = {int(i): float(t) for i, t in thresholds.items()}
+        for i, t in (thresholds or {}).items():
+            self.state_of(int(i)).setdefault("threshold", float(t))

@@ -15,8 +15,10 @@ runs unchanged). Then `engine.step(opt, closure)` takes one ZO step that visits 
 The same moves, in the same order, on the same values as `opt.step(closure)` on a resident model:
 streamed == resident bit for bit. Trainable tensors outside the blocks (final norm, tied embedding)
 stay on the device; each probe sees its own copy of them while it runs. A method's per-tensor state
-(`opt.tensor_state`: momentum, Adam's moments, HiZOO's Hessian, Sparse MeZO's mask of the step)
-travels with its block: on the device while the block is there, in host memory while it is away.
+(`opt.tensor_state`: momentum, Adam's moments, HiZOO's Hessian, Sparse MeZO's threshold and mask of
+the step) travels with its block: on the device while the block is there, and while it is away in
+host memory (RAM tier) or in the block's slot on disk, written and made current with its weights
+(disk tier), so that a disk-tier run killed at any moment resumes with the state of its blocks.
 
 Outside `step` (evaluation, any forward) a block is fetched on demand, brought up to date and
 released after use. `flush()` brings every block up to date: before a checkpoint and at the end.
@@ -81,6 +83,18 @@ class Precision:
             return cls(storage, compute, text + "; updates applied in float32")
         return cls(storage, compute, text + "; trained tensors kept as float32 masters on the tier and moved "
                    "in float32 (a 16-bit value would round away updates of about 1e-7 relative)")
+
+
+def refuse_unstreamable(method: type) -> None:
+    """Raise, with the method's own reason, when the optimizer class `method` cannot be streamed."""
+    if not getattr(method, "streamable", True):
+        raise ConfigError(f"{method.__name__} cannot be streamed: {method.why_not_streamable}; stream any other "
+                          f"method, or train it resident")
+
+
+def keeps_state(opt) -> bool:
+    """Whether `opt` keeps per-tensor state that must travel with a streamed block."""
+    return bool(getattr(opt, "state_per_value", 0) or getattr(opt, "replays_from_base", False))
 
 
 def _moved(state: dict, device: torch.device) -> dict:
@@ -212,6 +226,7 @@ class StreamEngine:
         self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
         self._opt = None
         self._host_state: dict[int, dict] = {}  # tensor index -> its optimizer state while its block is away
+        self._state_on_disk = False  # the disk tier holds the state of an optimizer that keeps one
         self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
         self.outside: list[tuple[int, nn.Parameter]] = []  # trainable tensors that stay on the device
         self._resident: dict[int, _Resident] = {}
@@ -236,13 +251,7 @@ class StreamEngine:
             return
         if self._opt is not None:
             raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
-        if not getattr(opt, "streamable", True):
-            raise ConfigError(f"{type(opt).__name__} cannot be streamed: {opt.why_not_streamable}; stream another method "
-                              f"(zosgd, zosgd-momentum, zoadam, zosgd-sign, hizoo, sparse-mezo), or train it resident")
-        if isinstance(self.tier, DiskTier) and (getattr(opt, "state_per_value", 0) or
-                                                getattr(opt, "replays_from_base", False)):
-            raise ConfigError(f"{type(opt).__name__} keeps state the disk tier's folder (the checkpoint of the "
-                              f"blocks) does not hold yet; stream it with --offload cpu, or train it resident")
+        refuse_unstreamable(type(opt))
         index = {id(p): i for i, p in opt.indexed()}
         in_blocks = set()
         group = getattr(opt, "group", None)
@@ -261,6 +270,11 @@ class StreamEngine:
                 self._state_away(j, opt)
         self.version = opt.steps
         self._opt = opt
+        self._state_on_disk = isinstance(self.tier, DiskTier) and keeps_state(opt)
+        for j in list(self._fetches):  # fetched before the optimizer was known: without its state, fetch again
+            _, _, keep, pooled, _ = self._fetches.pop(j).result()
+            for buf in [*keep, *pooled]:
+                self._pool.give(buf)
 
     def share_reads(self, group) -> None:
         """With a process group and the disk tier, each rank reads its slice of every block and the
@@ -305,11 +319,12 @@ class StreamEngine:
         if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
             def fetch(j=j):
                 host, buffers = self.tier.read(j, self._pool)
+                opt_state = self.tier.read_opt_state(j) if self._state_on_disk and self._trainable[j] else {}
                 tensors, event = self._transfers.to_device(host, self._dtypes(j))
                 if event is not None:  # the host buffer is free once the copy is done
                     event.synchronize()
-                    return tensors, event, [], buffers
-                return tensors, None, buffers, []
+                    return tensors, event, [], buffers, opt_state
+                return tensors, None, buffers, [], opt_state
             self._fetches[j] = self._worker.submit(fetch)
 
     def _arrive(self, j: int) -> _Resident:
@@ -317,16 +332,19 @@ class StreamEngine:
         if j in self._resident:
             return self._resident[j]
         self._submit_fetch(j)
-        tensors, event, keep, pooled = self._fetches.pop(j).result()
+        tensors, event, keep, pooled, opt_state = self._fetches.pop(j).result()
         for buf in pooled:
             self._pool.give(buf)
         self._transfers.wait(event, tensors)
         res = _Resident(tensors, keep)
         self._resident[j] = res
         if self._opt is not None:  # the block's optimizer state comes with it
-            for i, _ in self._trainable[j]:
-                if i in self._host_state:
+            for i, n in self._trainable[j]:
+                if i in self._host_state:  # held in host memory (RAM tier, or handed over before streaming)
                     self._opt.tensor_state[i] = _moved(self._host_state.pop(i), self.device)
+                    res.changed = res.changed or self._state_on_disk  # the tier must receive it
+                elif n in opt_state:
+                    self._opt.tensor_state[i] = _moved(opt_state[n], self.device)
         self._settle(j, res)
         self._bind(j)
         for ahead in range(1, self.prefetch + 1):
@@ -380,7 +398,10 @@ class StreamEngine:
         res = self._resident.pop(j)
         for p in self.params[j].values():
             p.data = _hollow(p)
-        if self._opt is not None:  # and leaves with it
+        opt_state = None
+        if self._state_on_disk:  # and leaves with it: to the tier with the weights (when they changed)
+            opt_state = {n: self._opt.tensor_state.pop(i) for i, n in self._trainable[j] if i in self._opt.tensor_state}
+        elif self._opt is not None:
             self._state_away(j, self._opt)
         state = self.states[j]
         changed = {n: res.tensors[n] for _, n in self._trainable[j]} if res.changed else {}
@@ -388,11 +409,18 @@ class StreamEngine:
 
         def write_back(j=j, state=state):
             if changed:
-                self.tier.write(j, self._transfers.to_host(changed, after), state)
+                self.tier.write(j, self._transfers.to_host(changed, after), state,
+                                None if opt_state is None else self._state_to_host(opt_state, after))
             for buf in res.host:
                 self._pool.give(buf)
         self._writes = [f for f in self._writes if not f.done()]
         self._writes.append(self._worker.submit(write_back))
+
+    def _state_to_host(self, opt_state: dict[str, dict], after) -> dict[str, dict]:
+        """A leaving block's optimizer state (by tensor name) in host memory, copied like its weights."""
+        tensors = {f"{n}::{k}": v for n, entries in opt_state.items() for k, v in entries.items() if torch.is_tensor(v)}
+        host = self._transfers.to_host(tensors, after)
+        return {n: {k: host.get(f"{n}::{k}", v) for k, v in entries.items()} for n, entries in opt_state.items()}
 
     def _state_away(self, j: int, opt) -> None:
         """Block j's optimizer state to host memory (the tier of the blocks) while the block is away."""
@@ -523,6 +551,9 @@ class StreamEngine:
                 res = self._resident.pop(in_hand)
                 for p in self.params[in_hand].values():
                     p.data = _hollow(p)
+                if self._state_on_disk:  # and its optimizer state: the tier's copy is the current one
+                    for i, _ in self._trainable[in_hand]:
+                        opt.tensor_state.pop(i, None)
                 for buf in res.host:
                     self._pool.give(buf)
             for b, state in enumerate(self.states):

@@ -14,8 +14,12 @@ Disk format (`zotune-stream/1`), one folder:
 - `block-NNNNN.slots.bin`: for the tensors that train, float32 copies in two slots written in turn
   (with float32 storage, slot 0 is the tensor's place in the block file itself);
 - `rest.safetensors`: everything outside the blocks (embeddings, final norm, head, buffers);
+- `block-NNNNN.state-S.safetensors`: with a method that keeps per-tensor state (momentum, Adam's
+  moments, HiZOO's Hessian, Sparse MeZO's threshold and mask of the step), that state as it was
+  when slot S was written, `<tensor name>::<key>` (numbers as 0-d tensors);
 - `state.bin`: one fixed-size record per block: the state of each slot and which one is current.
-A write-back goes to the slot that is not current, then one small record write makes it current:
+A write-back goes to the slot that is not current (weights, then optimizer state), then one small
+record write makes it current:
 a kill at any moment leaves every block whole, and the slot before it is there for a resume that
 needs to go back one step (a kill during a step whose record never reached the log).
 Blocks are read with positional reads into reused buffers, never memory-mapped, so they count
@@ -119,7 +123,8 @@ class RamTier:
         """(block j's stored tensors, no pool buffers): nothing is copied."""
         return dict(self.blocks[j]), []
 
-    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState) -> None:
+    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState, opt_state=None) -> None:
+        """Block j's trained tensors back in place (the optimizer state stays in the engine's hands)."""
         for name, t in tensors.items():
             stored = self.blocks[j][name]
             if t.data_ptr() != stored.data_ptr():
@@ -326,11 +331,14 @@ class DiskTier:
                 self._read_into(f, dest, offset)
         return out, ([buf] if pool is not None else [])
 
-    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState) -> None:
-        """Write block j's trained tensors to the slot that is not current, then make it current."""
+    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState,
+              opt_state: dict[str, dict] | None = None) -> None:
+        """Write block j's trained tensors, and the optimizer state of each (by tensor name) when the
+        method keeps one, to the slot that is not current, then make it current."""
         *states, current = self._record(j)
         slot = 1 - current
         self._write_slot(j, tensors, slot)
+        self._write_opt_state(j, opt_state, slot)
         kept = states[current]
         self._write_record(j, state if slot == 0 else kept, state if slot == 1 else kept, slot)
 
@@ -344,6 +352,59 @@ class DiskTier:
                 if e.errno == errno.ENOSPC:
                     raise ConfigError(f"the disk of {self.folder} is full while writing block {j}") from None
                 raise
+
+    def _state_path(self, j: int, slot: int) -> Path:
+        return self.folder / f"block-{j:05d}.state-{slot}.safetensors"
+
+    def _write_opt_state(self, j: int, opt_state: dict[str, dict] | None, slot: int) -> None:
+        """The optimizer state of slot `slot`: a new file put in place whole (a kill leaves the old one)."""
+        path = self._state_path(j, slot)
+        if opt_state is None:  # a method without state: a file from before must not pass for this slot's
+            path.unlink(missing_ok=True)
+            return
+        from safetensors.torch import save_file
+
+        flat, numbers = {}, []
+        for name, entries in opt_state.items():
+            for key, value in entries.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+                    raise TypeError(f"optimizer state {key!r} of {name} is a {type(value).__name__}; the disk tier "
+                                    f"stores tensors and numbers")
+                if torch.is_tensor(value):
+                    flat[f"{name}::{key}"] = value.detach().cpu().contiguous()
+                else:
+                    numbers.append(f"{name}::{key}")
+                    flat[numbers[-1]] = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per rank: ranks write the same bytes
+        try:
+            save_file(flat, str(tmp), metadata={"numbers": json.dumps(numbers)})
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise ConfigError(f"the disk of {self.folder} is full while writing the optimizer state of "
+                                  f"block {j}") from None
+            raise
+
+    def read_opt_state(self, j: int) -> dict[str, dict]:
+        """The optimizer state of block j's current slot by tensor name ({} when it has none yet)."""
+        from safetensors import safe_open
+
+        path = self._state_path(j, self._record(j)[-1])
+        if not path.exists():
+            return {}
+        out: dict[str, dict] = {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                numbers = set(json.loads((f.metadata() or {}).get("numbers", "[]")))
+                for flat_key in f.keys():
+                    name, key = flat_key.split("::", 1)
+                    t = f.get_tensor(flat_key)
+                    out.setdefault(name, {})[key] = t.item() if flat_key in numbers else t
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for a damaged file
+            raise ConfigError(f"{path} is damaged ({e}); the optimizer state of block {j} is lost: start the run "
+                              f"again from a fresh stream folder") from None
+        return out
 
     def _record(self, j: int) -> tuple[BlockState, BlockState, int]:
         v0, p0, s0, v1, p1, s1, current = _STATE.unpack(os.pread(self._state_file.fileno(), _STATE.size, j * _STATE.size))
