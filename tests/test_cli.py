@@ -134,14 +134,21 @@ def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_pa
 def test_ctrl_c_stops_cleanly_and_keeps_the_log(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "zotune", *train_args(tiny_model_dir, data_file, out, "--steps", "100000")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:  # files: never a full pipe
+        proc = subprocess.Popen([sys.executable, "-m", "zotune",
+                                 *train_args(tiny_model_dir, data_file, out, "--steps", "100000")],
+                                stdout=so, stderr=se, text=True, env=env)
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()  # a run that did not stop must not outlive the test
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert "stopping after this step" in stderr
     assert proc.returncode == 130, stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] >= 3

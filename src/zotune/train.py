@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -116,7 +117,11 @@ class _StopOnCtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr)
+        message = "\nstopping after this step (Ctrl-C again to abort now)\n"
+        try:  # a raw write: the handler may run inside a write to sys.stderr (the progress bar's), where print fails
+            os.write(sys.stderr.fileno(), message.encode())
+        except (OSError, ValueError):  # a stderr without a file descriptor (captured)
+            print(message, end="", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self._previous is not None:

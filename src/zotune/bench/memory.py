@@ -28,7 +28,6 @@ def _child(spec: dict) -> dict:
 
         quantize_(model, spec["quantize"], set(), log=lambda *a: None)
         params = [p for _, p in select_trainable(model, "scales")]
-        _release_freed_memory()  # the float32 weights just replaced: give their pages back before measuring
     ids = _batch(model.config.vocab_size, spec["batch"], spec["seq"])
 
     def closure():
@@ -47,17 +46,6 @@ def _child(spec: dict) -> dict:
         state = sum(t.nbytes for s in opt.tensor_state.values() for t in s.values() if torch.is_tensor(t))
         assert state == METHODS[spec["method"]][1].state_per_value * 4 * sum(p.numel() for p in params)
     return {**peak.stop(), "state_bytes": state, "values": sum(p.numel() for p in params)}
-
-
-def _release_freed_memory() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the measurement may include freed pages
-        pass
 
 
 def run_memory_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, log=print) -> dict:
