@@ -137,7 +137,9 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_log(tiny_model_dir, data_file, tmp_p
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:  # files: never a full pipe
         proc = subprocess.Popen([sys.executable, "-m", "zotune",
                                  *train_args(tiny_model_dir, data_file, out, "--steps", "100000")],
-                                stdout=so, stderr=se, text=True, env=env)
+                                stdout=so, stderr=se, text=True, env=env,
+                                # a suite started in the background has SIGINT ignored, and children inherit that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
