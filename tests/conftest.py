@@ -66,3 +66,13 @@ def data_file(tmp_path_factory):
     path.write_text("text,label\n" + "".join(
         f"film {i} was {'wonderful' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
     return path
+
+
+def exported(run, out):
+    """Every weight of the model a run ends with, by name (through `zotune export`)."""
+    from safetensors.torch import load_file
+
+    from zotune.cli import main
+
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import exported
 from zotune.cli import main
 from zotune.stream import DiskTier
 
@@ -85,12 +86,6 @@ def test_disk_tier_run_equals_resident_run_and_resumes_exactly(resident, tiny_mo
     assert len(params) == len(resident_final)
     for (name, p), i in zip(exported.named_parameters(), range(len(params))):
         assert torch.equal(p, resident_final[f"t{i}"]), name
-
-
-def exported(run, out):
-    """Every weight of the model a run ends with, by name (through `zotune export`)."""
-    assert main(["export", str(run), "--out", str(out)]) == 0
-    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("method", [[], ["--method", "zoadam"], ["--method", "sparse-mezo"]],

@@ -2,9 +2,9 @@
 
 import math
 import pytest
-from safetensors.torch import load_file
 import torch
 
+from conftest import exported
 from zotune.cli import main
 from zotune.config import ConfigError
 from zotune.methods import METHODS, list_methods, make_optimizer
@@ -177,12 +177,6 @@ def test_hizoo_matches_its_naive_reference():
 
 
 STREAMS = None  # no refusal: the method streams on both tiers, its state travelling with the blocks
-
-
-def exported(run, out):
-    """Every weight of the model a run ends with, by name (through `zotune export`)."""
-    assert main(["export", str(run), "--out", str(out)]) == 0
-    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("method, refusal", [
