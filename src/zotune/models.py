@@ -261,15 +261,17 @@ def _parts(spec: str) -> list[str]:
 
 def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
     """The forms of a trainable spec as (kind, argument) pairs; raises with the accepted forms."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"model.trainable={spec!r} must be a string; use one of: {TRAINABLE_FORMS}")
     out = []
-    for part in _parts(spec) if isinstance(spec, str) else [None]:
+    for part in _parts(spec):
         if part in ("all", "norms", "final-norm", "biases", "scales"):
             out.append((part, 0))
-        elif part and part.startswith("re:") and len(part) > 3:
+        elif part.startswith("re:") and len(part) > 3:
             out.append(("re", part[3:]))
-        elif part and part.startswith("modules:") and part[8:].strip(","):
+        elif part.startswith("modules:") and part[8:].strip(","):
             out.append(("modules", part[8:]))
-        elif part and part.startswith("last-blocks:") and part[12:].isdigit() and int(part[12:]) > 0:
+        elif part.startswith("last-blocks:") and part[12:].isdigit() and int(part[12:]) > 0:
             out.append(("last-blocks", int(part[12:])))
         else:
             raise ConfigError(f"model.trainable={spec!r} is not understood ({part!r}); use one of: {TRAINABLE_FORMS}")

@@ -29,7 +29,7 @@ class QuantizedLinear(nn.Module):
     """A linear layer whose weight is `weight_value()`, rebuilt from its quantized form at each forward."""
 
     is_quantized_linear = True  # how model code tells it from a norm (its own parameters are small too)
-    bits = 0
+    describe = ""  # for extra_repr
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -53,7 +53,7 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """An int8 weight with a trainable float scale per output row."""
 
-    bits, describe = 8, "int8 weight, scale per row"
+    describe = "int8 weight, scale per row"
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
@@ -70,7 +70,7 @@ class Int4Linear(QuantizedLinear):
     """A 4-bit weight, two values a byte, with a trainable float scale and a frozen minimum per group of
     32 inputs (w = scale·q + minimum, q in 0..15); `scale` is flat (row-major: row, then group)."""
 
-    bits, describe = 4, f"int4 weight, scale and minimum per {GROUP} inputs"
+    describe = f"int4 weight, scale and minimum per {GROUP} inputs"
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)

@@ -24,7 +24,8 @@ from zotune.prefix import FrozenPrefix
 from zotune.quant import dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
-from zotune.stream import StreamConfig, is_stream_folder, load_streamed, refuse_unstreamable, stream_, unstream_
+from zotune.stream import (StreamConfig, is_stream_folder, keeps_state, load_streamed, refuse_unstreamable, stream_,
+                           unstream_)
 from zotune.tasks import SUITE, Task, TaskConfig, load_rows, load_task_file, make_task
 from zotune.trackers import open_trackers
 
@@ -224,7 +225,7 @@ class Session:
         """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
         self.opt.skip(records)
         params = self._snapshot_params()
-        if use_snapshots and (self.opt.state_per_value or getattr(self.opt, "replays_from_base", False)):
+        if use_snapshots and keeps_state(self.opt):
             # snapshots hold weights, not momentum, moments or thresholds taken from the base weights
             self.log(f"{type(self.opt).__name__} keeps optimizer state: replaying every step from the base weights")
             use_snapshots = False

@@ -358,10 +358,9 @@ class DiskTier:
 
     def _write_opt_state(self, j: int, opt_state: dict[str, dict] | None, slot: int) -> None:
         """The optimizer state of slot `slot`: a new file put in place whole (a kill leaves the old one)."""
-        path = self._state_path(j, slot)
-        if opt_state is None:  # a method without state: a file from before must not pass for this slot's
-            path.unlink(missing_ok=True)
+        if opt_state is None:  # a method without state (the engine then never reads state files)
             return
+        path = self._state_path(j, slot)
         from safetensors.torch import save_file
 
         flat, numbers = {}, []
