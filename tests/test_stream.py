@@ -26,8 +26,10 @@ def evaluate(model):
         return [float(model(input_ids=x, labels=x).loss) for x in BATCHES[:2]]
 
 
-def run(family, steps=3, tier=None, folder=None, trainable="all", storage=None, evals=False, name="zosgd", **method):
-    """(losses, grads per step, evaluations, final trainable values) of a resident or streamed run."""
+def run(family, steps=3, tier=None, folder=None, trainable="all", storage=None, evals=False, name="zosgd",
+        accelerator=None, **method):
+    """(losses, grads per step, evaluations, final trainable values) of a resident or streamed run
+    (`accelerator`: the stream and copy calls of the engine, e.g. a fake one)."""
     model = tiny_model(family)
     if storage == "bfloat16":  # the resident reference starts from the same 16-bit values
         for p in model.parameters():
@@ -37,7 +39,7 @@ def run(family, steps=3, tier=None, folder=None, trainable="all", storage=None, 
     engine = None
     if tier:
         engine = stream_(model, StreamConfig(tier=tier, dir=str(folder) if folder else None, storage_dtype=storage),
-                         "cpu", **quiet)
+                         "cpu", accelerator=accelerator, **quiet)
     losses, grads, evals_out = [], [], []
     for t in range(steps):
         step = (lambda c: engine.step(opt, c)) if engine else opt.step

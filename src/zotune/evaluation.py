@@ -46,6 +46,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
                 log(problem)
             session = Session(cfgs, run, target, log)
             session.restore(records)
+            session.start_streaming()  # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device
         finally:
             if disk:
                 run.close()

@@ -176,19 +176,23 @@ class Session:
             if resume and self.stream_cfg.tier == "disk" and run.read_steps()[0]:
                 raise ConfigError(f"the stream folder {self.stream_cfg.dir} of this run is missing: its blocks are the "
                                   f"run's weights; restore the folder, or start a new run")
-            self.model, self.tokenizer = load_model(model_cfg, log=log)
-            self.model.to(device)
+            # Loaded on the CPU. Resident, the model goes to the device once it is complete (quantized,
+            # adapted) below; with a tier, only what lies outside the blocks ever does (stream_).
+            writer = group is None or group.is_main  # one writer of a disk tier; the other ranks then open it
+            if self.stream_cfg.tier != "disk" or writer:
+                self.model, self.tokenizer = load_model(model_cfg, log=log)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
-                if group is None or group.is_main:  # one writer; the other ranks then open the folder
+                if writer:
                     self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
                     self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
                 if group is not None:
                     group.barrier()
-                    if group.is_main:
+                    if writer:
                         self.engine.share_reads(group)
                     else:
                         self.model, self.engine = load_streamed(self.stream_cfg.dir, device, model_cfg.dtype,
                                                                 self.stream_cfg.prefetch, group, log)
+                        self.tokenizer = _folder_tokenizer(self.stream_cfg.dir)
                 base_hash = self.engine.tier.manifest["base_digest"]
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())
@@ -207,6 +211,8 @@ class Session:
                 {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
             quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)  # what trains stays float
         self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
+        if self.stream_cfg.tier == "none" and self.engine is None:
+            self.model.to(device)
         if not named:
             named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]

@@ -26,6 +26,7 @@ released after use. `flush()` brings every block up to date: before a checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -102,9 +103,19 @@ def _moved(state: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
-def _hollow(p: torch.Tensor) -> torch.Tensor:
-    """A stand-in with p's shape and dtype and one element of storage, for a block that is away."""
-    return torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+def _hollow(p: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A stand-in with p's shape and dtype and one element of storage (on `device`, default p's), for
+    a block that is away: nothing of p is copied to build it."""
+    return torch.zeros((), dtype=p.dtype, device=device or p.device).expand(p.shape)
+
+
+def _flat_state(opt_state: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The tensors of a block's optimizer state as `<tensor name>::<key>` (the disk tier's keys)."""
+    return {f"{n}::{k}": v for n, entries in opt_state.items() for k, v in entries.items() if torch.is_tensor(v)}
+
+
+def _unflat_state(opt_state: dict[str, dict], moved: dict[str, torch.Tensor]) -> dict[str, dict]:
+    return {n: {k: moved.get(f"{n}::{k}", v) for k, v in entries.items()} for n, entries in opt_state.items()}
 
 
 class _Abort(BaseException):
@@ -142,44 +153,93 @@ class _Worker:
         self._thread.join()
 
 
-class _Transfers:
-    """Host <-> device copies, device-generic: a side stream and events on an accelerator, plain on CPU."""
+class Accelerator:
+    """The device-generic calls the engine makes on an accelerator (`torch.cuda`, `torch.xpu`, ...).
+
+    A side stream, events, asynchronous copies and `record_stream`: the calls of torchao's CPU
+    offload, in one place, so that tests can put a fake in their place whose copies land only when
+    waited for (`tests/fake_accelerator.py`). `for_device` returns None on the CPU and on a device
+    without streams (MPS): the copies are then plain and synchronous.
+    """
+
+    pins = True  # host buffers are page-locked, so copies from them run asynchronously
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.accel = getattr(torch, device.type) if device.type != "cpu" else None
-        self.stream = self.accel.Stream(device) if self.accel is not None else None
+        self.module = getattr(torch, device.type)
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Accelerator | None:
+        module = getattr(torch, device.type, None) if device.type != "cpu" else None
+        return cls(device) if module is not None and hasattr(module, "Stream") else None
+
+    def new_stream(self):
+        return self.module.Stream(self.device)
+
+    def using(self, stream):
+        return self.module.stream(stream)
+
+    def current_stream(self):
+        return self.module.current_stream(self.device)
+
+    def copy(self, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(device, dtype, non_blocking=True)
+
+    def copy_into(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        t.record_stream(stream)
+
+
+class _Transfers:
+    """Host <-> device copies: on a side stream with events through an `Accelerator`, plain without one."""
+
+    def __init__(self, device: torch.device, accel: Accelerator | None = None):
+        self.device = device
+        self.accel = accel if accel is not None else Accelerator.for_device(device)
+        self.stream = self.accel.new_stream() if self.accel is not None else None
 
     def to_device(self, host: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]):
         """(device tensors, event or None); a tensor already right (CPU, same dtype) is used as is."""
         if self.accel is None:
-            return {n: (t if t.dtype == dtypes[n] else t.to(dtypes[n])) for n, t in host.items()}, None
-        with self.accel.stream(self.stream):
-            out = {n: t.to(self.device, dtypes[n], non_blocking=True) for n, t in host.items()}
+            return {n: t.to(self.device, dtypes[n]) for n, t in host.items()}, None
+        with self.accel.using(self.stream):
+            out = {n: self.accel.copy(t, self.device, dtypes[n]) for n, t in host.items()}
             event = self.stream.record_event()
         return out, event
 
     def wait(self, event, tensors: dict[str, torch.Tensor]) -> None:
         """Make the compute stream wait for a transfer (no host sync) and own its tensors."""
         if event is not None:
-            compute = self.accel.current_stream(self.device)
+            compute = self.accel.current_stream()
             compute.wait_event(event)
             for t in tensors.values():  # allocated on the side stream, freed after use on the compute stream
-                t.record_stream(compute)
+                self.accel.record_stream(t, compute)
 
     def mark_compute(self):
         """An event on the compute stream: a write-back copy must not start before it."""
-        return self.accel.current_stream(self.device).record_event() if self.accel is not None else None
+        return self.accel.current_stream().record_event() if self.accel is not None else None
 
-    def to_host(self, tensors: dict[str, torch.Tensor], after) -> dict[str, torch.Tensor]:
-        if self.accel is None:
-            return tensors
+    def to_host(self, tensors: dict[str, torch.Tensor], after, into: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Device tensors in host memory, once copied: into `into[name]` where given (the tier's own
+        storage: one copy, not two), else into new host tensors."""
+        if self.accel is None:  # the tier copies them into place itself, when they are not its own storage
+            return {n: t.cpu() for n, t in tensors.items()}
+        into = into or {}
         self.stream.wait_event(after)
-        with self.accel.stream(self.stream):
-            out = {}
+        out = {}
+        with self.accel.using(self.stream):
             for n, t in tensors.items():
-                t.record_stream(self.stream)  # the caching allocator must not reuse t before the copy ends
-                out[n] = t.to("cpu", non_blocking=False)
+                self.accel.record_stream(t, self.stream)  # the caching allocator must not reuse t before the copy ends
+                if n in into:
+                    self.accel.copy_into(into[n], t)
+                    out[n] = into[n]
+                else:
+                    out[n] = self.accel.copy(t, torch.device("cpu"), t.dtype)
+            done = self.stream.record_event()
+        done.synchronize()
         return out
 
 
@@ -217,7 +277,7 @@ class StreamEngine:
     """Streams a model's blocks; see the module docstring. Made by `stream_`, undone by `unstream_`."""
 
     def __init__(self, model: nn.Module, tier, layers: nn.ModuleList, device: torch.device,
-                 precision: Precision, prefetch: int = 1, log=print):
+                 precision: Precision, prefetch: int = 1, log=print, accelerator: Accelerator | None = None):
         self.model, self.tier, self.layers, self.device = model, tier, layers, torch.device(device)
         self.precision, self.prefetch, self.log = precision, prefetch, log
         self.params: list[dict[str, nn.Parameter]] = [dict(b.named_parameters()) for b in layers]
@@ -232,8 +292,8 @@ class StreamEngine:
         self._resident: dict[int, _Resident] = {}
         self._fetches: dict[int, Future] = {}
         self._writes: list[Future] = []
-        self._transfers = _Transfers(self.device)
-        self._pool = _Pool(pin=self._transfers.accel is not None)
+        self._transfers = _Transfers(self.device, accelerator)
+        self._pool = _Pool(pin=self._transfers.accel is not None and self._transfers.accel.pins)
         self._worker = _Worker(depth=2 * prefetch + 2)
         self._probe = threading.local()  # .lockstep and .r in a probe thread
         self._step: _Lockstep | None = None
@@ -317,10 +377,17 @@ class StreamEngine:
 
     def _submit_fetch(self, j: int) -> None:
         if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
-            def fetch(j=j):
+            def fetch(j=j):  # in the worker: the block and its optimizer state, copied on the side stream
                 host, buffers = self.tier.read(j, self._pool)
-                opt_state = self.tier.read_opt_state(j) if self._state_on_disk and self._trainable[j] else {}
-                tensors, event = self._transfers.to_device(host, self._dtypes(j))
+                if self._state_on_disk and self._trainable[j]:
+                    opt_state = {n: s for n, s in self.tier.read_opt_state(j).items()}
+                else:  # held in host memory while the block was away (its write-back came first: one worker)
+                    opt_state = {n: self._host_state.pop(i) for i, n in self._trainable[j] if i in self._host_state}
+                flat = _flat_state(opt_state)
+                tensors, event = self._transfers.to_device(
+                    {**host, **flat}, {**self._dtypes(j), **{k: v.dtype for k, v in flat.items()}})
+                opt_state = _unflat_state(opt_state, tensors)
+                tensors = {n: tensors[n] for n in host}
                 if event is not None:  # the host buffer is free once the copy is done
                     event.synchronize()
                     return tensors, event, [], buffers, opt_state
@@ -335,16 +402,16 @@ class StreamEngine:
         tensors, event, keep, pooled, opt_state = self._fetches.pop(j).result()
         for buf in pooled:
             self._pool.give(buf)
-        self._transfers.wait(event, tensors)
+        self._transfers.wait(event, {**tensors, **_flat_state(opt_state)})
         res = _Resident(tensors, keep)
         self._resident[j] = res
         if self._opt is not None:  # the block's optimizer state comes with it
             for i, n in self._trainable[j]:
-                if i in self._host_state:  # held in host memory (RAM tier, or handed over before streaming)
+                if i in self._host_state:  # handed over before streaming (disk tier): the tier must receive it
                     self._opt.tensor_state[i] = _moved(self._host_state.pop(i), self.device)
-                    res.changed = res.changed or self._state_on_disk  # the tier must receive it
+                    res.changed = res.changed or self._state_on_disk
                 elif n in opt_state:
-                    self._opt.tensor_state[i] = _moved(opt_state[n], self.device)
+                    self._opt.tensor_state[i] = opt_state[n]
         self._settle(j, res)
         self._bind(j)
         for ahead in range(1, self.prefetch + 1):
@@ -398,29 +465,29 @@ class StreamEngine:
         res = self._resident.pop(j)
         for p in self.params[j].values():
             p.data = _hollow(p)
-        opt_state = None
-        if self._state_on_disk:  # and leaves with it: to the tier with the weights (when they changed)
-            opt_state = {n: self._opt.tensor_state.pop(i) for i, n in self._trainable[j] if i in self._opt.tensor_state}
-        elif self._opt is not None:
-            self._state_away(j, self._opt)
+        # The optimizer state leaves with the block: to the tier with the weights (disk, when they
+        # changed), or to host memory (RAM tier), copied in the background like the weights.
+        opt_state = {} if self._opt is None else \
+            {n: self._opt.tensor_state.pop(i) for i, n in self._trainable[j] if i in self._opt.tensor_state}
         state = self.states[j]
         changed = {n: res.tensors[n] for _, n in self._trainable[j]} if res.changed else {}
-        after = self._transfers.mark_compute() if changed else None
+        after = self._transfers.mark_compute() if changed or opt_state else None
+        into = self.tier.host_storage(j) if changed else {}
 
         def write_back(j=j, state=state):
+            host_state = _unflat_state(opt_state, self._transfers.to_host(_flat_state(opt_state), after)) \
+                if opt_state else {}
             if changed:
-                self.tier.write(j, self._transfers.to_host(changed, after), state,
-                                None if opt_state is None else self._state_to_host(opt_state, after))
+                self.tier.write(j, self._transfers.to_host(changed, after, into), state,
+                                host_state if self._state_on_disk else None)
+            if not self._state_on_disk:
+                index = dict((n, i) for i, n in self._trainable[j])
+                for n, entries in host_state.items():
+                    self._host_state[index[n]] = entries
             for buf in res.host:
                 self._pool.give(buf)
         self._writes = [f for f in self._writes if not f.done()]
         self._writes.append(self._worker.submit(write_back))
-
-    def _state_to_host(self, opt_state: dict[str, dict], after) -> dict[str, dict]:
-        """A leaving block's optimizer state (by tensor name) in host memory, copied like its weights."""
-        tensors = {f"{n}::{k}": v for n, entries in opt_state.items() for k, v in entries.items() if torch.is_tensor(v)}
-        host = self._transfers.to_host(tensors, after)
-        return {n: {k: host.get(f"{n}::{k}", v) for k, v in entries.items()} for n, entries in opt_state.items()}
 
     def _state_away(self, j: int, opt) -> None:
         """Block j's optimizer state to host memory (the tier of the blocks) while the block is away."""
@@ -599,6 +666,23 @@ class StreamEngine:
                 self.tier.close()
 
 
+def _callers_context(device: torch.device, accel: Accelerator | None) -> Callable[[], contextlib.ExitStack]:
+    """What a new thread does not inherit from the one that calls this: its autocast state, and on
+    an accelerator its current stream (hence device). Returns a function that enters them."""
+    autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in dict.fromkeys(("cpu", device.type))
+                if torch.is_autocast_enabled(kind)]
+    stream = accel.current_stream() if accel is not None else None
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if stream is not None:
+            stack.enter_context(accel.using(stream))
+        for kind, dtype in autocast:
+            stack.enter_context(torch.autocast(kind, dtype=dtype))
+        return stack
+    return enter
+
+
 class _Lockstep:
     """The probe forwards of one step, each in its own thread, advanced one block at a time.
 
@@ -616,6 +700,7 @@ class _Lockstep:
                          for r in probes}
         self._started = dict.fromkeys(probes, False)
         self._finished = dict.fromkeys(probes, False)
+        self._callers = _callers_context(engine.device, engine._transfers.accel)
 
     def _main(self, r: int) -> None:
         self.engine._probe.lockstep, self.engine._probe.r = self, r
@@ -623,7 +708,7 @@ class _Lockstep:
         try:
             if self._aborting:
                 raise _Abort
-            with torch.inference_mode():
+            with self._callers(), torch.inference_mode():
                 loss = self.closure()
             self._arrived.put((r, "done", float(loss)))
         except _Abort:
@@ -673,12 +758,14 @@ class _Lockstep:
 
 
 def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "cpu", blocks_path: str | None = None,
-            at_step: int = 0, log=print) -> StreamEngine:
+            at_step: int = 0, log=print, accelerator: Accelerator | None = None) -> StreamEngine:
     """Move `model`'s transformer blocks to the tier of `cfg`, in place; returns the engine.
 
-    Everything outside the blocks goes to `device`. With the disk tier, `cfg.dir` is written from
-    the model's current weights, one block at a time (an existing stream folder is refused: load it
-    with `load_streamed` instead). `at_step`: how many steps the optimizer has taken on these weights.
+    Everything outside the blocks goes to `device`; the blocks never do (load the model on the CPU:
+    only stand-ins of one element are made on the device). With the disk tier, `cfg.dir` is written
+    from the model's current weights, one block at a time (an existing stream folder is refused: load
+    it with `load_streamed` instead). `at_step`: how many steps the optimizer has taken on these weights.
+    `accelerator`: the stream and copy calls to use (default: those of `device`; tests pass a fake).
     """
     from zotune.stream.folder import write_folder
 
@@ -690,27 +777,36 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
     compute = first.dtype
     storage = DTYPES[cfg.storage_dtype] if cfg.storage_dtype else compute
     precision = Precision.resolve(storage, compute)
+    accelerator = accelerator if accelerator is not None else Accelerator.for_device(device)
     _to_device_outside(model, layers, device)
     if cfg.tier == "cpu":
-        pin = device.type != "cpu"
+        pin = accelerator is not None and accelerator.pins
         blocks = []
         for block in layers:
             stored = {}
             for n, p in block.named_parameters():
-                t = p.data if p.device.type == "cpu" and p.dtype == storage else p.data.to("cpu", storage)
-                stored[n] = t.pin_memory() if pin else t
-                p.data = _hollow(p) if device.type == "cpu" else _hollow(p).to(device)
+                stored[n] = _host_copy(p.data, storage, pin)
+                p.data = _hollow(p, device)
             blocks.append(stored)
-        tier = RamTier(blocks)
+        tier = RamTier(blocks, pin)
         tier.states = [BlockState(at_step) for _ in blocks]
     else:
         write_folder(model, cfg.dir, storage, blocks_path, at_step, log=log)
         tier = DiskTier(cfg.dir)
         for block in layers:
             for p in block.parameters():
-                p.data = _hollow(p.data.to(device) if p.device != device else p.data)
+                p.data = _hollow(p, device)
     log(f"streaming {len(layers)} blocks from {'host memory' if cfg.tier == 'cpu' else cfg.dir}: {precision.reason}")
-    return StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log)
+    return StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log, accelerator)
+
+
+def _host_copy(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """`t` in host memory as `dtype` (page-locked with `pin`): `t` itself when it already is, else one copy."""
+    if t.device.type == "cpu" and t.dtype == dtype and (t.is_pinned() or not pin):
+        return t
+    out = torch.empty(t.shape, dtype=dtype, pin_memory=pin)
+    out.copy_(t)
+    return out
 
 
 def _to_device_outside(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:

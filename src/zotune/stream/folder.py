@@ -162,10 +162,11 @@ def is_stream_folder(path: str | Path) -> bool:
 
 
 def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype: str = "float32",
-                  prefetch: int = 1, group=None, log=print):
+                  prefetch: int = 1, group=None, log=print, accelerator=None):
     """(model, engine) for a stream folder: only what lies outside the blocks is loaded into memory.
 
     With a process group (`zotune.parallel.Group`), the ranks read the blocks in slices (see `share_reads`).
+    `accelerator`: as for `stream_`.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -202,6 +203,6 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
     storage = DTYPES[manifest["storage_dtype"]]
     precision = Precision.resolve(storage, compute)
     log(f"streaming {len(layers)} blocks from {folder}: {precision.reason}")
-    engine = StreamEngine(model, tier, layers, device, precision, prefetch, log)
+    engine = StreamEngine(model, tier, layers, device, precision, prefetch, log, accelerator)
     engine.share_reads(group)
     return model, engine

@@ -106,8 +106,8 @@ class RamTier:
 
     kind = "cpu"
 
-    def __init__(self, blocks: list[dict[str, torch.Tensor]]):
-        self.blocks = blocks
+    def __init__(self, blocks: list[dict[str, torch.Tensor]], pin: bool = False):
+        self.blocks, self.pin = blocks, pin
         self.states = [BlockState() for _ in blocks]
 
     def __len__(self) -> int:
@@ -115,13 +115,17 @@ class RamTier:
 
     def add_masters(self, j: int, names: list[str]) -> None:
         for name in names:
-            if self.blocks[j][name].dtype != torch.float32:
-                t = self.blocks[j][name]
-                self.blocks[j][name] = t.float().pin_memory() if t.is_pinned() else t.float()
+            t = self.blocks[j][name]
+            if t.dtype != torch.float32:  # one copy, straight into page-locked memory when the tier pins
+                self.blocks[j][name] = torch.empty(t.shape, dtype=torch.float32, pin_memory=self.pin).copy_(t)
 
     def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """(block j's stored tensors, no pool buffers): nothing is copied."""
         return dict(self.blocks[j]), []
+
+    def host_storage(self, j: int) -> dict[str, torch.Tensor]:
+        """Where a write-back of block j may copy its tensors directly: their stored tensors."""
+        return self.blocks[j]
 
     def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState, opt_state=None) -> None:
         """Block j's trained tensors back in place (the optimizer state stays in the engine's hands)."""
@@ -330,6 +334,10 @@ class DiskTier:
             for f, offset, dest in reads:
                 self._read_into(f, dest, offset)
         return out, ([buf] if pool is not None else [])
+
+    def host_storage(self, j: int) -> dict[str, torch.Tensor]:
+        """No host tensor is the stored block: a write-back copies to host memory, then to the file."""
+        return {}
 
     def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState,
               opt_state: dict[str, dict] | None = None) -> None:
