@@ -155,3 +155,114 @@ def test_probe_threads_run_on_the_callers_stream():
         engine.step(opt, closure)
     engine.close()
     assert seen == [mine, mine]
+
+
+class _FakeCuda:
+    """torch.cuda as a machine with `count` GPUs would answer (for device resolution only)."""
+
+    def __init__(self, count):
+        self.count, self.current = count, None
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return self.count
+
+    def set_device(self, device):
+        self.current = device
+
+
+@pytest.mark.parametrize("name, local, want", [("cuda", 0, "cuda:0"), ("cuda", 3, "cuda:3"), ("cuda:0", 2, "cuda:2"),
+                                               ("cuda:4", 1, "cuda:5"), ("auto", 1, "cuda:1"), ("cpu", 3, "cpu")])
+def test_under_torchrun_every_process_has_its_own_gpu(name, local, want, monkeypatch):
+    from zotune.train import resolve_device
+
+    monkeypatch.setattr(torch, "cuda", _FakeCuda(8))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    assert resolve_device(name) == torch.device(want)
+
+
+def test_more_processes_than_gpus_is_refused_with_one_line(monkeypatch):
+    from zotune.train import resolve_device
+
+    monkeypatch.setattr(torch, "cuda", _FakeCuda(2))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match="local rank 2 would use cuda:2, but this machine has 2"):
+        resolve_device("cuda")
+
+
+def test_the_process_group_is_bound_to_this_process_gpu(monkeypatch):
+    import torch.distributed as dist
+
+    from zotune.parallel import Group, ParallelDims
+
+    calls = {}
+    fake = _FakeCuda(4)
+    monkeypatch.setattr(torch, "cuda", fake)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "barrier", lambda **kw: calls.update(barrier=kw))
+    group = Group.from_env(ParallelDims(data=2), torch.device("cuda:1"))
+    group.barrier()
+    assert calls["backend"] == "nccl" and calls["device_id"] == torch.device("cuda:1") and fake.current == torch.device("cuda:1")
+    assert calls["barrier"] == {"device_ids": [1]}
+
+
+def test_a_device_without_streams_copies_plainly():
+    from zotune.stream.engine import Accelerator
+
+    assert Accelerator.for_device(torch.device("mps")) is None  # torch.mps has no Stream
+    assert Accelerator.for_device(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("decay, then", [(1.0, 0.0), (0.999, -3e-4)])
+def test_the_accelerator_sweep_gives_the_cpu_bits(decay, then, monkeypatch):
+    """An accelerator draws Rademacher directions in larger chunks, eagerly: the same bits as the
+    CPU's fused kernel and its eager path (run here on the CPU with the accelerator's chunk)."""
+    from zotune.methods import perturb
+
+    n = perturb.ACCELERATOR_CHUNK + 12_345  # more than one chunk, and a ragged end
+    start = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for path in ("fused", "eager", "accelerator"):
+        d = perturb.Directions("rademacher", threads=1)
+        d.fused = path == "fused"
+        if path == "accelerator":
+            monkeypatch.setattr(d, "chunk", lambda device: perturb.ACCELERATOR_CHUNK)
+        p = start.clone()
+        d.add(p, 1234, 1, 7, 1e-3, decay, then)
+        out[path] = p
+    assert torch.equal(out["fused"], out["eager"]) and torch.equal(out["eager"], out["accelerator"])
+    z = perturb.Directions("rademacher").z(start[:1000], 1234, 1, 7)
+    assert torch.equal(torch.sign(z), z) and z.abs().sum() == 1000  # really ±1
+
+
+def test_a_run_records_the_device_of_its_directions(tiny_model_dir, data_file, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, 1)) == 0
+    assert json.loads((out / "base.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_gaussian_directions_drawn_on_another_device_are_refused(distribution, tiny_model_dir, data_file, tmp_path,
+                                                                  capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, 2, f"method.distribution={distribution}")) == 0
+    base = json.loads((out / "base.json").read_text())
+    (out / "base.json").write_text(json.dumps({**base, "device": "cuda (NVIDIA H200)"}))
+    code = main(["resume", str(out), "run.steps=3"])
+    if distribution == "gaussian":  # drawn by CUDA's generator: this CPU cannot redraw them
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "drew its gaussian directions on cuda (NVIDIA H200)" in err and "run.device=cuda" in err
+    else:  # counter-based: the same bits on every device
+        assert code == 0

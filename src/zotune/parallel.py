@@ -87,9 +87,11 @@ class Group:
 
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=dims.timeout))
+            bound = {}
+            if device.type == "cuda":  # this process's own GPU (`resolve_device`), bound to its communicator
+                torch.cuda.set_device(device)
+                bound = {"device_id": device}
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=dims.timeout), **bound)
         return cls(dims, dist.get_rank(), device)
 
     @property
@@ -159,7 +161,8 @@ class Group:
     def barrier(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier()
+        # NCCL's barrier must be told this rank's GPU, or it guesses one from the rank (GPU 0 for all, at worst)
+        dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
 
 
 def weights_digest(tensors) -> bytes:

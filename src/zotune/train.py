@@ -19,6 +19,7 @@ from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
 from zotune.methods import METHODS, MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
+from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.quant import dequantize_, quantize_
@@ -61,12 +62,28 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
 
 
 def resolve_device(name: str) -> torch.device:
+    """The compute device of this process, with its index.
+
+    `auto` is CUDA when there is one, else the CPU. Under torchrun every process has its own
+    accelerator: `cuda` or `cuda:K` gives the process of local rank L the device K + L.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run.device={name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    if module is None or not module.is_available():
         raise ConfigError(f"run.device={name!r} is not available on this machine; use run.device=cpu")
-    return device
+    local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    index, count = (device.index or 0) + local, module.device_count()
+    if index >= count:
+        raise ConfigError(f"run.device={name!r}: the process of local rank {local} would use {device.type}:{index}, but "
+                          f"this machine has {count}; start at most {count - (device.index or 0)} processes per machine")
+    return torch.device(device.type, index)
 
 
 @torch.inference_mode()
@@ -197,7 +214,9 @@ class Session:
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())
         base = run.write_base({"model": model_cfg.name, "source": folder or "/".join(
-            str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash, "directions": DIRECTIONS_FORMAT})
+            str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash, "directions": DIRECTIONS_FORMAT,
+            "device": drawn_on(device)})
+        _check_directions_device(base, method_cfg, device)
         adapter = cfgs.get("adapter") or AdapterConfig()
         if adapter.kind != "none" and self.engine is not None:
             raise ConfigError(f"adapter.kind={adapter.kind} with a disk-tier stream folder is not supported yet; "
@@ -279,6 +298,29 @@ class Session:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+def _replay_device(run_dir: Path, method_cfg: MethodConfig) -> str:
+    """Where a run's steps can be redone: the CPU, or the kind of device its directions depend on."""
+    try:
+        base = json.loads((run_dir / "base.json").read_text())
+    except (OSError, ValueError):
+        return "cpu"  # Session says what is wrong with the folder
+    distribution = method_cfg.options().get("distribution", "rademacher")
+    if device_dependent(distribution, base.get("directions", 1)):
+        return base.get("device", "cpu").split(" ")[0]
+    return "cpu"
+
+
+def _check_directions_device(base: dict, method_cfg: MethodConfig, device: torch.device) -> None:
+    """Refuse to continue, replay or export a run on a device that draws its directions differently."""
+    distribution = method_cfg.options().get("distribution", "rademacher")
+    recorded, here = base.get("device", "cpu"), drawn_on(device)  # runs before the record was kept ran on the CPU
+    if recorded != here and device_dependent(distribution, base["directions"]):
+        what = f"{distribution} directions" if distribution == "gaussian" else "Rademacher directions of format 1"
+        raise ConfigError(f"this run drew its {what} on {recorded}, which this process ({here}) draws differently; "
+                          f"continue or evaluate it with run.device={recorded.split(' ')[0]} (--device) on the same kind of "
+                          f"device (Rademacher directions, the default, are the same on every device)")
 
 
 def _folder_tokenizer(folder: str):
@@ -488,7 +530,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
     run = RunFolder(run_dir, resume=True)
     try:
         cfgs = resolve_configs(run.path / "config.yaml", run_folder=True)
-        session = Session(cfgs, run, resolve_device("cpu"), log)
+        session = Session(cfgs, run, resolve_device(_replay_device(run.path, cfgs["method"])), log)
         records, problem = run.read_steps()
         if problem:
             log(problem)

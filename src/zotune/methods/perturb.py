@@ -28,10 +28,28 @@ import torch
 
 _MASK64 = (1 << 64) - 1
 CHUNK = 1 << 20
+# Rademacher directions of format 2 are the same bits whatever the chunk: on an accelerator a sweep
+# takes 16x larger chunks, so a 7B model's step launches about 16x fewer kernels (64 MB of scratch).
+ACCELERATOR_CHUNK = 1 << 24
 SLAB = 1 << 26  # values a fused kernel call covers (its words take 8 MB)
 DISTRIBUTIONS = ("gaussian", "rademacher")
 FORMAT = 2  # the direction format new runs use; see the module docstring
 FORMATS = (1, 2)
+
+
+def drawn_on(device: torch.device) -> str:
+    """What directions that depend on the device were drawn by: the device kind, and the GPU model
+    (CUDA's `normal_` sizes its launch, hence which random numbers land where, by the GPU's cores)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def device_dependent(distribution: str, version: int) -> bool:
+    """Whether directions of this kind differ between devices. Rademacher format 2 is integer
+    arithmetic on counters (the same bits everywhere, and z = ±1 makes a·z exact, so the updates
+    match too); Gaussian values and format 1's bytes come from each device's own generator."""
+    return distribution == "gaussian" or version == 1
 
 
 def _splitmix64(x: int) -> int:
@@ -131,11 +149,11 @@ def step_(piece: torch.Tensor, z: torch.Tensor, scale: float, decay: float = 1.0
         piece.add_(z, alpha=then)
 
 
-def _scratch(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _scratch(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
     # A normal tensor even when first needed under inference mode (an evaluation that settles a
     # streamed block): an inference tensor could not be written to in a later step.
     with torch.inference_mode(False):
-        return torch.empty(CHUNK, device=device, dtype=dtype)
+        return torch.empty(n, device=device, dtype=dtype)
 
 
 class Directions:
@@ -165,6 +183,12 @@ class Directions:
             store[key] = make()
         return store[key]
 
+    def chunk(self, device: torch.device) -> int:
+        """Values drawn at a time on `device`: CHUNK, which seeds Gaussian chunks (fixed), or larger
+        for counter-based directions on an accelerator (the same bits, fewer kernel launches)."""
+        counter_based = self.distribution == "rademacher" and self.version == 2
+        return ACCELERATOR_CHUNK if counter_based and device.type != "cpu" else CHUNK
+
     def _each_chunk(self, n: int, device: torch.device, step_seed: int, direction: int, tensor_index: int,
                     body: Callable[[int, torch.Generator], None]) -> None:
         """body(start, generator seeded for that chunk) for every chunk, on every core on CPU."""
@@ -175,7 +199,7 @@ class Directions:
             gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
             body(start, gen)
 
-        starts = range(0, n, CHUNK)
+        starts = range(0, n, self.chunk(device))
         # Rademacher drawing is not bound to one thread: each op runs on every core by itself.
         if self._pool is not None and device.type == "cpu" and len(starts) > 1 and self.distribution == "gaussian":
             list(self._pool.map(one, starts))
@@ -186,9 +210,9 @@ class Directions:
     def z(self, like: torch.Tensor, step_seed: int, direction: int, tensor_index: int) -> torch.Tensor:
         """z shaped like `like`, as a new tensor (for tensors that are not contiguous, and for tests)."""
         flat = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
-        key = direction_seed(step_seed, direction, tensor_index)
+        key, chunk = direction_seed(step_seed, direction, tensor_index), self.chunk(like.device)
         self._each_chunk(flat.numel(), like.device, step_seed, direction, tensor_index,
-                         lambda start, gen: draw(flat[start: start + CHUNK], gen, self.distribution, self.version,
+                         lambda start, gen: draw(flat[start: start + chunk], gen, self.distribution, self.version,
                                                  key, start))
         return flat.view(like.shape)
 
@@ -207,11 +231,11 @@ class Directions:
             return
         flat = p.view(-1)
         device, dtype = p.device, p.dtype
-        key = direction_seed(step_seed, direction, tensor_index)
+        key, chunk = direction_seed(step_seed, direction, tensor_index), self.chunk(device)
 
         def body(start: int, gen: torch.Generator) -> None:
-            piece = flat[start: start + CHUNK]
-            buf = self._per_thread("scratch", (device, dtype), lambda: _scratch(device, dtype))
+            piece = flat[start: start + chunk]
+            buf = self._per_thread("scratch", (device, dtype), lambda: _scratch(device, dtype, chunk))
             z = buf[: piece.numel()]
             draw(z, gen, self.distribution, self.version, key, start)
             if offsets:
