@@ -266,3 +266,27 @@ def test_gaussian_directions_drawn_on_another_device_are_refused(distribution, t
         assert "drew its gaussian directions on cuda (NVIDIA H200)" in err and "run.device=cuda" in err
     else:  # counter-based: the same bits on every device
         assert code == 0
+
+
+def test_the_gpu_check_runs_and_passes_on_the_cpu(capsys):
+    """`zotune bench gpu` is one prepared command; here on tiny shapes, where its bitwise checks hold."""
+    import json
+
+    assert main(["bench", "gpu", "--device", "cpu", "--quick", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and result["directions"]["equal"]
+    assert set(result["streamed_equals_resident"]) == {f"{m}/{t}" for m in ("zosgd", "zoadam", "n_directions=2")
+                                                       for t in ("cpu", "disk")}
+    assert "error" not in result["memory"] and "error" not in result["step_time"] and "error" not in result["scale"]
+
+
+def test_a_16_bit_tensor_trained_outside_the_blocks_is_refused():
+    """A bfloat16 final norm would round its updates away: refused, with the setting that works."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    params = [model.model.norm.weight, *model.model.layers[2].parameters()]
+    opt = make_optimizer("zosgd", params, lr=1e-3, eps=1e-3, seed=1)
+    engine = stream_(model, StreamConfig(tier="cpu"), "cpu", **quiet)
+    with pytest.raises(ConfigError, match="outside the blocks are bfloat16 .* model.dtype=float32 with "
+                                          "stream.storage_dtype=bfloat16"):
+        engine.attach(opt)
+    engine.close()

@@ -88,3 +88,54 @@ def test_methods_with_other_forwards_are_refused(tmp_path):
         t.create_optimizer()
     with pytest.raises(ConfigError, match="set it in TrainingArguments"):
         ZOTrainer(model=tiny_model("llama"), args=t.args, zo_options={"lr": 1.0})
+
+
+def test_fp16_loss_scaling_is_refused_with_one_line():
+    from types import SimpleNamespace
+
+    with pytest.raises(ConfigError, match="fp16=True .* use bf16=True"):
+        ZOTrainer(model=tiny_model("llama"), args=SimpleNamespace(fp16=True))
+
+
+def _rank(rank, world, port, out):
+    import torch.distributed as dist
+
+    from zotune.hf import WindowedZO
+    from zotune.methods import make_optimizer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = tiny_model("llama")
+    opt = WindowedZO(make_optimizer("zosgd", trainable(model), seed=5, lr=LR, eps=EPS))
+    ids = Sequences(8, seed=rank).ids  # each rank its own micro-batches
+    opt.probe(lambda: model(input_ids=ids, labels=ids).loss)
+    opt.step()
+    out[rank] = (opt.zo.last.grads, [p.detach().clone() for p in trainable(model)])
+    dist.destroy_process_group()
+
+
+def test_ranks_of_a_multi_gpu_trainer_take_the_same_update():
+    """DDP: each rank probes its own rows; the probe losses are averaged, so the ranks stay equal and
+    the projected gradient is the mean of the ranks' own."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(2, port, out), nprocs=2)
+    (g0, w0), (g1, w1) = out[0], out[1]
+    assert g0 == g1 and all(torch.equal(a, b) for a, b in zip(w0, w1))
+    alone = []
+    for rank in range(2):  # each rank's projected gradient on its own, with no group
+        from zotune.hf import WindowedZO
+        from zotune.methods import make_optimizer
+
+        model = tiny_model("llama")
+        opt = WindowedZO(make_optimizer("zosgd", trainable(model), seed=5, lr=LR, eps=EPS))
+        ids = Sequences(8, seed=rank).ids
+        opt.probe(lambda: model(input_ids=ids, labels=ids).loss)
+        opt.step()
+        alone.append(opt.zo.last.grads[0])
+    assert g0[0] == pytest.approx((alone[0] + alone[1]) / 2, rel=1e-9)

@@ -142,6 +142,14 @@ def _bench_memory(args) -> int:
     return 0
 
 
+def _bench_gpu(args) -> int:
+    from zotune.bench.gpu import run_gpu_check
+
+    result = run_gpu_check(args.device, args.quick, args.repeats, log=lambda *a: print(*a, file=sys.stderr))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0 if result["passed"] else 1
+
+
 def _shape_and_batch(parser: argparse.ArgumentParser, repeats: int) -> None:
     """The options every benchmark shares: the random-weight model, the batch, the repeats, --json."""
     parser.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
@@ -235,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("memory", help="optimizer state bytes per trainable value and peak RSS of a step, per method")
     _shape_and_batch(s, repeats=1)
     s.set_defaults(func=_bench_memory)
+    s = bsub.add_parser("gpu", help="the streaming checks and targets on an accelerator (docs/performance.md), as JSON")
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, on any device)")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="the JSON object on one line")
+    s.set_defaults(func=_bench_gpu)
     return parser
 
 

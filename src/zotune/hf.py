@@ -7,6 +7,9 @@ Trainer's: gradient accumulation (every micro-batch of a window is probed along 
 and their losses add up as the Trainer scales them, so a window of k micro-batches gives the
 projected gradient of the whole window), the lr scheduler, logging (`report_to` TensorBoard or W&B
 when installed), evaluation, checkpoints (the optimizer state is a few integers) and resuming.
+With several GPUs (DDP) each rank probes its own micro-batches and the probe losses are averaged
+over the ranks (two floats a step), so every rank takes the same update. `fp16=True` is refused
+(it scales a loss for a backward pass that ZO never takes); `bf16=True` autocasts as usual.
 
     trainer = ZOTrainer(model=model, args=TrainingArguments(..., learning_rate=1e-6), train_dataset=ds,
                         zo_method="zosgd", zo_options={"eps": 1e-3})
@@ -77,6 +80,7 @@ class WindowedZO(torch.optim.Optimizer):
             return None
         seed, plus, minus = self._window
         self._window = None
+        plus, minus = _mean_over_ranks([plus, minus], self._params[0][1].device if self._params else None)
         record = self.zo.finish(seed, [plus, minus])
         self.zo.update(self._params, record)
         return None
@@ -91,6 +95,19 @@ class WindowedZO(torch.optim.Optimizer):
         self.zo.load_state_dict(state_dict)
 
 
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    """The mean of `values` over the data-parallel ranks of a multi-GPU Trainer run (DDP): every rank
+    probed its own micro-batches along the same direction, and must take the same update."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    on = device if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
 class ZOTrainer(Trainer):
     """`transformers.Trainer` with a zotune ZO method in place of backprop (see the module docstring).
 
@@ -103,6 +120,10 @@ class ZOTrainer(Trainer):
         for key in ("lr", "weight_decay", "seed"):
             if key in self.zo_options:
                 raise ConfigError(f"zo_options[{key!r}]: set it in TrainingArguments (learning_rate, weight_decay, seed)")
+        training_args = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        if getattr(training_args, "fp16", False):
+            raise ConfigError("fp16=True makes the Trainer scale a loss for backward, and ZO has no backward: use "
+                              "bf16=True (autocast, no loss scaling), or load the model in float16 with fp16=False")
         super().__init__(*args, **kwargs)
         self.zo_optimizer: WindowedZO | None = None
 

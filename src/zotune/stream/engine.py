@@ -325,6 +325,12 @@ class StreamEngine:
             group.barrier()
             self.tier.reload_slots()
         self.outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
+        low = [p for _, p in self.outside if p.dtype != torch.float32]
+        if low:  # blocks get float32 masters; a 16-bit tensor outside them would round its updates away
+            raise ConfigError(f"{len(low)} trained tensors outside the blocks are {str(low[0].dtype)[6:]} and would "
+                              f"lose updates of about 1e-7 relative; use model.dtype=float32 with "
+                              f"stream.storage_dtype={str(low[0].dtype)[6:]} (blocks stored in 16 bits, computed in "
+                              f"float32), or train only tensors inside the blocks")
         for j in range(len(self.layers)):  # state the optimizer holds already (a resumed run)
             if j not in self._resident:
                 self._state_away(j, opt)
