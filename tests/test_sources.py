@@ -108,3 +108,80 @@ def test_k_shot_takes_k_of_each_label_from_the_fixed_split(tokenizer):
     assert not {id(e) for e in task16.train} & {id(e) for e in plain.test}  # (the data repeats some tweets)
     with pytest.raises(ConfigError, match=r"task.k_shot=20000: label '\w+' has only \d+ training examples"):
         ClassificationTask(TaskConfig(k_shot=20000, **cfg), tokenizer, examples)
+
+
+def _csv(path, rows):
+    path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    return str(path)
+
+
+def _texts(examples):
+    return sorted(e[0].removesuffix(" It was") for e in examples)
+
+
+def test_splits_from_their_own_files_and_the_single_file_split_unchanged(tmp_path):
+    """task.train / task.dev / task.test: a given split is read whole (or n of it, seeded); the others
+    are carved from the training rows as the single-file split carves them from task.data."""
+    from zotune.tasks import make_task
+
+    rows = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg"} for i in range(60)]
+    train, dev, test = _csv(tmp_path / "tr.csv", rows[:40]), _csv(tmp_path / "dv.csv", rows[40:48]), \
+        _csv(tmp_path / "te.csv", rows[48:])
+    verb = {"pos": "great", "neg": "terrible"}
+    task = make_task(TaskConfig(train=train, dev=dev, test=test, verbalizer=verb), None)
+    assert (len(task.train), len(task.dev), len(task.test)) == (40, 8, 12)
+    assert _texts(task.test) == sorted(r["text"] for r in rows[48:]) and _texts(task.dev) == sorted(r["text"] for r in rows[40:48])
+    sampled = make_task(TaskConfig(train=train, dev=dev, test=test, verbalizer=verb, n_test=5, n_dev=0), None)
+    assert len(sampled.test) == 5 and set(_texts(sampled.test)) <= set(_texts(task.test)) and len(sampled.dev) == 8
+    # only a test file: dev is carved from the training rows, exactly as from a single file of them
+    only_test = make_task(TaskConfig(train=train, test=test, verbalizer=verb, n_dev=6), None)
+    single = make_task(TaskConfig(data=train, verbalizer=verb, n_test=0 + 10, n_dev=6), None)
+    assert _texts(only_test.test) == _texts(task.test) and len(only_test.dev) == 6 and len(only_test.train) == 34
+    assert _texts(only_test.dev + only_test.train) == _texts(single.test + single.dev + single.train)
+    # the single-file split: test first, then dev, then train, by the fixed seed (unchanged)
+    import random
+    order = list(range(40))
+    random.Random(0).shuffle(order)
+    assert [e[0] for e in single.test] == [rows[i]["text"] + " It was" for i in order[:10]]
+    with pytest.raises(ConfigError, match="both name the training rows"):
+        TaskConfig(data=train, train=train, verbalizer=verb)
+    with pytest.raises(ConfigError, match=r"names no split; add it, e.g. task.dev=hf:x@validation"):
+        TaskConfig(train=train, dev="hf:x", verbalizer=verb)
+    with pytest.raises(ConfigError, match="task.n_test must be >= 1"):
+        TaskConfig(data=train, verbalizer=verb, n_test=0)
+
+
+def test_hf_named_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from zotune.tasks import make_task
+
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    for split, n in (("train", 30), ("validation", 6), ("test", 8)):
+        datasets.Dataset.from_list([{"text": f"{split} {i}", "label": "pos" if i % 2 else "neg"} for i in range(n)]) \
+            .to_parquet(str(folder / f"{split}.parquet"))
+    task = make_task(TaskConfig(train=f"hf:{folder}@train", dev=f"hf:{folder}@validation", test=f"hf:{folder}@test",
+                                verbalizer={"pos": "great", "neg": "terrible"}), None)
+    assert (len(task.train), len(task.dev), len(task.test)) == (30, 6, 8)
+    assert all(e[0].startswith("validation") for e in task.dev) and all(e[0].startswith("test") for e in task.test)
+
+
+def test_yes_no_labels_and_a_newline_typed_on_the_command_line(tmp_path):
+    """YAML 1.1 reads yes / no / on / off as booleans; zotune's options read them as the words they are.
+    A template typed with \\n on a command line gets a newline."""
+    from zotune.tasks import make_task
+    from zotune.train import resolve_configs
+
+    data = _csv(tmp_path / "yn.csv", [{"text": f"q{i}", "label": "yes" if i % 2 else "no"} for i in range(30)])
+    cfgs = resolve_configs(None, [f"task.data={data}", "task.verbalizer={yes: ' yes', no: ' no'}",
+                                  "task.template=Q: {text}\\nA:", "task.n_test=4", "task.n_dev=2"])
+    assert cfgs["task"].verbalizer == {"yes": " yes", "no": " no"} and cfgs["task"].template == "Q: {text}\nA:"
+    task = make_task(cfgs["task"], None)
+    assert {e[1] for e in task.train} == {"yes", "no"}
+    (tmp_path / "c.yaml").write_text(f"task:\n  data: {data}\n  verbalizer: {{on: ' on', off: ' off'}}\n"
+                                     "  template: \"{text}\\nA:\"\nrun:\n  group_by_length: yes\n")
+    cfgs = resolve_configs(tmp_path / "c.yaml")
+    assert cfgs["task"].verbalizer == {"on": " on", "off": " off"} and cfgs["task"].template == "{text}\nA:"
+    assert cfgs["run"].group_by_length is True
+    literal = resolve_configs(None, ["task.template={text}\\\\n"])  # \\ keeps a backslash
+    assert literal["task"].template == "{text}\\n"

@@ -1,6 +1,5 @@
 """The ZO-SGD variants against naive references that store z, on a quadratic, and through the CLI."""
 
-import math
 import pytest
 import torch
 

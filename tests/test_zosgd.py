@@ -310,7 +310,6 @@ def test_multi_chunk_directions_match_the_sequential_reference_whatever_the_thre
 def test_rademacher_signs_are_the_bits_of_the_counter_words(n, dtype):
     """Format 2: word j = splitmix64(key + j·γ) for key = direction_seed(s, k, i); value 32m + k is −1
     when bit 31 − k of 32-bit word m (little-endian halves of the 64-bit words) is set."""
-    from zotune.methods.perturb import _splitmix64
 
     z = Directions("rademacher").z(torch.zeros(n, dtype=dtype), 3, 0, 5)
     assert z.dtype == dtype and torch.equal(z.float(), rademacher_reference(n, 3, 0, 5))

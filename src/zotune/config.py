@@ -8,6 +8,8 @@ one sentence that names the problem and the fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,12 +20,35 @@ class ConfigError(ValueError):
     """A bad user input, reported as one line naming the problem and the fix."""
 
 
+@functools.cache
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return Loader
+
+
+def yaml_load(text: str) -> Any:
+    """`text` parsed as YAML with YAML 1.2's booleans: only true / false, so a label written yes, no,
+    on or off (booleans to YAML 1.1, as PyYAML reads them) stays the word it is."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 -- a SafeLoader
+
+
 def _yaml_value(text: str, where: str | None = None) -> Any:
     """`text` parsed as YAML; when it does not parse, a ConfigError naming `where`, or without one the text."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as e:
         if where is None:
             return text
@@ -104,7 +129,7 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

@@ -22,7 +22,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
     writes (to `out`, default RUN/eval.json for a run, else ./eval.json) one JSON object.
     """
     from zotune.runs import FollowerRun, RunFolder
-    from zotune.tasks import load_rows, make_task
+    from zotune.tasks import make_task
     from zotune.train import Session, evaluate, resolve_configs, resolve_device
 
     bad = [s for s in splits if s not in SPLITS]
@@ -37,7 +37,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
             raise ConfigError("a run folder is evaluated with its own model and method: pass only task.* or run.* "
                               "options (e.g. task.data=other.csv)")
         cfgs = resolve_configs(run_dir / "config.yaml", overrides, run_folder=True, task=task)
-        evaluated = make_task(cfgs["task"], None, load_rows(cfgs["task"].data))  # bad data stops before the model loads
+        evaluated = make_task(cfgs["task"], None)  # bad data stops before the model loads
         disk = cfgs["stream"].tier == "disk"
         run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
         try:
@@ -55,7 +55,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         from zotune.models import load_model
 
         cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None, task=task)
-        evaluated = make_task(cfgs["task"], None, load_rows(cfgs["task"].data))
+        evaluated = make_task(cfgs["task"], None)
         model, tokenizer = load_model(cfgs["model"], log=log)
         model.to(target)
         session, step = None, None

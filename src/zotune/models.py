@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,14 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"model file {cfg.name} does not exist; pass an existing .gguf file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ConfigError(f"model file {cfg.name} is not a GGUF file (it does not start with GGUF); pass a "
+                                  f".gguf model file or a model folder")
         return str(path.parent), path.name
+    if path.is_file():
+        raise ConfigError(f"model path {cfg.name} is a file, not a model; pass a model folder (config.json and "
+                          f"weights), a .gguf file, a hub name like org/model, or the built-in {DEFAULT_MODEL!r}")
     if cfg.gguf_file:
         return cfg.name, cfg.gguf_file
     looks_local = path.is_absolute() or cfg.name.startswith((".", "~")) or path.exists()
@@ -105,7 +113,6 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
 
 def load_model(cfg: ModelConfig, log=print):
     """Load (model, tokenizer). GGUF files are converted once to a safetensors cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source, gguf = resolve_source(cfg)
@@ -148,8 +155,10 @@ def _load(cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype, l
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"could not load model {cfg.name!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 -- OSError, ValueError, SafetensorError, ...: a missing or damaged file
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"could not load model {cfg.name!r} ({type(e).__name__}: {why[:200]}); pass a complete "
+                              f"model folder (config.json, tokenizer and weights) or download it again") from None
     else:
         model, tokenizer = _load_gguf_cached(Path(source) / gguf, dtype, _cache_root(cfg.cache_dir), log)
     return model, tokenizer
@@ -171,10 +180,15 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, cache_root: Path, log):
         return (AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
                 AutoTokenizer.from_pretrained(cache))
     log(f"converting {path.name} to safetensors once (cached in {cache}); later loads take seconds")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # A model loaded from GGUF refuses save_pretrained: rebuild it from a clean config.
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained: rebuild it from a clean config.
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 -- the gguf reader raises struct.error, ValueError, KeyError, ... on a bad file
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"[:200]
+        raise ConfigError(f"model file {path} could not be read as a GGUF model ({why}); it may be truncated or "
+                          f"damaged: download it again") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -268,6 +282,11 @@ def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
         if part in ("all", "norms", "final-norm", "biases", "scales"):
             out.append((part, 0))
         elif part.startswith("re:") and len(part) > 3:
+            try:
+                re.compile(part[3:])
+            except re.error as e:
+                raise ConfigError(f"model.trainable={spec!r}: {part[3:]!r} is not a valid regular expression ({e}); "
+                                  f"escape special characters, e.g. re:layers\\.1\\.") from None
             out.append(("re", part[3:]))
         elif part.startswith("modules:") and part[8:].strip(","):
             out.append(("modules", part[8:]))
@@ -312,8 +331,6 @@ def select_trainable(model: nn.Module, spec, blocks_path: str | None = None) -> 
       `modules:LlamaAttention` trains nothing, its linears are children: `modules:Linear`);
     - `re:PATTERN`: parameters whose qualified name matches PATTERN.
     """
-    import re
-
     named = list(model.named_parameters())  # named_parameters() already drops tied duplicates
     if callable(spec):
         ids = {id(p) for name, m in model.named_modules() if spec(name, m) for p in m.parameters(recurse=False)}

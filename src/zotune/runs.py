@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import time
 import zlib
@@ -79,6 +80,8 @@ class RunFolder:
         elif (self.path / "summary.json").exists() or any(
                 (self.path / name).exists() and (self.path / name).stat().st_size for name in ("steps.log", "metrics.jsonl")):
             raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or `zotune resume {self.path}`")
+        # What was here before: a run refused during its setup takes away only what it wrote (`discard`).
+        self._existed = entries(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = (self.path / "lock").open("a+")
@@ -163,6 +166,12 @@ class RunFolder:
         self._metrics.close()
         self._steps.close()
         self._lock.close()  # releases the flock
+
+    def discard(self) -> None:
+        """Close, and remove what this new run wrote (the folder too when it made it): for a run
+        refused before its first step, so that the fixed command can use the same --out."""
+        self.close()
+        remove_new_entries(self.path, self._existed)
 
     # -- the checkpoint -------------------------------------------------------------------------
     def write_base(self, base: dict[str, Any]) -> dict[str, Any]:
@@ -317,6 +326,22 @@ class FollowerRun(RunFolder):
     def write_summary(self, *args, **kwargs) -> None: pass
     def plot(self) -> Path: return self.path / "curve.png"
     def close(self) -> None: pass
+    def discard(self) -> None: pass
+
+
+def entries(path: Path) -> set[str] | None:
+    """The names in folder `path` (None when there is no such folder): what `remove_new_entries` keeps."""
+    return set(os.listdir(path)) if path.is_dir() else None
+
+
+def remove_new_entries(path: Path, existed: set[str] | None) -> None:
+    """Remove from `path` what is not in `existed` (all of `path` when it did not exist)."""
+    if existed is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in set(os.listdir(path)) - existed if path.is_dir() else ():
+        target = path / name
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def encode_step(step: int, record: StepRecord, loss: float) -> bytes:

@@ -17,17 +17,19 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
-from zotune.methods import METHODS, MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
+from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.quant import dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
-from zotune.runs import FollowerRun, RunConfig, RunFolder, is_disk_full, tensor_digest
-from zotune.stream import (StreamConfig, is_stream_folder, keeps_state, load_streamed, refuse_unstreamable, stream_,
+from zotune.runs import FollowerRun, RunConfig, RunFolder, entries, is_disk_full, remove_new_entries, tensor_digest
+from zotune.stream import (StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_,
                            unstream_)
-from zotune.tasks import SUITE, Task, TaskConfig, load_rows, load_task_file, make_task
+from zotune.combinations import check as check_combinations
+from zotune.tasks import SUITE, Task, TaskConfig, load_task_file, make_task
+from zotune.tasks.base import command_line_escapes
 from zotune.trackers import open_trackers
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, "method": MethodConfig,
@@ -52,12 +54,16 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
     if task:  # it replaces the task a config file (or a run folder) describes
         layers = [{k: v for k, v in layer.items() if k != "task"} for layer in layers]
         layers.append({"task": {"name": task} if task in SUITE else load_task_file(task)})
-    values = merge(*layers, parse_overrides(list(overrides)), flags or {})
+    command_line = merge(parse_overrides(list(overrides)), flags or {})
+    if "task" in command_line:
+        command_line["task"] = command_line_escapes(command_line["task"])
+    values = merge(*layers, command_line)
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
     cfgs = {name: build(cls, values.get(name, {}), name) for name, cls in SECTIONS.items() if name != "method"}
     cfgs["method"] = method_config(values.get("method", {}))  # each method has its own options
+    check_combinations(cfgs)
     return cfgs
 
 
@@ -174,18 +180,25 @@ class Session:
     """
 
     def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False, group: Group | None = None):
+        self.engine, self._new_folder = None, None
+        try:
+            self._open(cfgs, run, device, log, resume, group)
+        except ConfigError:  # refused before training: a stream folder written just now goes away again
+            if self.engine is not None:
+                self.engine.close()
+            if self._new_folder is not None:
+                remove_new_entries(*self._new_folder)
+            raise
+
+    def _open(self, cfgs: dict, run: RunFolder, device, log, resume: bool, group: Group | None) -> None:
         self.run, self.log, self.device = run, log, device
         model_cfg, method_cfg = cfgs["model"], cfgs["method"]
         self.stream_cfg: StreamConfig = cfgs.get("stream") or StreamConfig()
         self.blocks_path = model_cfg.blocks_path
         self.engine = None
-        if self.stream_cfg.tier != "none" or is_stream_folder(model_cfg.name):  # before any block is written
-            refuse_unstreamable(METHODS[method_cfg.name][1])
         folder = model_cfg.name if is_stream_folder(model_cfg.name) else (
             self.stream_cfg.dir if self.stream_cfg.tier == "disk" and is_stream_folder(self.stream_cfg.dir) else None)
         if folder:  # blocks already on disk: load only what lies outside them
-            if self.stream_cfg.tier == "cpu":
-                raise ConfigError(f"{folder} is a stream folder (disk tier); drop stream.tier=cpu to train from it")
             self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch, group, log)
             self.tokenizer = _folder_tokenizer(folder)
             base_hash = self.engine.tier.manifest["base_digest"]
@@ -200,6 +213,9 @@ class Session:
                 self.model, self.tokenizer = load_model(model_cfg, log=log)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
                 if writer:
+                    if (cfgs.get("adapter") or AdapterConfig()).kind == "none":  # refused before the folder is written
+                        select_trainable(self.model, model_cfg.trainable, self.blocks_path)
+                    self._new_folder = (Path(self.stream_cfg.dir), entries(Path(self.stream_cfg.dir)))
                     self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
                     self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
                 if group is not None:
@@ -218,13 +234,7 @@ class Session:
             "device": drawn_on(device)})
         _check_directions_device(base, method_cfg, device)
         adapter = cfgs.get("adapter") or AdapterConfig()
-        if adapter.kind != "none" and self.engine is not None:
-            raise ConfigError(f"adapter.kind={adapter.kind} with a disk-tier stream folder is not supported yet; "
-                              f"use --offload cpu or no offload")
-        if model_cfg.quantize != "none":
-            if adapter.kind != "none" or self.stream_cfg.tier != "none" or self.engine is not None:
-                raise ConfigError(f"model.quantize={model_cfg.quantize} works on a resident model without an adapter "
-                                  f"(not yet with adapter.kind or --offload)")
+        if model_cfg.quantize != "none":  # resident and without an adapter (combinations.py)
             only_scales = all(kind == "scales" for kind, _ in parse_trainable(model_cfg.trainable))
             keep = set() if only_scales else \
                 {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
@@ -342,6 +352,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     Under torchrun every rank calls this; rank 0 alone writes the run folder and prints.
     """
     cfgs = {name: cfgs.get(name) or cls() for name, cls in SECTIONS.items()}
+    check_combinations(cfgs)  # again, for configs built in Python
     model_cfg, task_cfg, method_cfg, run_cfg = cfgs["model"], cfgs["task"], cfgs["method"], cfgs["run"]
     started = time.perf_counter()
     if run_cfg.threads:
@@ -353,17 +364,18 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         log = lambda *a, **k: None  # noqa: E731 -- rank 0 speaks for the run
     # Inputs are checked before the run folder exists, so a fixed command can reuse the same --out.
     resolve_source(model_cfg)
-    task = make_task(task_cfg, None, load_rows(task_cfg.data))  # its rows checked here; its tokenizer comes below
+    task = make_task(task_cfg, None)  # its rows checked here; its tokenizer comes below
     if main:
         run = RunFolder(run_cfg.out, resume=resume)
         if resume:
             summary_path = run.path / "summary.json"
             done = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             if done.get("status") == "finished" and done.get("steps", 0) >= run_cfg.steps:
+                run.close()
                 raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
                                   f"train longer with `zotune resume {run.path} run.steps=N`")
-        run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
-        run.trackers = open_trackers(run_cfg.report_to, run.path, {name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
+        else:
+            run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     if group is not None:  # the others follow rank 0's folder (same name even when it was a timestamp)
         out = group.broadcast(str(run.path) if main else None)
         if not main:
@@ -371,13 +383,21 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     log(f"run folder: {run.path}" + (f" ({group.world} processes: data {group.dims.data} x perturb "
                                      f"{group.dims.perturb})" if group is not None else ""))
 
-    session = Session(cfgs, run, device, log, resume, group)
+    try:
+        session = Session(cfgs, run, device, log, resume, group)
+        task.bind(session.tokenizer)
+    except ConfigError:  # refused before step 0: a new run leaves nothing behind, a resumed one is as it was
+        run.close() if resume else run.discard()
+        raise
+    if main:
+        if resume:  # rewritten only now that the run continues (a longer run.steps, new defaults named)
+            run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
+        run.trackers = open_trackers(run_cfg.report_to, run.path, {name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     model, opt, params = session.model, session.opt, session.params
     if group is not None:  # the same model, config and seed on every rank, before any step
         group.check_same("the model, config and seed", text_digest(
             json.dumps({k: dataclasses.asdict(v) for k, v in cfgs.items() if k != "run"}, sort_keys=True, default=str)
             + str(run_cfg.seed) + weights_digest(session.params if session.engine is None else []).hex()))
-    task.bind(session.tokenizer)
     log(f"task: {task.describe()}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     adapter = cfgs["adapter"]

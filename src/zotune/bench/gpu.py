@@ -192,7 +192,7 @@ def measure_step_time(device, quick: bool, repeats: int) -> dict:
     resident_step, forward, model = _resident_step(config, device, batch)
     resident = _timed_steps(resident_step, device, repeats)
     forwards = _timed_steps(lambda: (forward(), forward()), device, repeats)
-    del resident_step, forward, model
+    resident_step = forward = model = None  # free the resident model before the streamed one
     if device.type == "cuda":
         torch.cuda.empty_cache()
     step, engine = _streamed_step(config, device, batch)

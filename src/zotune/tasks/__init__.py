@@ -13,10 +13,19 @@ from zotune.tasks.suite import SUITE, load_task_file
 TASK_TYPES = {"classification": ClassificationTask, "multiple_choice": MultipleChoiceTask, "generation": GenerationTask}
 
 
-def make_task(cfg: TaskConfig, tokenizer, table: Table | None = None) -> Task:
-    """The task `cfg` describes, over `table` (default: the rows of `cfg.data`)."""
-    return TASK_TYPES[cfg.type](cfg, tokenizer, table if table is not None else load_rows(cfg.data))
+def load_tables(cfg: TaskConfig) -> dict[str, Table]:
+    """The rows `cfg` names: {"data": rows} (split by the task), or {"train": ..., "dev": ..., "test": ...}
+    for the splits given as sources of their own."""
+    roles = {role: getattr(cfg, role) for role in ("train", "dev", "test") if getattr(cfg, role)}
+    if "train" not in roles:
+        roles = {"data": cfg.data, **roles}
+    return {role: load_rows(source, f"task.{role}") for role, source in roles.items()}
+
+
+def make_task(cfg: TaskConfig, tokenizer, table: Table | dict[str, Table] | None = None) -> Task:
+    """The task `cfg` describes, over `table` (default: the rows `cfg` names, `load_tables`)."""
+    return TASK_TYPES[cfg.type](cfg, tokenizer, table if table is not None else load_tables(cfg))
 
 
 __all__ = ["Batch", "ClassificationTask", "GenerationTask", "MultipleChoiceTask", "SUITE", "TASK_TYPES", "Table",
-           "Task", "TaskConfig", "load_rows", "load_task_file", "make_task"]
+           "Task", "TaskConfig", "load_rows", "load_tables", "load_task_file", "make_task"]

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import random
+import re
 import string
 from dataclasses import dataclass, field
 
@@ -34,12 +35,18 @@ class TaskConfig:
     `name` picks a task of the suite (tasks/suite.py: the MeZO set and the built-in data sets): its
     type, data, template, verbalizer, ... fill every option left at its default. The split is fixed
     by `split_seed`: the data is shuffled once, test examples come first, then dev, then train, so
-    changing a size never moves an example between splits.
+    changing a size never moves an example between splits. With splits of their own (`train`,
+    `dev`, `test`), a split that is given is read from its source (`n_dev` / `n_test` examples of
+    it, a seeded sample; 0: all of it) and those that are not are carved from the training rows as
+    above.
     """
 
     name: str = ""  # a suite task: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, rotten_tomatoes, ...
     type: str = ""  # classification, multiple_choice or generation; "": the named task's, else classification
     data: str = ""  # built-in name, file (.csv/.tsv/.jsonl/.json/.parquet) or hf:NAME; "": the named task's (rotten_tomatoes)
+    train: str = ""  # the training rows from their own source (a file or hf:NAME[:CONFIG]@SPLIT) instead of task.data
+    dev: str = ""  # the dev rows from their own source; "": carved from the training rows
+    test: str = ""  # the test rows from their own source; "": carved from the training rows
     template: str = ""  # the prompt; {field}s are columns of a row; "": the named task's, else "{text} It was"
     verbalizer: dict[str, str] = field(default_factory=dict)  # classification: label -> word
     choices: list[str] = field(default_factory=list)  # multiple choice: one template per candidate, or ["{list column}"]
@@ -65,11 +72,22 @@ class TaskConfig:
         if self.name and self.name not in SUITE:
             raise ConfigError(f"task.name={self.name!r} is not a suite task; choose from {', '.join(SUITE)} "
                               f"(or give task.type, task.data and task.template for your own)")
-        if not (self.name or self.data):
+        if self.train and self.data:
+            raise ConfigError(f"task.data={self.data} and task.train={self.train} both name the training rows; give "
+                              f"task.train (with task.dev / task.test) or task.data (split by zotune), not both")
+        if (self.dev or self.test) and not (self.train or self.data or self.name):
+            raise ConfigError("task.dev / task.test need training rows too: give task.train (or task.data)")
+        for role, split in (("dev", "validation"), ("test", "test")):  # hf:NAME alone would read its train split
+            source = getattr(self, role)
+            if source.startswith("hf:") and "@" not in source:
+                raise ConfigError(f"task.{role}={source} names no split; add it, e.g. task.{role}={source}@{split}")
+        if not (self.name or self.data or self.train):
             if self.type not in ("", "classification"):
                 raise ConfigError(f"task.data is needed for a {self.type} task: a file of its rows, or hf:NAME")
             self.data = "rotten_tomatoes"  # the default task
         named = SUITE.get(self.name or self.data)  # a built-in data set names its own task
+        if named is not None and self.train:
+            named = {k: v for k, v in named.items() if k != "data"}  # its prompt, over the user's own splits
         if named is not None and self.type and self.type != named.get("type", "classification"):
             if self.name:
                 raise ConfigError(f"task.name={self.name} is a {named.get('type', 'classification')} task; drop "
@@ -118,8 +136,9 @@ class TaskConfig:
         for name in ("n_train", "n_dev", "n_test", "k_shot"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"task.{name}={getattr(self, name)} must be >= 0")
-        if self.n_test < 1:
-            raise ConfigError("task.n_test must be >= 1: the metric before and after is measured on the test split")
+        if self.n_test < 1 and not self.test:
+            raise ConfigError("task.n_test must be >= 1: the metric before and after is measured on the test split "
+                              "(0 means all of it only with a test file, task.test)")
         if self.max_length < 8:
             raise ConfigError(f"task.max_length={self.max_length} is too short for a prompt; use >= 8 tokens")
         if self.type == "generation" and not 1 <= self.max_new_tokens < self.max_length:
@@ -133,6 +152,27 @@ class TaskConfig:
                 raise ConfigError(f"task.objective={self.objective!r}: a {self.type} task minimises "
                                   f"{', '.join(objective_names)}, or a function as module:name or file.py:name")
             load_function(self.objective, "task.objective")
+
+
+def unescape(text: str) -> str:
+    """`\n` and `\t` in `text` as a newline and a tab (`\\` for a backslash itself)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def command_line_escapes(values: dict) -> dict:
+    """Task options typed on a command line, with `\n` in their prompt texts read as a newline (a shell
+    passes a backslash and an n). Files are read as YAML is: a newline there is written "\n" or as one."""
+    from zotune.config import _coerce
+
+    out = dict(values)
+    for key in ("template", "stop"):
+        if isinstance(out.get(key), str) and out[key][:1] not in ("'", '"'):  # a quoted YAML scalar has its own escapes
+            out[key] = unescape(out[key])
+    if "verbalizer" in out:
+        out["verbalizer"] = {k: unescape(v) for k, v in _coerce(out["verbalizer"], dict[str, str], "task.verbalizer").items()}
+    if "choices" in out:
+        out["choices"] = [unescape(c) for c in _coerce(out["choices"], list[str], "task.choices")]
+    return out
 
 
 def _default(f: dataclasses.Field):
@@ -197,12 +237,37 @@ class Task:
 
     fixed_inputs = True
 
-    def __init__(self, cfg: TaskConfig, tokenizer, table: Table):
-        """Rows are checked and split here, without a tokenizer; `bind` (or a tokenizer here) adds it."""
+    def __init__(self, cfg: TaskConfig, tokenizer, table: Table | dict[str, Table]):
+        """Rows are checked and split here, without a tokenizer; `bind` (or a tokenizer here) adds it.
+        `table`: the rows of `task.data`, or {"data" or "train": rows, and "dev" / "test" where given}."""
         self.cfg = cfg
         self.tokenizer = None
         prepare = load_function(cfg.prepare, "task.prepare") if cfg.prepare else None
         self._fields = template_fields(cfg.template, "task.template")
+        tables = table if isinstance(table, dict) else {"data": table}
+        examples = {role: self._examples(t, prepare) for role, t in tables.items()}
+        pool_role = "train" if "train" in examples else "data"
+        pool = self._shuffled(examples[pool_role])
+        carved = [role for role in ("test", "dev") if role not in examples]
+        need = sum(getattr(cfg, f"n_{role}") for role in carved)
+        if need >= len(pool):
+            sizes = " + ".join(f"n_{role}={getattr(cfg, f'n_{role}')}" for role in carved)
+            raise ConfigError(f"{tables[pool_role].source} has {len(pool)} examples, too few for {sizes} and a train "
+                              f"split; lower {' / '.join(f'task.n_{role}' for role in carved)}"
+                              + ("" if pool_role == "train" else ", or give the splits as files (task.train, task.dev, task.test)"))
+        for role in ("test", "dev"):  # test first, then dev, then train: a size never moves an example across
+            n = getattr(cfg, f"n_{role}")
+            if role in examples:
+                given = examples[role]
+                setattr(self, role, given if n == 0 or n >= len(given) else self._shuffled(given)[:n])
+            else:
+                setattr(self, role, pool[:n])
+                pool = pool[n:]
+        self.train = self.k_shot(pool) if cfg.k_shot else pool[: cfg.n_train] if cfg.n_train else pool
+        if tokenizer is not None:
+            self.bind(tokenizer)
+
+    def _examples(self, table: Table, prepare) -> list:
         examples = []
         for i, row in enumerate(table.rows):
             where = table.where(i)
@@ -210,23 +275,16 @@ class Task:
                 try:
                     row = prepare(dict(row))
                 except Exception as e:  # the user's function: any error, reported with the row it failed on
-                    raise ConfigError(f"{where}: task.prepare={cfg.prepare} failed ({type(e).__name__}: {e})") from None
-            if cfg.text_column != "text" and "text" in self._fields and cfg.text_column in row:
-                row = {**row, "text": row[cfg.text_column]}
+                    raise ConfigError(f"{where}: task.prepare={self.cfg.prepare} failed ({type(e).__name__}: {e})") from None
+            if self.cfg.text_column != "text" and "text" in self._fields and self.cfg.text_column in row:
+                row = {**row, "text": row[self.cfg.text_column]}
             examples.append(self.example(row, where))
+        return examples
+
+    def _shuffled(self, examples: list) -> list:
         order = list(range(len(examples)))
-        random.Random(cfg.split_seed).shuffle(order)
-        shuffled = [examples[i] for i in order]
-        if cfg.n_test + cfg.n_dev >= len(shuffled):
-            raise ConfigError(
-                f"{cfg.data} has {len(shuffled)} examples, too few for n_test={cfg.n_test} + n_dev={cfg.n_dev} "
-                f"and a train split; lower task.n_test / task.n_dev")
-        self.test = shuffled[: cfg.n_test]
-        self.dev = shuffled[cfg.n_test: cfg.n_test + cfg.n_dev]
-        train = shuffled[cfg.n_test + cfg.n_dev:]
-        self.train = self.k_shot(train) if cfg.k_shot else train[: cfg.n_train] if cfg.n_train else train
-        if tokenizer is not None:
-            self.bind(tokenizer)
+        random.Random(self.cfg.split_seed).shuffle(order)
+        return [examples[i] for i in order]
 
     def bind(self, tokenizer) -> None:
         """Tokenize with `tokenizer` from now on (checks that need it, e.g. verbalizer tokens, run here)."""
@@ -236,7 +294,7 @@ class Task:
         cfg = self.cfg
         what = {"classification": f"verbalizer {cfg.verbalizer}", "multiple_choice": f"choices {cfg.choices}",
                 "generation": f"answer {cfg.answer!r}"}[cfg.type]
-        return f"{cfg.name or cfg.data} ({cfg.type.replace('_', ' ')}), template {cfg.template!r}, {what}"
+        return f"{cfg.name or cfg.data or cfg.train} ({cfg.type.replace('_', ' ')}), template {cfg.template!r}, {what}"
 
     # -- rows -> examples ---------------------------------------------------------------------
     def example(self, row: dict, where: str):

@@ -75,7 +75,7 @@ class ClassificationTask(Task):
         short = [label for label in self.labels if len(by_label.get(label, [])) < k]
         if short:
             raise ConfigError(f"task.k_shot={k}: label {short[0]!r} has only {len(by_label.get(short[0], []))} "
-                              f"training examples in {self.cfg.data}; lower k_shot")
+                              f"training examples in {self.cfg.train or self.cfg.data}; lower k_shot")
         chosen = {id(e) for label in self.labels for e in by_label[label][:k]}
         return [e for e in train if id(e) in chosen]
 

@@ -105,21 +105,21 @@ def _read_rows(path: Path) -> tuple[list[dict], int, str]:
     raise ConfigError(f"data file {path} has an unsupported type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
 
 
-def _hf_rows(source: str) -> list[dict]:
+def _hf_rows(source: str, option: str = "task.data") -> list[dict]:
     """Rows of `hf:NAME[:CONFIG][@SPLIT]` through `datasets.load_dataset` (split train by default);
     class-label integers become their names."""
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"task.data={source} needs the datasets package: pip install datasets") from None
+        raise ConfigError(f"{option}={source} needs the datasets package: pip install datasets") from None
     name, _, split = source[len("hf:"):].partition("@")
     path, _, config = name.partition(":")
     try:
         ds = datasets.load_dataset(path, config or None, split=split or "train")
     except Exception as e:  # offline, unknown name, unknown split: datasets' own exception types vary
         why = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise ConfigError(f"task.data={source}: datasets could not load it ({why}); offline, pass a local file of its "
-                          f"rows as task.data") from None
+        raise ConfigError(f"{option}={source}: datasets could not load it ({why}); offline, pass a local file of its "
+                          f"rows as {option}") from None
     rows = list(ds)
     for column, feature in ds.features.items():
         names = getattr(feature, "names", None)
@@ -132,18 +132,25 @@ def _hf_rows(source: str) -> list[dict]:
     return rows
 
 
-def load_rows(source: str) -> Table:
-    """The rows of a built-in data set, of `hf:...`, or of a local file."""
+def load_rows(source: str, option: str = "task.data") -> Table:
+    """The rows of a built-in data set, of `hf:...`, or of a local file (`option`: where the user named it)."""
     if source in BUILTIN_DATA:
         table = Table(BUILTIN_DATA[source](), source)
     elif source.startswith("hf:"):
-        table = Table(_hf_rows(source), source)
+        table = Table(_hf_rows(source, option), source)
     else:
         path = Path(source).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{option}={source} is a folder; pass a data file in it (.csv/.tsv/.jsonl/.json/.parquet)")
         if not path.is_file():
-            raise ConfigError(f"data file {source} does not exist; pass a .csv/.jsonl/.parquet file, hf:NAME, or a "
-                              f"built-in data set ({', '.join(BUILTIN_DATA)})")
-        rows, first, unit = _read_rows(path)
+            raise ConfigError(f"data file {source} does not exist ({option}); pass a .csv/.jsonl/.parquet file, hf:NAME, "
+                              f"or a built-in data set ({', '.join(BUILTIN_DATA)})")
+        try:
+            rows, first, unit = _read_rows(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        except csv.Error as e:
+            raise ConfigError(f"{source} is not a readable CSV file ({e}); check its quoting") from None
         table = Table(rows, source, first, unit)
     if not table.rows:
         raise ConfigError(f"data file {source} has no rows")

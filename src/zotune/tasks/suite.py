@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zotune.config import ConfigError
+from zotune.config import ConfigError, yaml_load
 
 _YES_NO = {"False": "No", "True": "Yes"}
 _BOOL_NAMES = ["False", "True"]
@@ -106,7 +106,7 @@ def load_task_file(path: str) -> dict:
 
         try:
             node = yaml.compose(file.read_text(encoding="utf-8"))
-            values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            values = yaml_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"task file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):

@@ -1,0 +1,102 @@
+"""Which settings do not go together, in one table, checked when the configuration is resolved.
+
+Each rule is a condition on the resolved sections (model, adapter, task, method, run, stream,
+parallel) and the sentence that says why and what to do. `check(cfgs)` runs them all before a
+model is loaded or anything is written (a run folder, a stream folder), so a refused combination
+costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zotune.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    applies: Callable[[dict], bool]  # True when the combination is refused
+    reason: Callable[[dict], str]  # one sentence: what is wrong and the fix
+
+
+def _streamed(c: dict) -> bool:
+    from zotune.stream import is_stream_folder
+
+    return c["stream"].tier != "none" or is_stream_folder(c["model"].name)
+
+
+def _method_class(c: dict):
+    from zotune.methods import METHODS
+
+    return METHODS[c["method"].name][1]
+
+
+def _one_direction_only(c: dict) -> bool:
+    return c["method"].name in ("zosgd-conservative", "hizoo", "forward-grad") and \
+        (c["method"].n_directions != 1 or c["method"].one_sided)
+
+
+RULES = [
+    Rule("unstreamable method",
+         lambda c: _streamed(c) and not getattr(_method_class(c), "streamable", True),
+         lambda c: f"method {c['method'].name} cannot be streamed: {_method_class(c).why_not_streamable}; "
+                   f"stream any other method, or train it resident (no --offload)"),
+    Rule("one-direction method",
+         _one_direction_only,
+         lambda c: f"method {c['method'].name} takes one two-sided direction: drop method.n_directions and "
+                   f"method.one_sided"),
+    Rule("forward-grad in several processes",
+         lambda c: c["method"].name == "forward-grad" and c["parallel"].data * c["parallel"].perturb > 1,
+         lambda c: "method forward-grad runs in one process: drop parallel.data / parallel.perturb"),
+    Rule("adapter on the disk tier",
+         lambda c: c["adapter"].kind != "none" and c["stream"].tier == "disk",
+         lambda c: f"adapter.kind={c['adapter'].kind} with --offload disk is not supported yet; use --offload cpu "
+                   f"(or no offload)"),
+    Rule("adapter on a stream folder",
+         lambda c: c["adapter"].kind != "none" and c["stream"].tier == "none" and _streamed(c),
+         lambda c: f"adapter.kind={c['adapter'].kind} on the stream folder {c['model'].name} is not supported yet; "
+                   f"train the adapter on the original model"),
+    Rule("quantized base with an adapter",
+         lambda c: c["model"].quantize != "none" and c["adapter"].kind != "none",
+         lambda c: f"model.quantize={c['model'].quantize} with adapter.kind={c['adapter'].kind} is not supported "
+                   f"yet; drop one of them"),
+    Rule("quantized base streamed",
+         lambda c: c["model"].quantize != "none" and _streamed(c),
+         lambda c: f"model.quantize={c['model'].quantize} is not streamed yet; drop --offload (a quantized base "
+                   f"is 4-8x smaller and may fit)"),
+    Rule("storage dtype without a tier",
+         lambda c: c["stream"].storage_dtype is not None and c["stream"].tier == "none",
+         lambda c: f"stream.storage_dtype={c['stream'].storage_dtype} sets how streamed blocks are stored: add "
+                   f"--offload cpu or --offload disk, or set model.dtype for a resident model"),
+    Rule("stream folder with the RAM tier",
+         lambda c: c["stream"].tier == "cpu" and _is_folder(c["model"].name),
+         lambda c: f"{c['model'].name} is a stream folder (disk tier); drop stream.tier=cpu to train from it"),
+    Rule("16-bit model streamed with trained tensors outside the blocks",
+         lambda c: _streamed(c) and c["model"].dtype != "float32" and c["adapter"].kind == "none"
+         and _trains_outside_blocks(c["model"].trainable),
+         lambda c: f"model.dtype={c['model'].dtype} with model.trainable={c['model'].trainable} trains tensors outside "
+                   f"the blocks in 16 bits, which round updates of about 1e-7 away; use model.dtype=float32 with "
+                   f"stream.storage_dtype={c['model'].dtype} (blocks stored in 16 bits), or train only block tensors"),
+]
+
+
+def _is_folder(name: str) -> bool:
+    from zotune.stream import is_stream_folder
+
+    return is_stream_folder(name)
+
+
+def _trains_outside_blocks(spec: str) -> bool:
+    """Whether a trainable spec certainly selects tensors outside the blocks (the final norm, embeddings)."""
+    from zotune.models import parse_trainable
+
+    return any(kind in ("all", "norms", "final-norm", "last-blocks") for kind, _ in parse_trainable(spec))
+
+
+def check(cfgs: dict) -> None:
+    """Raise ConfigError with the first rule the resolved configuration breaks."""
+    for rule in RULES:
+        if rule.applies(cfgs):
+            raise ConfigError(rule.reason(cfgs))
