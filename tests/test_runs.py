@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from zotune.cli import main
 from zotune.methods import StepRecord
-from zotune.runs import RunFolder, decode_steps, encode_step
+from zotune.runs import LOG_MAGIC, RunFolder, decode_steps, encode_step
+
+RECORD_START, RECORD = len(LOG_MAGIC), 42  # steps.log format 2: the magic, then 42 bytes a step (one direction, one group)
 
 STEPS = 24
 OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=5", "run.snapshot_every=7",
@@ -61,7 +63,7 @@ def kill_and_resume(model_dir, data, out, rng):
     log = out / "steps.log"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and log.stat().st_size >= 41 * target:
+        if log.exists() and log.stat().st_size >= RECORD_START + RECORD * target:
             break
         time.sleep(0.005)
     time.sleep(rng.random() * 0.05)  # land anywhere inside a step, a write or an evaluation
@@ -106,9 +108,9 @@ def test_damaged_step_log_resumes_from_the_last_good_step(damage, tiny_model_dir
     log = out / "steps.log"
     data = bytearray(log.read_bytes())
     if damage == "flip":
-        data[41 * 9 + 20] ^= 0x10  # inside the record of step 10
+        data[RECORD_START + RECORD * 9 + 20] ^= 0x10  # inside the record of step 10
     else:
-        data = data[: 41 * 9 + 17]
+        data = data[: RECORD_START + RECORD * 9 + 17]
     log.write_bytes(bytes(data))
     assert main(["resume", str(out), *RESUME]) == 0
     printed = capsys.readouterr().out
@@ -241,5 +243,60 @@ def test_a_run_from_before_direction_formats_replays_with_its_own(tiny_model_dir
 
 def test_log_records_are_small():
     record = encode_step(20000, StepRecord(19999, 2**61, [0.123456789], [0.7], [1e-6]), 0.7)
-    assert len(record) * 20000 < 1_000_000
-    assert decode_steps(record * 1)[2] is not None  # step 20000 where step 1 is expected: out of order
+    assert len(record) == 42 and len(record) * 20000 < 1_000_000
+    assert "out of order" in decode_steps(LOG_MAGIC + record)[2]  # step 20000 where step 1 is expected
+
+
+def test_a_multi_group_optimizer_replays_from_the_log(tmp_path):
+    """Format 2 records every parameter group's lr, so a Python optimizer with groups of their own lr
+    (and a schedule changing them) replays from steps.log alone, bit for bit."""
+    from zotune import ZOSGD
+
+    torch.manual_seed(0)
+    start = [torch.randn(6, 5), torch.randn(5), torch.randn(4, 6)]
+    target = [torch.randn_like(t) for t in start]
+
+    def groups(ts):
+        return [{"params": ts[:2], "lr": 1e-2}, {"params": ts[2:], "lr": 3e-3, "weight_decay": 0.1}]
+
+    live = [t.clone() for t in start]
+    opt = ZOSGD(groups(live), lr=1e-2, eps=1e-3, seed=4)
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    run = RunFolder(tmp_path / "run")
+    for step in range(1, 7):
+        opt.param_groups[1]["lr"] *= 0.5  # a schedule on the second group only
+        opt.step(lambda: sum(float(((a - b) ** 2).sum()) for a, b in zip(live, target)))
+        run.append_step(step, opt.last, 0.0)
+    run.close()
+    data = (tmp_path / "run" / "steps.log").read_bytes()
+    assert data.startswith(LOG_MAGIC)
+    records, _, problem = decode_steps(data)
+    assert problem is None and [r.lrs for r in records] == [[1e-2, 3e-3 * 0.5 ** k] for k in range(1, 7)]
+    replayed = [t.clone() for t in start]
+    again = ZOSGD(groups(replayed), lr=1e-2, eps=1e-3, seed=4)
+    for record in records:
+        again.replay(record)
+    assert all(torch.equal(a, b) for a, b in zip(live, replayed))
+
+
+def test_a_format_1_log_stays_readable_and_grows_in_its_own_format(tmp_path):
+    """Logs written before format 2 (no magic, one lr) are read as they are, and a resumed run appends
+    format-1 records to them; a multi-group replay of such a log is refused with one line."""
+    from zotune import ZOSGD
+    from zotune.config import ConfigError
+
+    old = [StepRecord(k, 1000 + k, [0.5 - k], [0.7], [1e-3]) for k in range(3)]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("run: {}\n")
+    (folder / "steps.log").write_bytes(b"".join(encode_step(k + 1, r, 0.7, log_format=1) for k, r in enumerate(old)))
+    run = RunFolder(folder, resume=True)
+    records, problem = run.read_steps()
+    assert problem is None and [(r.seed, r.grads, r.lrs) for r in records] == [(r.seed, r.grads, r.lrs) for r in old]
+    run.append_step(4, StepRecord(3, 1003, [0.1], [0.7], [1e-3, 5e-4]), 0.7)
+    run.close()
+    data = (folder / "steps.log").read_bytes()
+    assert not data.startswith(LOG_MAGIC) and len(decode_steps(data)[0]) == 4
+    two_groups = ZOSGD([{"params": [torch.zeros(3)]}, {"params": [torch.zeros(2)]}], lr=1e-3)
+    with pytest.raises(ConfigError, match="records 1 learning rate"):
+        two_groups.replay(records[0])

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -76,9 +77,32 @@ def test_disk_tier_run_equals_resident_run_and_resumes_exactly(resident, tiny_mo
     # A new run on a folder that another run has trained is refused.
     assert main(train_args(folder, data_file, tmp_path / "run3", STEPS)) == 2
 
-    # Export: a standard HF folder with the run's weights, blocks included.
+    # Export: a standard HF folder with the run's weights, blocks included, written block by block
+    # (never all blocks in memory: one shard per block, read from the tier one at a time).
     from transformers import AutoModelForCausalLM
-    assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+
+    import zotune.stream.tiers as tiers
+    import zotune.train as train_module
+    live, most, read = [0], [0], tiers.DiskTier.read
+
+    class Tracked(dict):  # a dict that can be watched by weakref
+        pass
+
+    def counted_read(self, j, pool=None):
+        values, bufs = read(self, j, pool)
+        values = Tracked(values)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(values, lambda: live.__setitem__(0, live[0] - 1))
+        return values, bufs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "unstream_", None)  # the whole-model path is not taken
+        mp.setattr(tiers.DiskTier, "read", counted_read)
+        assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+    assert 1 <= most[0] <= 2  # the block being written, and at most one the engine was holding
+    shards = sorted(p.name for p in (tmp_path / "exported").glob("model-*.safetensors"))
+    assert len(shards) == 4 and (tmp_path / "exported" / "model.safetensors.index.json").is_file()  # 3 blocks + the rest
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     resident_final = load_file(sorted((resident / "snapshots").glob("step-*.safetensors"))[-1])
@@ -106,7 +130,7 @@ def test_disk_tier_run_killed_anywhere_resumes_exactly(method, tiny_model_dir, d
     deadline = time.time() + 120
     while time.time() < deadline:
         log = out / "steps.log"
-        if log.exists() and log.stat().st_size >= 41 * 5:
+        if log.exists() and log.stat().st_size >= 8 + 42 * 5:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

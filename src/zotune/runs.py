@@ -2,9 +2,9 @@
 
 - `base.json`: the base model's name and content hash (a different base is refused on resume), and
   the format of the perturbation directions the log was drawn with.
-- `steps.log`: the checkpoint. One binary record per step, appended and flushed as the step ends,
-  each with its own CRC32: step, seed, projected gradient(s), lr, mean probe loss (41 bytes for one
-  direction: 20,000 steps in 820 KB). Base weights + this log = the fine-tuned weights, bit for bit.
+- `steps.log`: the checkpoint. A format header, then one binary record per step, appended and flushed
+  as the step ends, each with its own CRC32: step, seed, projected gradient(s), each parameter
+  group's lr, mean probe loss (42 bytes for one direction and one group: 20,000 steps in 840 KB). Base weights + this log = the fine-tuned weights, bit for bit.
 - `snapshots/step-NNNNNNN.safetensors`: the trainable tensors every `run.snapshot_every` steps (the
   last two kept), with a content digest, so that resuming replays at most that many steps.
 - `config.yaml`, `metrics.jsonl`, `summary.json`, `curve.png`: for people and plots.
@@ -97,6 +97,11 @@ class RunFolder:
         self._lock.flush()
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
         self._steps = (self.path / "steps.log").open("ab")
+        with (self.path / "steps.log").open("rb") as f:
+            self._log_format = log_format(f.read(len(LOG_MAGIC)))  # a log keeps the format it started in
+        if self._log_format == 2 and self._steps.tell() == 0:
+            self._steps.write(LOG_MAGIC)
+            self._steps.flush()
         self.trackers: list = []  # zotune.trackers: copies of the metrics, when run.report_to asks
 
     def write_config(self, sections: dict[str, Any]) -> None:
@@ -202,7 +207,7 @@ class RunFolder:
         return {"directions": 1, **recorded}
 
     def append_step(self, step: int, record: StepRecord, loss: float) -> None:
-        self._steps.write(encode_step(step, record, loss))
+        self._steps.write(encode_step(step, record, loss, self._log_format))
         self._steps.flush()
 
     def read_steps(self, repair: bool = False) -> tuple[list[StepRecord], str | None]:
@@ -298,10 +303,16 @@ HEADLINE_METRICS = tuple(dict.fromkeys(m for names in METRICS.values() for m in 
 
 
 # ----------------------------------------------------------------------------------------------
-# Record format of steps.log (little-endian): step u32, seed i64, n u8, n x grad f64, lr f64,
-# loss f64, then the CRC32 of all of that.
+# steps.log, little-endian. Format 2 (since logs began with LOG_MAGIC): after the 8-byte magic, per
+# step: step u32, seed i64, n u8, m u8, n x grad f64, m x lr f64 (one per parameter group, what
+# replay pairs with each group), loss f64, then the CRC32 of all of that (42 bytes for one direction
+# and one group). Format 1 (no magic; read, and appended to, as it is): step u32, seed i64, n u8,
+# n x grad f64, lr f64 (the first group's only), loss f64, CRC32.
+LOG_MAGIC = b"ZOTLOG2\n"
 _HEAD = struct.Struct("<IqB")
+_HEAD2 = struct.Struct("<IqBB")
 _TAIL = struct.Struct("<dd")
+_LOSS = struct.Struct("<d")
 _CRC = struct.Struct("<I")
 
 
@@ -344,23 +355,39 @@ def remove_new_entries(path: Path, existed: set[str] | None) -> None:
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def encode_step(step: int, record: StepRecord, loss: float) -> bytes:
-    body = _HEAD.pack(step, record.seed, len(record.grads)) + struct.pack(f"<{len(record.grads)}d", *record.grads) \
-        + _TAIL.pack(record.lrs[0] if record.lrs else float("nan"), loss)
+def encode_step(step: int, record: StepRecord, loss: float, log_format: int = 2) -> bytes:
+    """One record of steps.log in `log_format` (that of the log it is appended to)."""
+    grads = struct.pack(f"<{len(record.grads)}d", *record.grads)
+    if log_format == 1:
+        body = _HEAD.pack(step, record.seed, len(record.grads)) + grads + \
+            _TAIL.pack(record.lrs[0] if record.lrs else float("nan"), loss)
+    else:
+        if len(record.grads) > 255 or len(record.lrs) > 255:
+            raise ValueError("a step record holds at most 255 projected gradients and 255 parameter groups")
+        body = _HEAD2.pack(step, record.seed, len(record.grads), len(record.lrs)) + grads + \
+            struct.pack(f"<{len(record.lrs)}d", *record.lrs) + _LOSS.pack(loss)
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def log_format(data: bytes) -> int:
+    """The format of a steps.log that starts with `data` (an empty log is written in the newest)."""
+    return 2 if not data or data.startswith(LOG_MAGIC) else 1
+
+
 def decode_steps(data: bytes) -> tuple[list[StepRecord], int, str | None]:
-    """(records, bytes that are good, None or what is wrong after the last good step)."""
+    """(records, bytes that are good, None or what is wrong after the last good step); either format."""
     records: list[StepRecord] = []
-    pos = 0
+    fmt = log_format(data)
+    pos = len(LOG_MAGIC) if data.startswith(LOG_MAGIC) else 0
+    head = _HEAD if fmt == 1 else _HEAD2
     while pos < len(data):
         problem = None
-        if pos + _HEAD.size > len(data):
+        if pos + head.size > len(data):
             problem = "truncated"
         else:
-            step, seed, n = _HEAD.unpack_from(data, pos)
-            end = pos + _HEAD.size + 8 * n + _TAIL.size + _CRC.size
+            step, seed, n, *rest = head.unpack_from(data, pos)
+            m = rest[0] if rest else 1
+            end = pos + head.size + 8 * (n + m + 1) + _CRC.size
             if end > len(data):
                 problem = "truncated"
             elif zlib.crc32(data[pos: end - _CRC.size]) != _CRC.unpack_from(data, end - _CRC.size)[0]:
@@ -369,9 +396,9 @@ def decode_steps(data: bytes) -> tuple[list[StepRecord], int, str | None]:
                 problem = f"out of order (step {step} after {len(records)})"
         if problem:
             return records, pos, f"steps.log is {problem} after step {len(records)}; the run continues from step {len(records)}"
-        grads = list(struct.unpack_from(f"<{n}d", data, pos + _HEAD.size))
-        lr, loss = _TAIL.unpack_from(data, pos + _HEAD.size + 8 * n)
-        records.append(StepRecord(step - 1, seed, grads, [loss], [lr]))
+        values = struct.unpack_from(f"<{n + m + 1}d", data, pos + head.size)
+        grads, lrs, loss = list(values[:n]), list(values[n: n + m]), values[-1]
+        records.append(StepRecord(step - 1, seed, grads, [loss], lrs))
         pos = end
     return records, pos, None
 

@@ -25,7 +25,7 @@ from zotune.prefix import FrozenPrefix
 from zotune.quant import dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, entries, is_disk_full, remove_new_entries, tensor_digest
-from zotune.stream import (StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_,
+from zotune.stream import (StreamConfig, export_streamed, is_stream_folder, keeps_state, load_streamed, stream_,
                            unstream_)
 from zotune.combinations import check as check_combinations
 from zotune.tasks import SUITE, Task, TaskConfig, load_task_file, make_task
@@ -555,12 +555,16 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         if problem:
             log(problem)
         session.restore(records, use_snapshots=use_snapshots)
-        if session.engine is not None:  # a disk tier: bring every block into memory to save a normal folder
-            unstream_(session.model, session.engine)
-        dequantize_(session.model)  # a quantized base: standard linears holding q x the trained scales
+        if session.engine is not None and session.engine.tier.kind == "disk":  # block by block: larger than RAM
+            export_streamed(session.model, session.engine, out_path, log)
+            session.close()
+        else:
+            if session.engine is not None:
+                unstream_(session.model, session.engine)
+            dequantize_(session.model)  # a quantized base: standard linears holding q x the trained scales
+            session.model.save_pretrained(out_path)
     finally:
         run.close()
-    session.model.save_pretrained(out_path)
     session.tokenizer.save_pretrained(out_path)
     log(f"wrote {out_path} (step {len(records)}): load it with AutoModelForCausalLM.from_pretrained")
     return out_path

@@ -50,9 +50,7 @@ class ForwardGradient(ZOSGD):
         return torch.tensor(loss)
 
     def update(self, indexed, record: StepRecord) -> None:
-        lrs = record.lrs or [g["lr"] for g in self.param_groups]
-        groups = self._group_of()
-        group_lr = {id(g): lr for g, lr in zip(self.param_groups, lrs)}
+        groups, group_lr = self._group_of(), self._group_lrs(record)
         for i, p in indexed:
             group = groups[i]
             wd = group["weight_decay"] if p.dim() >= 2 else 0.0

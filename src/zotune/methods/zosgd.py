@@ -248,14 +248,21 @@ class ZOSGD(torch.optim.Optimizer):
         """
         n, seed = self.n_directions, record.seed
         restore = (-self.eps if self.one_sided else self.eps) if n == 1 else 0.0
-        lrs = record.lrs or [g["lr"] for g in self.param_groups]
-        groups = self._group_of()
-        group_lr = {id(g): lr for g, lr in zip(self.param_groups, lrs)}
+        groups, group_lr = self._group_of(), self._group_lrs(record)
         for i, p in indexed:
             group = groups[i]
             lr = group_lr[id(group)]
             wd = group["weight_decay"] if p.dim() >= 2 else 0.0
             self._update_tensor(i, p, record, lr, wd, restore)
+
+    def _group_lrs(self, record: StepRecord) -> dict[int, float]:
+        """id(parameter group) -> the lr `record` holds for it (a live step's own when it holds none)."""
+        lrs = record.lrs or [g["lr"] for g in self.param_groups]
+        if len(lrs) != len(self.param_groups):
+            raise ConfigError(f"step {record.step + 1} records {len(lrs)} learning rate(s) for {len(self.param_groups)} "
+                              f"parameter groups (a steps.log of format 1 keeps the first group's only); replay it "
+                              f"with the optimizer's groups as they were, or one group")
+        return {id(g): lr for g, lr in zip(self.param_groups, lrs)}
 
     def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
         """One tensor's update (the rule a variant changes): here θ ← θ·(1 − lr·wd) − lr·ĝ."""

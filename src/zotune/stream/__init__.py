@@ -10,9 +10,10 @@ A disk-tier folder is made once (`prepare_folder`, or `zotune stream prepare`) a
 
 from zotune.stream.engine import (Precision, StreamConfig, StreamEngine, keeps_state, refuse_unstreamable, stream_,
                                   unstream_)
-from zotune.stream.folder import is_stream_folder, load_streamed, prepare_folder, write_folder
+from zotune.stream.folder import export_streamed, is_stream_folder, load_streamed, prepare_folder, write_folder
 from zotune.stream.tiers import DiskTier, RamTier
 
-__all__ = ["DiskTier", "Precision", "RamTier", "StreamConfig", "StreamEngine", "is_stream_folder", "keeps_state",
+__all__ = ["DiskTier", "Precision", "RamTier", "StreamConfig", "StreamEngine", "export_streamed", "is_stream_folder",
+           "keeps_state",
            "load_streamed",
            "prepare_folder", "refuse_unstreamable", "stream_", "unstream_", "write_folder"]

@@ -206,3 +206,36 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
     engine = StreamEngine(model, tier, layers, device, precision, prefetch, log, accelerator)
     engine.share_reads(group)
     return model, engine
+
+
+def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Path:
+    """Write a streamed model as a standard, sharded HF folder (one shard per block, then the rest),
+    reading one block at a time from its tier: a model larger than memory exports."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine.flush()  # every block up to date on its tier
+    path, layers = find_block_list(model)
+    shards = len(layers) + 1
+    weight_map, total = {}, 0
+    for j in range(len(layers)):
+        values, _ = engine.tier.read(j)
+        tensors = {f"{path}.{j}.{n}": values[n].to(engine.precision.compute).contiguous() for n in engine.params[j]}
+        name = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del values, tensors
+    rest = {k: v.detach().to("cpu").contiguous() for k, v in _outside_state(model, path).items()}
+    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+    save_file(rest, out / name, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, name))
+    total += sum(t.numel() * t.element_size() for t in rest.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    log(f"wrote {len(layers)} blocks and the rest to {out}, one block in memory at a time")
+    return out
