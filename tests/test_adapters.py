@@ -99,3 +99,31 @@ def test_prefix_tuning_trains_only_the_prefix_resumes_and_exports(tiny_model_dir
     assert main(["export", str(whole), "--out", str(exported)]) == 0
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported)
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, final(whole)["t0"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_adapters_on_the_disk_tier_equal_resident_resume_and_export(kind, tiny_model_dir, data_file, tmp_path):
+    """On the disk tier the frozen base streams from its folder and the adapter's tensors stay on the
+    device (outside the blocks): the same log as resident, bit for bit, after a resume too, and the
+    same exported adapter. A prepared stream folder serves any number of adapter runs unchanged."""
+    kind_args = [f"adapter.kind={kind}"] + (["--lr", "1e-2", "--eps", "1e-1"] if kind == "prefix" else [])
+    resident = tmp_path / "resident"
+    assert main(args(tiny_model_dir, data_file, resident, *kind_args)) == 0
+    disk = tmp_path / "disk"
+    assert main(args(tiny_model_dir, data_file, disk, *kind_args, "--offload", "disk", "--offload-dir",
+                     str(tmp_path / "blocks"))) == 0
+    assert (disk / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
+    parts = tmp_path / "parts"
+    assert main(args(tiny_model_dir, data_file, parts, *kind_args, "--offload", "disk", "--offload-dir",
+                     str(tmp_path / "blocks2"), steps=3)) == 0
+    assert main(["resume", str(parts), "run.steps=6"]) == 0
+    assert (parts / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
+    for run in (resident, disk):
+        assert main(["export", str(run), "--out", str(tmp_path / f"export-{run.name}")]) == 0
+    a = load_file(tmp_path / "export-resident" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "export-disk" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the folder of the first disk run, as a model: its blocks never changed, so a new adapter run starts there
+    again = tmp_path / "again"
+    assert main(args(tmp_path / "blocks", data_file, again, *kind_args)) == 0
+    assert (again / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()

@@ -194,8 +194,9 @@ CASES = [
     T("parallel-without-torchrun", lambda w: w.train("parallel.data=2"), "processes"),
     T("parallel-zero", lambda w: w.train("parallel.perturb=0"), "parallel.perturb"),
     # -- combinations, refused before anything is written ------------------------------------------
-    T("combo-lora-disk", lambda w: w.train("adapter.kind=lora", "--offload", "disk", "--offload-dir",
-                                           str(w.tmp / "blocks")), "not supported yet"),
+    T("combo-forward-grad-ranks", lambda w: w.train("--method", "forward-grad", "parallel.data=2"), "one process"),
+    T("disk-tier-selects-nothing", lambda w: w.train("--trainable", "re:^nothing$", "--offload", "disk",
+                                                     "--offload-dir", str(w.tmp / "blocks")), "selects no parameter"),
     T("combo-quantize-lora", lambda w: w.train("model.quantize=int8", "adapter.kind=lora"), "model.quantize"),
     T("combo-quantize-streamed", lambda w: w.train("model.quantize=int8", "--offload", "cpu"), "not streamed yet"),
     T("combo-conservative-streamed", lambda w: w.train("--method", "zosgd-conservative", "--offload", "cpu"),
@@ -275,9 +276,16 @@ def test_bad_input_gives_one_line_and_loses_nothing(case, prepared, tiny_model_d
         assert not w.out.exists() and not (tmp_path / "blocks").exists()
 
 
-def test_the_refused_lora_disk_tier_run_writes_no_stream_folder(prepared, tiny_model_dir, tmp_path, capsys):
-    """The combination that used to write the whole stream folder (and base.json) before refusing."""
+def test_a_disk_tier_run_refused_after_loading_writes_no_stream_folder(prepared, tiny_model_dir, tmp_path, capsys):
+    """Refusals that need the loaded model (here: a trainable spec that selects nothing) come before the
+    stream folder is written, and a run refused later takes away the folder it wrote."""
     w = World(tmp_path, prepared, tiny_model_dir)
-    assert main(w.train("adapter.kind=lora", "--offload", "disk", "--offload-dir", str(tmp_path / "blocks"))) == 2
+    assert main(w.train("--trainable", "re:^nothing$", "--offload", "disk", "--offload-dir", str(tmp_path / "blocks"))) == 2
     assert not (tmp_path / "blocks").exists() and not w.out.exists()
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == json.dumps(["reviews.csv"])
+    # a refusal after the folder is written (a base.json of another model in --out): the folder goes again
+    w.out.mkdir()
+    (w.out / "base.json").write_text(json.dumps({"model": "other", "hash": "0" * 32}))
+    assert main(w.train("--offload", "disk", "--offload-dir", str(tmp_path / "blocks"))) == 2
+    assert "not the one this run started from" in capsys.readouterr().err
+    assert not (tmp_path / "blocks").exists() and sorted(p.name for p in w.out.iterdir()) == ["base.json"]

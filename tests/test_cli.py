@@ -187,6 +187,15 @@ def test_bench_stream_times_the_three_placements_of_one_method_on_the_same_loss(
         assert list(tmp_path.glob("time-disk/block-*.state-*.safetensors"))
 
 
+def test_bench_stream_compares_an_int4_base_with_a_float_one_in_bytes_moved(tmp_path):
+    from zotune.bench.stream import run_quant_bench
+
+    result = run_quant_bench("tiny", 2, 16, 2, tmp_path, log=lambda *a: None)
+    # the frozen int4 blocks are read in about a fifth of the bytes; the float trained block is the same
+    assert 0 < result["int4_over_float_bytes_read"] < 0.75 and result["int4_base_step_s"] > 0
+    assert result["int4_base_written_mb_per_step"] == result["float32_base_written_mb_per_step"] > 0
+
+
 def test_16_bit_training_warns_that_updates_are_lost(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")) == 0
     assert "warning: the trainable tensors are bfloat16" in capsys.readouterr().out

@@ -50,22 +50,15 @@ RULES = [
     Rule("forward-grad in several processes",
          lambda c: c["method"].name == "forward-grad" and c["parallel"].data * c["parallel"].perturb > 1,
          lambda c: "method forward-grad runs in one process: drop parallel.data / parallel.perturb"),
-    Rule("adapter on the disk tier",
-         lambda c: c["adapter"].kind != "none" and c["stream"].tier == "disk",
-         lambda c: f"adapter.kind={c['adapter'].kind} with --offload disk is not supported yet; use --offload cpu "
-                   f"(or no offload)"),
-    Rule("adapter on a stream folder",
-         lambda c: c["adapter"].kind != "none" and c["stream"].tier == "none" and _streamed(c),
-         lambda c: f"adapter.kind={c['adapter'].kind} on the stream folder {c['model'].name} is not supported yet; "
-                   f"train the adapter on the original model"),
     Rule("quantized base with an adapter",
          lambda c: c["model"].quantize != "none" and c["adapter"].kind != "none",
          lambda c: f"model.quantize={c['model'].quantize} with adapter.kind={c['adapter'].kind} is not supported "
                    f"yet; drop one of them"),
-    Rule("quantized base streamed",
-         lambda c: c["model"].quantize != "none" and _streamed(c),
-         lambda c: f"model.quantize={c['model'].quantize} is not streamed yet; drop --offload (a quantized base "
-                   f"is 4-8x smaller and may fit)"),
+    Rule("quantizing a stream folder",
+         lambda c: c["model"].quantize != "none" and _is_folder(c["model"].name),
+         lambda c: f"{c['model'].name} is a stream folder: its blocks stay as they were written; drop "
+                   f"model.quantize (a folder written by a quantized run is quantized already), or quantize the "
+                   f"original model"),
     Rule("storage dtype without a tier",
          lambda c: c["stream"].storage_dtype is not None and c["stream"].tier == "none",
          lambda c: f"stream.storage_dtype={c['stream'].storage_dtype} sets how streamed blocks are stored: add "

@@ -25,6 +25,12 @@ QUANTIZE = ("none", "int8", "int4")
 GROUP = 32  # int4: inputs per scale, GGUF's Q4_0 / Q4_1 block
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """A frozen parameter (not a buffer): the quantized values go wherever the block's parameters go,
+    so a streamed block carries them (to the device, to a stream folder) like any weight."""
+    return nn.Parameter(t, requires_grad=False)
+
+
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is `weight_value()`, rebuilt from its quantized form at each forward."""
 
@@ -44,7 +50,7 @@ class QuantizedLinear(nn.Module):
 
     def stored_bytes(self) -> int:
         """Bytes of the weight at rest (bias excluded): the quantized values and their float parameters."""
-        return sum(t.nbytes for name, t in [*self.named_buffers(), *self.named_parameters()] if name != "bias")
+        return sum(t.nbytes for name, t in self.named_parameters() if name != "bias")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe}"
@@ -59,7 +65,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(linear)
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.qweight = _frozen(torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
 
     def weight_value(self) -> torch.Tensor:
@@ -79,8 +85,8 @@ class Int4Linear(QuantizedLinear):
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(rows, cols)
-        self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))  # even inputs low, odd inputs high
-        self.register_buffer("minimum", low.to(linear.weight.dtype))
+        self.qweight = _frozen(q[:, 0::2] | (q[:, 1::2] << 4))  # even inputs low, odd inputs high
+        self.minimum = _frozen(low.to(linear.weight.dtype))
         # Flat, like every other scale: 1-D tensors never take weight decay.
         self.scale = nn.Parameter(scale.to(linear.weight.dtype).view(-1), requires_grad=False)
 
@@ -95,6 +101,33 @@ class Int4Linear(QuantizedLinear):
 
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
+QWEIGHT_KIND = {torch.int8: "int8", torch.uint8: "int4"}  # which layer a stored `qweight` belongs to
+
+
+def quantize_like_(block: nn.Module, tensors: dict[str, torch.dtype]) -> None:
+    """Make `block` (a skeleton's, on the meta device) quantized where the stored tensors of a block
+    (name -> dtype, e.g. a stream folder's) say so: a `<module>.qweight` names a quantized linear."""
+    for name, dtype in tensors.items():
+        if name.endswith(".qweight"):
+            path = name[: -len(".qweight")]
+            parent, _, child = path.rpartition(".")
+            owner = block.get_submodule(parent) if parent else block
+            setattr(owner, child, LAYERS[QWEIGHT_KIND[dtype]](getattr(owner, child)))
+
+
+def dequantized(block: nn.Module) -> dict[str, torch.Tensor]:
+    """`block`'s parameters by name as a float model holds them: a quantized linear's weight value in
+    place of its quantized form (to write a standard checkpoint a block at a time)."""
+    out = {}
+    for name, module in block.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, QuantizedLinear):
+            out[f"{prefix}weight"] = module.weight_value().to(module.scale.dtype)
+            if module.bias is not None:
+                out[f"{prefix}bias"] = module.bias.detach()
+        else:  # (a quantized linear has no children)
+            out.update({f"{prefix}{n}": p.detach() for n, p in module.named_parameters(recurse=False)})
+    return out
 
 
 def quantize_(model: nn.Module, kind: str, keep: set[int], blocks_path: str | None = None, log=print) -> int:

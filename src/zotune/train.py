@@ -22,7 +22,7 @@ from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
 from zotune.prefix import FrozenPrefix
-from zotune.quant import dequantize_, quantize_
+from zotune.quant import QWEIGHT_KIND, dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
 from zotune.runs import FollowerRun, RunConfig, RunFolder, entries, is_disk_full, remove_new_entries, tensor_digest
 from zotune.stream import (StreamConfig, export_streamed, is_stream_folder, keeps_state, load_streamed, stream_,
@@ -200,6 +200,10 @@ class Session:
             self.stream_cfg.dir if self.stream_cfg.tier == "disk" and is_stream_folder(self.stream_cfg.dir) else None)
         if folder:  # blocks already on disk: load only what lies outside them
             self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch, group, log)
+            quantized = any(s.dtype in QWEIGHT_KIND for specs in self.engine.tier.specs for s in specs)
+            if model_cfg.quantize != "none" and not quantized:
+                raise ConfigError(f"the stream folder {folder} holds float blocks, but model.quantize={model_cfg.quantize}; "
+                                  f"drop model.quantize, or give a new --offload-dir to write quantized blocks")
             self.tokenizer = _folder_tokenizer(folder)
             base_hash = self.engine.tier.manifest["base_digest"]
         else:
@@ -213,6 +217,7 @@ class Session:
                 self.model, self.tokenizer = load_model(model_cfg, log=log)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
                 if writer:
+                    self._quantize(model_cfg, log)  # the folder holds the quantized blocks
                     if (cfgs.get("adapter") or AdapterConfig()).kind == "none":  # refused before the folder is written
                         select_trainable(self.model, model_cfg.trainable, self.blocks_path)
                     self._new_folder = (Path(self.stream_cfg.dir), entries(Path(self.stream_cfg.dir)))
@@ -234,11 +239,8 @@ class Session:
             "device": drawn_on(device)})
         _check_directions_device(base, method_cfg, device)
         adapter = cfgs.get("adapter") or AdapterConfig()
-        if model_cfg.quantize != "none":  # resident and without an adapter (combinations.py)
-            only_scales = all(kind == "scales" for kind, _ in parse_trainable(model_cfg.trainable))
-            keep = set() if only_scales else \
-                {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
-            quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)  # what trains stays float
+        if self.engine is None:  # (a disk tier's blocks were quantized before they were written)
+            self._quantize(model_cfg, log)
         self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
         if self.stream_cfg.tier == "none" and self.engine is None:
             self.model.to(device)
@@ -249,6 +251,15 @@ class Session:
                                   directions_format=base["directions"], **method_cfg.options())
         if self.engine is not None:
             self.engine.attach(self.opt)
+
+    def _quantize(self, model_cfg: ModelConfig, log) -> None:
+        """A quantized base (model.quantize): every frozen block linear quantized; what trains stays float."""
+        if model_cfg.quantize == "none":
+            return
+        only_scales = all(kind == "scales" for kind, _ in parse_trainable(model_cfg.trainable))
+        keep = set() if only_scales else \
+            {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
+        quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)
 
     def _snapshot_params(self) -> list[torch.Tensor]:
         """What a snapshot holds: every trainable tensor, or with a disk tier those outside the blocks."""
@@ -555,8 +566,11 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         if problem:
             log(problem)
         session.restore(records, use_snapshots=use_snapshots)
-        if session.engine is not None and session.engine.tier.kind == "disk":  # block by block: larger than RAM
-            export_streamed(session.model, session.engine, out_path, log)
+        if session.engine is not None and session.engine.tier.kind == "disk":
+            if cfgs["adapter"].kind == "none":  # block by block: a model larger than RAM exports
+                export_streamed(session.model, session.engine, out_path, log)
+            else:  # PEFT writes the adapter alone (on this tier its tensors live outside the blocks)
+                session.model.save_pretrained(out_path)
             session.close()
         else:
             if session.engine is not None:

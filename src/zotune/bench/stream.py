@@ -179,6 +179,57 @@ def run_time_bench(shape: str, batch: int, seq: int, repeats: int, trainable: st
             "same_loss": len(set(losses.values())) == 1}
 
 
+def run_quant_bench(shape: str, batch: int, seq: int, repeats: int, workdir: Path, trainable: str = "last-blocks:1",
+                    log=print) -> dict:
+    """A float base against an int4 one (the same random weights, `trainable` kept float), both on
+    the disk tier, interleaved: seconds a step and bytes read from and written to the slow tier a step."""
+    from zotune.quant import quantize_
+    from zotune.models import select_trainable
+    from zotune.stream import load_streamed, write_folder
+
+    runs = {}
+    for kind in ("float32", "int4"):
+        model = _random_model(shape, None)
+        if kind == "int4":
+            keep = {id(p) for _, p in select_trainable(model, trainable)}
+            quantize_(model, "int4", keep, **QUIET)
+        folder = workdir / f"quant-{kind}"
+        write_folder(model, str(folder), torch.float32, **QUIET)
+        del model
+        streamed, engine = load_streamed(str(folder), **QUIET)
+        runs[kind] = (streamed, engine, _drained(_stepper(streamed, engine, trainable), engine))
+    ids = _batch(runs["float32"][0].config.vocab_size, batch, seq)
+    closures = {k: (lambda m=m: m(input_ids=ids, labels=ids, use_cache=False).loss) for k, (m, _, _) in runs.items()}
+    for kind, (_, _, step) in runs.items():  # warm-up
+        step(closures[kind])
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    moved = {k: [0, 0] for k in runs}
+    for _ in range(repeats):
+        for kind, (_, engine, step) in runs.items():
+            read, written = engine.tier.bytes_read, engine.tier.bytes_written
+            t = time.perf_counter()
+            step(closures[kind])
+            times[kind].append(time.perf_counter() - t)
+            moved[kind][0] += engine.tier.bytes_read - read
+            moved[kind][1] += engine.tier.bytes_written - written
+    for _, engine, _ in runs.values():
+        engine.close()
+    med = {k: statistics.median(t) for k, t in times.items()}
+    out = {"quant_trainable": trainable}
+    for kind in runs:
+        out[f"{kind}_base_step_s"] = round(med[kind], 4)
+        out[f"{kind}_base_read_mb_per_step"] = round(moved[kind][0] / repeats / 1e6, 1)
+        out[f"{kind}_base_written_mb_per_step"] = round(moved[kind][1] / repeats / 1e6, 1)
+    out["int4_over_float_step_time"] = round(med["int4"] / med["float32"], 3)
+    out["int4_over_float_bytes_read"] = round(moved["int4"][0] / moved["float32"][0], 3)
+    log(f"quantized base, disk tier ({trainable} trainable, float): a step reads "
+        f"{out['float32_base_read_mb_per_step']:,} MB (float32 base) vs {out['int4_base_read_mb_per_step']:,} MB "
+        f"(int4 base, {out['int4_over_float_bytes_read']:.2f}x) and takes {out['float32_base_step_s']:.3f}s vs "
+        f"{out['int4_base_step_s']:.3f}s ({out['int4_over_float_step_time']:.2f}x); written "
+        f"{out['float32_base_written_mb_per_step']:,} / {out['int4_base_written_mb_per_step']:,} MB")
+    return out
+
+
 def run_stream_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, repeats: int = 5,
                      depths: tuple[int, int] = (12, 48), trainable: str = "all", log=print, method: str = "zosgd") -> dict:
     with tempfile.TemporaryDirectory(prefix="zotune-bench-") as tmp:
@@ -190,6 +241,7 @@ def run_stream_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, re
         log(f"step time (median of {repeats} interleaved): resident {result['resident_step_s']:.3f}s, "
             f"RAM tier {result['ram_tier_step_s']:.3f}s ({result['ram_tier_time_ratio']:.2f}x), "
             f"disk tier {result['disk_tier_step_s']:.3f}s ({result['disk_tier_time_ratio']:.2f}x)")
+        result.update(run_quant_bench(shape, batch, seq, repeats, workdir, log=log))
         memory = {}
         for layers in depths:
             folder = workdir / f"disk-{layers}"

@@ -378,8 +378,11 @@ class StreamEngine:
     # -- fetching, settling, releasing ---------------------------------------------------------------
 
     def _dtypes(self, j: int) -> dict[str, torch.dtype]:
+        """Block j's tensors on the device: trained ones float32 (masters), other floats in the compute
+        dtype, quantized values (integers) as they are stored."""
         trained = {n for _, n in self._trainable[j]}
-        return {n: (torch.float32 if n in trained else self.precision.compute) for n in self.params[j]}
+        return {n: (torch.float32 if n in trained else self.precision.compute if p.is_floating_point() else p.dtype)
+                for n, p in self.params[j].items()}
 
     def _submit_fetch(self, j: int) -> None:
         if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
@@ -457,7 +460,7 @@ class StreamEngine:
         res, compute = self._resident[j], self.precision.compute
         for n, p in self.params[j].items():
             t = res.tensors[n]
-            p.data = t if t.dtype == compute else t.to(compute)
+            p.data = t if t.dtype == compute or not t.is_floating_point() else t.to(compute)
 
     def _rebind_trained(self, j: int) -> None:
         """After a move: a 16-bit compute copy must follow its float32 master."""
@@ -779,8 +782,7 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
         raise ConfigError("stream_ needs stream.tier=cpu or stream.tier=disk")
     device = torch.device(device)
     _, layers = find_block_list(model, blocks_path)
-    first = next(iter(layers[0].parameters()))
-    compute = first.dtype
+    compute = next(p for p in layers[0].parameters() if p.is_floating_point()).dtype
     storage = DTYPES[cfg.storage_dtype] if cfg.storage_dtype else compute
     precision = Precision.resolve(storage, compute)
     accelerator = accelerator if accelerator is not None else Accelerator.for_device(device)
@@ -790,8 +792,8 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
         blocks = []
         for block in layers:
             stored = {}
-            for n, p in block.named_parameters():
-                stored[n] = _host_copy(p.data, storage, pin)
+            for n, p in block.named_parameters():  # quantized values (integers) keep their dtype
+                stored[n] = _host_copy(p.data, storage if p.is_floating_point() else p.dtype, pin)
                 p.data = _hollow(p, device)
             blocks.append(stored)
         tier = RamTier(blocks, pin)
@@ -834,5 +836,6 @@ def unstream_(model: nn.Module, engine: StreamEngine) -> None:
     for j in range(len(engine.layers)):
         values, _ = engine.tier.read(j)
         for n, p in engine.params[j].items():
-            p.data = values[n].to(engine.device, engine.precision.compute).clone()
+            t = values[n]
+            p.data = t.to(engine.device, engine.precision.compute if t.is_floating_point() else t.dtype).clone()
     engine.close()

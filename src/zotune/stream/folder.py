@@ -17,11 +17,14 @@ from torch import nn
 
 from zotune.config import ConfigError
 from zotune.models import DTYPES, find_block_list
+from zotune.quant import dequantized, quantize_like_
 from zotune.stream.tiers import DTYPE_NAMES, BlockWriter, DiskTier
 
 
 def _block_layouts(layers: nn.ModuleList, storage: torch.dtype) -> list[list[tuple[str, tuple, torch.dtype]]]:
-    return [[(n, tuple(p.shape), storage) for n, p in block.named_parameters()] for block in layers]
+    """Each block's tensors: float ones stored as `storage`, quantized values (integers) as they are."""
+    return [[(n, tuple(p.shape), storage if p.is_floating_point() else p.dtype) for n, p in block.named_parameters()]
+            for block in layers]
 
 
 def _outside_state(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
@@ -180,6 +183,8 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
     path, layers = find_block_list(model, manifest["blocks_path"])
     if len(layers) != len(tier):
         raise ConfigError(f"{folder} holds {len(tier)} blocks but its config builds {len(layers)}; prepare it again")
+    for block, specs in zip(layers, tier.specs):  # a quantized base's blocks hold quantized linears
+        quantize_like_(block, {s.name: s.dtype for s in specs})
     compute = DTYPES[compute_dtype]
     device = torch.device(device)
     rest = load_file(str(Path(folder) / "rest.safetensors"))
@@ -187,7 +192,8 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
         owner = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
         short = n.rsplit(".", 1)[-1]
         if n.startswith(path + "."):
-            owner._parameters[short] = nn.Parameter(torch.zeros((), dtype=compute, device=device).expand(p.shape),
+            dtype = compute if p.is_floating_point() else p.dtype
+            owner._parameters[short] = nn.Parameter(torch.zeros((), dtype=dtype, device=device).expand(p.shape),
                                                     requires_grad=False)  # hollow until the block arrives
         elif n in rest:
             owner._parameters[short] = nn.Parameter(rest[n].to(device, compute), requires_grad=False)
@@ -219,9 +225,15 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
     path, layers = find_block_list(model)
     shards = len(layers) + 1
     weight_map, total = {}, 0
-    for j in range(len(layers)):
+    for j, block in enumerate(layers):
         values, _ = engine.tier.read(j)
-        tensors = {f"{path}.{j}.{n}": values[n].to(engine.precision.compute).contiguous() for n in engine.params[j]}
+        params = engine.params[j]
+        for n, p in params.items():  # bound for a moment: a quantized linear's weight is computed from them
+            p.data = values[n].to(engine.precision.compute) if values[n].is_floating_point() else values[n]
+        with torch.no_grad():
+            tensors = {f"{path}.{j}.{n}": t.to(engine.precision.compute).contiguous() for n, t in dequantized(block).items()}
+        for p in params.values():
+            p.data = torch.zeros((), dtype=p.dtype, device=engine.device).expand(p.shape)
         name = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
         save_file(tensors, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))

@@ -48,7 +48,8 @@ ALIGN = 64
 _HEADER = struct.Struct("<16s32sq")  # magic, fingerprint (hex digest prefix), block index
 _STATE = struct.Struct("<qqqqqqq")  # per slot (version, perturbed step or -1, its seed) x 2, current slot
 
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+TENSOR_DTYPES = {**DTYPES, "int8": torch.int8, "uint8": torch.uint8}  # float blocks, and quantized ones (zotune.quant)
+DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
 
 
 @dataclass
@@ -170,12 +171,12 @@ class DiskTier:
         self.specs: list[list[Spec]] = []
         self.ends: list[int] = []
         for j, entry in enumerate(self.manifest["blocks"]):
-            specs = [Spec(t["name"], tuple(t["shape"]), DTYPES[t["dtype"]], t["offset"]) for t in entry["tensors"]]
+            specs = [Spec(t["name"], tuple(t["shape"]), TENSOR_DTYPES[t["dtype"]], t["offset"]) for t in entry["tensors"]]
             self.specs.append(specs)
             self.ends.append(entry["end"])
         self._files = [self._open_block(j) for j in range(len(self.specs))]
         self._state_file = self._open_state()
-        self.bytes_read = 0  # from the slow tier, by this process
+        self.bytes_read = self.bytes_written = 0  # to and from the slow tier, by this process (block files and slots)
         self._sliced = None
         self.slots: dict[int, list[Spec]] = {}  # block -> float32 layout of its trained tensors in the slots file
         self._slot_files: dict[int, object] = {}
@@ -355,7 +356,8 @@ class DiskTier:
             f, offset = self._place(j, name, slot)
             data = t.detach().to("cpu", torch.float32).contiguous()
             try:
-                os.pwrite(f.fileno(), memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B"), offset)
+                self.bytes_written += os.pwrite(f.fileno(), memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B"),
+                                                offset)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise ConfigError(f"the disk of {self.folder} is full while writing block {j}") from None
