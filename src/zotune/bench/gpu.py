@@ -192,7 +192,8 @@ def measure_step_time(device, quick: bool, repeats: int) -> dict:
     resident_step, forward, model = _resident_step(config, device, batch)
     resident = _timed_steps(resident_step, device, repeats)
     forwards = _timed_steps(lambda: (forward(), forward()), device, repeats)
-    resident_step = forward = model = None  # free the resident model before the streamed one
+    resident_step = forward = None  # free the resident model before the streamed one
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     step, engine = _streamed_step(config, device, batch)

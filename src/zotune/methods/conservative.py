@@ -62,7 +62,7 @@ class ZOConservative(ZOSGD):
             raise
         choice = _CHOICES[min(range(3), key=extra.__getitem__)]
         self._settle(params, seed, g, choice)
-        record = self.finish(seed, losses + extra, grads=[g, choice])
+        self.finish(seed, losses + extra, grads=[g, choice])
         return torch.tensor(sum(losses) / len(losses))
 
     def _settle(self, params, seed: int, g: float, choice: float) -> None:

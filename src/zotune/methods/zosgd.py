@@ -246,7 +246,7 @@ class ZOSGD(torch.optim.Optimizer):
 
         `indexed` holds (i, tensor) pairs, the tensor at the state the step's moves left it in.
         """
-        n, seed = self.n_directions, record.seed
+        n = self.n_directions
         restore = (-self.eps if self.one_sided else self.eps) if n == 1 else 0.0
         groups, group_lr = self._group_of(), self._group_lrs(record)
         for i, p in indexed:
