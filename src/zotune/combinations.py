@@ -63,6 +63,13 @@ RULES = [
          lambda c: c["stream"].storage_dtype is not None and c["stream"].tier == "none",
          lambda c: f"stream.storage_dtype={c['stream'].storage_dtype} sets how streamed blocks are stored: add "
                    f"--offload cpu or --offload disk, or set model.dtype for a resident model"),
+    Rule("best weights or early stopping without dev evaluations",
+         lambda c: (c["run"].keep == "best" or c["run"].patience) and not (c["run"].eval_every and _has_dev(c)),
+         lambda c: f"{_dev_decider(c)} decides on dev evaluations: set run.eval_every (e.g. 100) and task.n_dev >= 1"),
+    Rule("best weights streamed",
+         lambda c: c["run"].keep == "best" and _streamed(c),
+         lambda c: "run.keep=best is not yet available with --offload (the tier holds the final weights); use "
+                   "run.keep=last, or train resident"),
     Rule("stream folder with the RAM tier",
          lambda c: c["stream"].tier == "cpu" and _is_folder(c["model"].name),
          lambda c: f"{c['model'].name} is a stream folder (disk tier); drop stream.tier=cpu to train from it"),
@@ -73,6 +80,14 @@ RULES = [
                    f"the blocks in 16 bits, which round updates of about 1e-7 away; use model.dtype=float32 with "
                    f"stream.storage_dtype={c['model'].dtype} (blocks stored in 16 bits), or train only block tensors"),
 ]
+
+
+def _dev_decider(c: dict) -> str:
+    return "run.keep=best" if c["run"].keep == "best" else f"run.patience={c['run'].patience}"
+
+
+def _has_dev(c: dict) -> bool:
+    return bool(c["task"].dev or c["task"].n_dev)
 
 
 def _is_folder(name: str) -> bool:

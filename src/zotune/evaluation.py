@@ -23,7 +23,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
     """
     from zotune.runs import FollowerRun, RunFolder
     from zotune.tasks import make_task
-    from zotune.train import Session, evaluate, resolve_configs, resolve_device
+    from zotune.train import Session, evaluate, kept_records, resolve_configs, resolve_device
 
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
@@ -44,6 +44,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
             records, problem = run.read_steps()
             if problem:
                 log(problem)
+            records = kept_records(run, cfgs, records, log)
             session = Session(cfgs, run, target, log)
             session.restore(records)
             session.start_streaming()  # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device

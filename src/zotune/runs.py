@@ -50,8 +50,22 @@ class RunConfig:
     snapshot_every: int = 200  # trainable tensors saved every N steps to bound replay on resume (0: never)
     group_by_length: bool = True  # training batches of similar lengths (less padding), as HF's Trainer option
     report_to: str = "none"  # also log to: tensorboard, wandb, or both comma-separated (when installed)
+    lr_schedule: str = "constant"  # constant, linear or cosine (zotune.schedule), after a linear warm-up
+    warmup_steps: int = 0
+    keep: str = "last"  # the weights a run ends with: last, or best (the step of the best dev metric)
+    patience: int = 0  # stop after this many dev evaluations without a better one (0: never stop early)
 
     def __post_init__(self):
+        from zotune.schedule import SCHEDULES
+
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"run.lr_schedule={self.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"run.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.keep not in ("last", "best"):
+            raise ConfigError(f"run.keep={self.keep!r}: use last (the final step) or best (the best dev evaluation)")
+        if self.patience < 0:
+            raise ConfigError(f"run.patience={self.patience} must be >= 0 (0: never stop early)")
         if self.steps < 0:
             raise ConfigError(f"run.steps={self.steps} must be >= 0")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -103,6 +117,7 @@ class RunFolder:
             self._steps.write(LOG_MAGIC)
             self._steps.flush()
         self.trackers: list = []  # zotune.trackers: copies of the metrics, when run.report_to asks
+        self.protected = -1  # the step of a snapshot never removed (the best one, with run.keep=best)
 
     def write_config(self, sections: dict[str, Any]) -> None:
         import yaml
@@ -222,6 +237,18 @@ class RunFolder:
             os.truncate(self.path / "steps.log", good)
         return records, problem
 
+    def best_step(self) -> int | None:
+        """The step whose weights a `run.keep=best` run kept (summary.json), or None."""
+        try:
+            return json.loads((self.path / "summary.json").read_text()).get("best", {}).get("step")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def dev_scores(self) -> list[tuple[int, float, float]]:
+        """(step, headline dev metric, dev loss) of every dev evaluation in metrics.jsonl, in order."""
+        return [(r["step"], headline(r, "dev")[1], r.get("dev_loss", float("inf"))) for r in self._metric_rows()
+                if headline(r, "dev")]
+
     def write_snapshot(self, step: int, params: list[torch.Tensor], keep: int = 2) -> None:
         from safetensors.torch import save_file
 
@@ -232,7 +259,8 @@ class RunFolder:
         save_file(tensors, folder / f".{name}.tmp", metadata={"step": str(step), "digest": tensor_digest(tensors.values())})
         os.replace(folder / f".{name}.tmp", folder / name)
         for old in sorted(folder.glob("step-*.safetensors"))[:-keep]:
-            old.unlink()
+            if old.name != f"step-{self.protected:07d}.safetensors":
+                old.unlink()
 
     def latest_snapshot(self, max_step: int, params: list[torch.Tensor]) -> tuple[int, str | None]:
         """Load the newest intact snapshot at or before `max_step` into `params`; (its step, a note)."""

@@ -28,6 +28,7 @@ from zotune.runs import FollowerRun, RunConfig, RunFolder, entries, is_disk_full
 from zotune.stream import (StreamConfig, export_streamed, is_stream_folder, keeps_state, load_streamed, stream_,
                            unstream_)
 from zotune.combinations import check as check_combinations
+from zotune.schedule import lr_factor
 from zotune.tasks import SUITE, Task, TaskConfig, load_task_file, make_task
 from zotune.tasks.base import command_line_escapes
 from zotune.trackers import open_trackers
@@ -316,9 +317,51 @@ class Session:
             self.engine.flush()  # the blocks on disk are the checkpoint of the blocks
         self.run.write_snapshot(step, self._snapshot_params())
 
+    def load_snapshot(self, step: int) -> int:
+        """Bring the (resident) weights back to `step` from its snapshot, or the newest one before it and
+        the log; returns the step the weights are at (the current one when that cannot be done exactly)."""
+        params = self._snapshot_params()
+        current = [p.detach().clone() for p in params]
+        loaded, note = self.run.latest_snapshot(step, params)
+        if note:
+            self.log(note)
+        if loaded != step:
+            if keeps_state(self.opt):  # a stateful method's steps replay only from the base, with its state
+                with torch.no_grad():
+                    for p, c in zip(params, current):
+                        p.copy_(c)
+                self.log(f"the snapshot of step {step} is missing: keeping the last step instead")
+                return self.opt.steps
+            indexed = self.opt.indexed(params)
+            for rec in self.run.read_steps()[0][loaded:step]:
+                self.opt.replay(rec, indexed)
+        return step
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+class _Best:
+    """The best dev evaluation so far, and whether the run has run out of patience (`run.patience`)."""
+
+    def __init__(self, keep: str, patience: int):
+        self.keep, self.patience = keep, patience
+        self.step: int | None = None
+        self.score, self.loss = float("-inf"), float("inf")
+        self.since = 0  # evaluations since the best one
+
+    def record(self, step: int, score: float, loss: float) -> bool:
+        """Count an evaluation; True when it is a new best: a higher metric, or the same with a lower
+        loss (a small dev set ties often); otherwise the earlier step stays."""
+        if (score, -loss) > (self.score, -self.loss):
+            self.step, self.score, self.loss, self.since = step, score, loss, 0
+            return True
+        self.since += 1
+        return False
+
+    def out_of_patience(self) -> bool:
+        return bool(self.patience) and self.since >= self.patience
 
 
 def _replay_device(run_dir: Path, method_cfg: MethodConfig) -> str:
@@ -431,9 +474,14 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     track_dev = bool(run_cfg.eval_every and task.dev)
     is_eval_step = lambda s: track_dev and s % run_cfg.eval_every == 0 and s < run_cfg.steps  # noqa: E731
 
+    best = _Best(run_cfg.keep, run_cfg.patience)
+
     def log_dev(step: int) -> float:
         dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev", group)
         run.log({"step": step, **_metric_record("dev", dev)})
+        if best.record(step, dev[dev["metric"]], dev["loss"]) and run_cfg.keep == "best":
+            run.protected = step  # its snapshot stays: the weights the run ends with, if nothing beats it
+            session.snapshot(step)
         return dev[dev["metric"]]
 
     start, before, seconds_before = 0, None, 0.0
@@ -444,8 +492,12 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         start = session.restore(records)
         before, seconds_before = run.rewind_metrics(records, keep_dev=is_eval_step)
     session.start_streaming()
+    if resume:  # the dev evaluations so far decide the best step and the patience left
+        for dev_step, score, loss in run.dev_scores() if main else []:
+            best.record(dev_step, score, loss)
+        run.protected = best.step if run_cfg.keep == "best" and best.step is not None else -1
     if group is not None:  # decisions from rank 0's files: every rank must take part in the same evaluations
-        before, seconds_before = group.broadcast((before, seconds_before))
+        before, seconds_before, best = group.broadcast((before, seconds_before, best))
     if before is None:
         before = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "zero-shot test", group)
         run.log({"step": 0, **_metric_record("test", before), "n": before["n"]})
@@ -466,7 +518,8 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     for _ in range(start):  # the data order of the steps already taken
         next(order)
     collated: dict[int, object] = {}
-    status, error, step = "finished", None, start
+    base_lrs = [g["lr"] for g in opt.param_groups]  # the schedule scales each group's own lr
+    status, error, step, stopped_early = "finished", None, start, None
     train_started = time.perf_counter()
     bar = tqdm(total=run_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not main)
@@ -477,6 +530,9 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
             if batch_id not in collated and share:
                 collated[batch_id] = task.collate([task.train[i] for i in indices[rows]]).to(device)
             batch = collated.get(batch_id)
+            factor = lr_factor(run_cfg.lr_schedule, step, run_cfg.steps, run_cfg.warmup_steps)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * factor  # recorded with the step: replay never recomputes it
             if prefix is not None and share:
                 prefix.capture(lambda: task.forward(model, batch), key=batch_id)
             replay = prefix.replaying if prefix is not None else contextlib.nullcontext
@@ -496,6 +552,11 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
                     score = log_dev(step)
                     if main:
                         bar.write(f"step {step}: dev {task_cfg.metric} {score:.3f}")
+                    if best.out_of_patience():
+                        status, stopped_early = "finished", step
+                        if run_cfg.snapshot_every and step % run_cfg.snapshot_every:
+                            session.snapshot(step)
+                        break
                 if run_cfg.snapshot_every and step % run_cfg.snapshot_every == 0:
                     session.snapshot(step)
                 if group is not None and group.dims.check_every and step % group.dims.check_every == 0:
@@ -527,14 +588,25 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
 
     summary = {"status": status, "steps": step, "before": before, "train_seconds": round(train_seconds, 1),
                "run": str(run.path)}
+    if stopped_early is not None:
+        summary["stopped_early"] = {"step": stopped_early, "patience": run_cfg.patience}
+        log(f"stopped early at step {stopped_early}: {run_cfg.patience} dev evaluations without a better "
+            f"{task_cfg.metric} than step {best.step}'s {best.score:.3f}")
     if status == "finished":
+        if track_dev and stopped_early is None:
+            log_dev(step)
+        if run_cfg.snapshot_every and step % run_cfg.snapshot_every and stopped_early is None:
+            session.snapshot(step)
+        kept = step
+        if run_cfg.keep == "best" and best.step is not None and best.step != step:
+            kept = session.load_snapshot(best.step)  # the weights of the best dev evaluation
+            log(f"keeping step {kept} (best dev {task_cfg.metric} {best.score:.3f}) of {step}")
+        if best.step is not None:
+            summary["best"] = {"step": best.step, f"dev_{task_cfg.metric}": best.score, "kept": run_cfg.keep == "best"}
         after = evaluate(model, task, task.test, run_cfg.eval_batch_size, device, "fine-tuned test")
         summary["after"] = after
-        if track_dev:
-            log_dev(step)
-        run.log({"step": step, **_metric_record("test", after), "n": after["n"]})
-        if run_cfg.snapshot_every and step % run_cfg.snapshot_every:
-            session.snapshot(step)
+        summary["kept_step"] = kept
+        run.log({"step": kept, **_metric_record("test", after), "n": after["n"]})
     else:
         summary["error"] = error or "stopped by Ctrl-C"
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -565,6 +637,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         records, problem = run.read_steps()
         if problem:
             log(problem)
+        records = kept_records(run, cfgs, records, log)
         session.restore(records, use_snapshots=use_snapshots)
         if session.engine is not None and session.engine.tier.kind == "disk":
             if cfgs["adapter"].kind == "none":  # block by block: a model larger than RAM exports
@@ -584,6 +657,15 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
     return out_path
 
 
+def kept_records(run: RunFolder, cfgs: dict, records: list[StepRecord], log) -> list[StepRecord]:
+    """The steps whose weights a run kept: all of them, or with `run.keep=best` those up to its best step."""
+    best = run.best_step() if cfgs["run"].keep == "best" else None
+    if best is None or best >= len(records):
+        return records
+    log(f"run.keep=best: the weights of step {best} (the best dev evaluation) of {len(records)}")
+    return records[:best]
+
+
 def _print_table(summary: dict, log) -> None:
     before, after = summary["before"], summary.get("after")
     metric = before.get("metric", "accuracy")
@@ -595,5 +677,7 @@ def _print_table(summary: dict, log) -> None:
         log(f"{'change':14}{after[metric] - before[metric]:>+12.3f}{after['loss'] - before['loss']:>+10.4f}")
     log(f"{summary['steps']} steps in {summary['train_seconds']:.0f}s of training, {summary['seconds']:.0f}s in all; "
         f"status {summary['status']}; run folder {summary['run']}")
+    if summary.get("kept_step") not in (None, summary["steps"]):
+        log(f"fine-tuned = the weights of step {summary['kept_step']} (run.keep=best)")
     if summary.get("error"):
         log(f"stopped: {summary['error']}")

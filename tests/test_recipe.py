@@ -1,0 +1,94 @@
+"""The recipe around the steps: a learning-rate schedule (recorded, so replay and resume never
+recompute it), the best dev checkpoint kept (`run.keep=best`), and early stopping on dev."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import exported
+from zotune.cli import main
+from zotune.runs import decode_steps
+from zotune.schedule import lr_factor
+
+COMMON = ["run.batch_size=4", "task.n_dev=8", "task.n_test=8", "run.eval_every=2", "run.device=cpu",
+          "--lr", "5e-2", "task.verbalizer={pos: great, neg: terrible}"]
+
+
+def train(model, data, out, *extra, steps=10):
+    return main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(steps),
+                 *COMMON, *extra])
+
+
+def test_schedule_factors():
+    assert all(lr_factor("constant", s, 10) == 1.0 for s in range(1, 11))
+    assert [lr_factor("constant", s, 10, warmup=4) for s in range(1, 6)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [lr_factor("linear", s, 4) for s in range(1, 5)] == [1.0, 0.75, 0.5, 0.25]
+    cosine = [lr_factor("cosine", s, 102, warmup=2) for s in range(1, 103)]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+
+
+def test_a_scheduled_run_records_its_lrs_and_resumes_and_replays_exactly(tiny_model_dir, data_file, tmp_path):
+    schedule = ["run.lr_schedule=cosine", "run.warmup_steps=3", "run.snapshot_every=4"]
+    whole = tmp_path / "whole"
+    assert train(tiny_model_dir, data_file, whole, *schedule) == 0
+    records = decode_steps((whole / "steps.log").read_bytes())[0]
+    assert [r.lrs[0] for r in records] == [5e-2 * lr_factor("cosine", s, 10, 3) for s in range(1, 11)]
+    parts = tmp_path / "parts"
+    assert train(tiny_model_dir, data_file, parts, *schedule, steps=5) == 0
+    assert main(["resume", str(parts), "run.steps=10"]) == 0  # the schedule is that of run.steps=10 again
+    # (the first 5 steps of `parts` followed the 5-step cosine: a resumed run keeps the lrs it logged)
+    first = decode_steps((parts / "steps.log").read_bytes())[0]
+    assert [r.lrs[0] for r in first[5:]] == [r.lrs[0] for r in records[5:]]
+    assert main(["replay", str(whole), "--out", str(tmp_path / "replayed")]) == 0
+    a, b = exported(whole, tmp_path / "exported"), load_file(tmp_path / "replayed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_ends_with_the_best_dev_step_and_export_and_eval_agree(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, data_file, out, "run.keep=best", "run.snapshot_every=3", steps=12) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    dev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "dev_accuracy" in line]
+    best = max(dev, key=lambda r: (r["dev_accuracy"], -r["dev_loss"]))  # the first of the best, on ties
+    assert summary["best"]["step"] == best["step"] == summary["kept_step"] < summary["steps"]  # (step 8 of 12)
+    assert (out / "snapshots" / f"step-{best['step']:07d}.safetensors").exists()  # kept beside the last two
+    # the weights the run ends with are those of that step: its snapshot, the export, and `zotune eval`
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", str(out), "--out", str(tmp_path / "model")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    snapshot = load_file(out / "snapshots" / f"step-{best['step']:07d}.safetensors")
+    params = [p for n, p in model.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2.", "model.norm."))]
+    assert len(params) == len(snapshot) and all(torch.equal(p, snapshot[f"t{i}"]) for i, p in enumerate(params))
+    assert main(["eval", "--model", str(out), "--split", "test", "--out", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())["splits"]["test"]
+    assert evaluated["accuracy"] == summary["after"]["accuracy"]
+    assert evaluated["loss"] == pytest.approx(summary["after"]["loss"], abs=1e-6)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_better_one(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, data_file, out, "run.patience=1", "--lr", "3", steps=40) == 0  # lr 3 diverges fast
+    summary = json.loads((out / "summary.json").read_text())
+    dev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "dev_accuracy" in line]
+    stop = summary["stopped_early"]["step"]
+    assert stop < 40 and summary["steps"] == stop and dev[-1]["step"] == stop
+    scores = [(r["dev_accuracy"], -r["dev_loss"]) for r in dev]
+    assert scores[-1] <= max(scores[:-1])  # the last evaluation did not beat the best before it
+    assert all(a < b for a, b in zip(scores[:-2], scores[1:-1]))  # every earlier one did (patience 1)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["run.keep=best", "run.eval_every=0"], "run.keep=best decides on dev evaluations"),
+    (["run.patience=2", "task.n_dev=0"], "run.patience=2 decides on dev evaluations"),
+    (["run.keep=best", "--offload", "cpu"], "run.keep=best is not yet available with --offload"),
+    (["run.lr_schedule=step"], "run.lr_schedule='step'"),
+    (["run.keep=first"], "run.keep='first'"),
+])
+def test_recipe_settings_that_cannot_work_are_refused(extra, match, tiny_model_dir, data_file, tmp_path, capsys):
+    assert train(tiny_model_dir, data_file, tmp_path / "r", *extra) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "r").exists()
