@@ -62,13 +62,13 @@ def test_variant_matches_its_naive_reference(name, n_directions):
             got.copy_(want)  # keep the comparison step by step
 
 
-@pytest.mark.parametrize("name", ["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad"])
+@pytest.mark.parametrize("name", ["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "fzoo"])
 def test_every_method_converges_on_a_quadratic(name):
     """60 values, 500 steps: each method with a learning rate in its stable range gets below 10% of
     the starting loss (measured: zosgd 0.0002, momentum 0.0005, adam 0.0063, sign 0.075)."""
     params, loss = quadratic(1, shape=(6, 8))
     lr = {"zosgd": 1e-2, "zosgd-momentum": 1e-3, "zoadam": 3e-2, "zosgd-sign": 3e-2, "zosgd-conservative": 1e-2,
-          "hizoo": 1e-2, "forward-grad": 1e-2}[name]
+          "hizoo": 1e-2, "forward-grad": 1e-2, "fzoo": 3e-2}[name]
     opt = make_optimizer(name, params, seed=0, lr=lr, eps=1e-3, **VARIANTS.get(name, {}))
     start = float(loss())
     for _ in range(500):
@@ -76,7 +76,7 @@ def test_every_method_converges_on_a_quadratic(name):
     assert float(loss()) < 0.1 * start, name
 
 
-@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo"])
+@pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo", "fzoo"])
 def test_state_dict_resume_equals_uninterrupted(name):
     params, loss = quadratic(2)
     opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
@@ -109,6 +109,8 @@ def test_state_dict_resume_equals_uninterrupted(name):
     ("zosgd-conservative", dict(weight_decay=0.1), "weight_decay=0"),
     ("hizoo", dict(one_sided=True), "one two-sided direction"),
     ("hizoo", dict(hessian_floor=0.0), "hessian_floor=0.0 must be > 0"),
+    ("fzoo", dict(one_sided=False), "fzoo takes one-sided probes"),
+    ("fzoo", dict(n_directions=1), "at least 2 directions"),
 ])
 def test_bad_options_are_refused(name, options, match):
     params, _ = quadratic()
@@ -117,7 +119,41 @@ def test_bad_options_are_refused(name, options, match):
 
 
 def test_registry_lists_every_method():
-    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo"])
+    assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo",
+                                     "fzoo"])
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_fzoo_matches_its_naive_reference(wd):
+    """FZOO from stored z, out of place: l_0 = L(θ), l_k = L(θ + ε z_k), σ the population std of
+    l_1..l_N, θ ← θ·(1 − lr·wd) − lr/N Σ (l_k − l_0)/σ z_k (wd on matrices only)."""
+    params, loss = quadratic(4)
+    lr, eps, n = 1e-2, 1e-3, 5
+    opt = make_optimizer("fzoo", params, seed=7, lr=lr, eps=eps, weight_decay=wd, n_directions=n)
+    z = Directions()
+    for _ in range(3):
+        start = [p.clone() for p in params]
+        opt.step(loss)
+        seed = opt.last.seed
+        zs = [[z.z(p, seed, k, i) for i, p in enumerate(start)] for k in range(n)]
+        l0 = loss_at(params, loss, start)
+        ls = [loss_at(params, loss, [p + eps * zk for p, zk in zip(start, zs[k])]) for k in range(n)]
+        sigma = torch.tensor(ls, dtype=torch.float64).std(unbiased=False).item()
+        assert opt.last.grads == pytest.approx([(l - l0) / sigma for l in ls], rel=1e-3, abs=1e-3)
+        for i, (got, theta) in enumerate(zip(params, start)):
+            decay = 1 - lr * wd if theta.dim() >= 2 else 1.0
+            want = theta * decay - lr / n * sum((ls[k] - l0) / sigma * zs[k][i] for k in range(n))
+            # Not bit for bit: in-place probes round by about 1e-7, and the loss differences are
+            # taken from float32 losses near 1e3 (relative 1e-7 of the loss, magnified by 1/σ).
+            assert torch.allclose(got, want, atol=1e-4, rtol=0)
+            got.copy_(want)
+
+
+def test_fzoo_moves_nothing_when_every_probe_loss_is_the_same():
+    theta = torch.ones(4, 4)
+    opt = make_optimizer("fzoo", [theta], seed=0, lr=1.0)
+    opt.step(lambda: torch.tensor(3.0))
+    assert opt.last.grads == [0.0] * 8 and torch.equal(theta, torch.ones(4, 4))
 
 
 def loss_at(params, loss, points):
@@ -185,6 +221,7 @@ STREAMS = None  # no refusal: the method streams on both tiers, its state travel
     (["--method", "zosgd-conservative"], "forwards come after its update"),
     (["--method", "forward-grad"], "jvp needs every trainable tensor"),
     (["--method", "sparse-mezo", "method.sparsity=0.5"], STREAMS),
+    (["--method", "fzoo", "method.n_directions=3"], STREAMS),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):

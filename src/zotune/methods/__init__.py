@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from zotune.config import ConfigError
 from zotune.methods.conservative import ZOConservative
 from zotune.methods.forward_grad import ForwardGradient
+from zotune.methods.fzoo import FZOO
 from zotune.methods.hizoo import HiZOO
 from zotune.methods.sparse import SparseMeZO
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
@@ -118,6 +119,21 @@ class SparseConfig(MethodConfig):
 
 
 @dataclass
+class FZOOConfig(MethodConfig):
+    """FZOO's defaults: 8 one-sided Rademacher directions (the authors' N); lr and eps as measured on
+    the default task (docs/compare.md)."""
+
+    n_directions: int = 8
+    one_sided: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.one_sided or self.n_directions < 2:
+            raise ConfigError("fzoo takes one-sided probes around L(θ) and at least 2 directions (the spread of their "
+                              "losses sets the step): keep method.one_sided=true and method.n_directions >= 2 (e.g. 8)")
+
+
+@dataclass
 class ForwardGradConfig(MethodConfig):
     @property
     def forwards_per_step(self) -> int:
@@ -135,6 +151,7 @@ METHODS = {
     "hizoo": (HiZOOConfig, HiZOO),
     "forward-grad": (ForwardGradConfig, ForwardGradient),
     "sparse-mezo": (SparseConfig, SparseMeZO),
+    "fzoo": (FZOOConfig, FZOO),
 }
 
 
@@ -162,5 +179,5 @@ def make_optimizer(name: str, params, seed: int = 0, group=None, directions_form
     return optimizer_cls(params, seed=seed, group=group, directions_format=directions_format, **cfg.options())
 
 
-__all__ = ["METHODS", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
+__all__ = ["METHODS", "FZOO", "FZOOConfig", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
            "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]
