@@ -19,7 +19,7 @@ def test_compare_gives_every_run_the_same_forward_budget(tiny_model_dir, data_fi
     assert [r["run"] for r in rows] == ["zosgd method.lr=1e-3", "hizoo", "zosgd adapter.kind=lora"]
     assert [(r["steps"], r["forwards"]) for r in rows] == [(12, 24), (8, 24), (12, 24)]  # hizoo: 3 forwards a step
     assert all([f for f, _ in r["dev"]] == [0, 12, 24] for r in rows)  # dev at the same forward counts
-    assert (out / "compare.png").stat().st_size > 0 and "| hizoo | 24 | 8 |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 0 and "| hizoo | 1 | 24 | 8 |" in (out / "compare.md").read_text()
 
 
 def test_a_bad_run_is_refused_before_any_run_starts(tiny_model_dir, data_file, tmp_path, capsys):
@@ -30,3 +30,28 @@ def test_a_bad_run_is_refused_before_any_run_starts(tiny_model_dir, data_file, t
     assert "method.beta1=2" in capsys.readouterr().err and not out.exists()
     assert main(["compare", "--run", "sgd", "--out", str(out), *shared(tiny_model_dir, data_file)]) == 2
     assert "'sgd' is not a method" in capsys.readouterr().err
+
+
+def test_compare_over_seeds_reports_mean_spread_and_forwards_to_a_target(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--run", "zosgd method.lr=1e-2", "--run", "fzoo method.lr=1e-2 method.n_directions=2",
+            "--forwards", "24", "--evals", "2", "--seeds", "0,1", "--target", "0.0", "--out", str(out),
+            *shared(tiny_model_dir, data_file)]
+    assert main(argv) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [(r["run"].split()[0], r["seed"]) for r in rows] == [("zosgd", 0), ("zosgd", 1), ("fzoo", 0), ("fzoo", 1)]
+    assert rows[0]["dev"] != rows[1]["dev"] or rows[0]["test_after"] != rows[1]["test_after"] or \
+        (out / "01-zosgd-seed0" / "steps.log").read_bytes() != (out / "01-zosgd-seed1" / "steps.log").read_bytes()
+    assert all(r["reached"] == 0 for r in rows)  # a target of 0 is reached at the first evaluation
+    md = (out / "compare.md").read_text()
+    assert "| zosgd method.lr=1e-2 | 2 | 24 | 12 |" in md and " ± " in md and "forwards to dev accuracy >= 0.0" in md
+    assert "| fzoo method.lr=1e-2 method.n_directions=2 | 2 | 24 | 8 |" in md  # 3 forwards a step
+
+
+def test_compare_refuses_bad_seeds(tiny_model_dir, data_file, tmp_path, capsys):
+    assert main(["compare", "--run", "zosgd", "--seeds", "0,x", "--out", str(tmp_path / "c"),
+                 *shared(tiny_model_dir, data_file)]) == 2
+    assert "--seeds '0,x'" in capsys.readouterr().err
+    assert main(["compare", "--run", "zosgd", "--seeds", "1,1", "--out", str(tmp_path / "c"),
+                 *shared(tiny_model_dir, data_file)]) == 2
+    assert "distinct seeds" in capsys.readouterr().err

@@ -73,7 +73,11 @@ def _eval(args) -> int:
 def _compare(args) -> int:
     from zotune.compare import compare
 
-    compare(args.run, args.forwards, args.evals, args.out, args.overrides)
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: give seeds as numbers, e.g. 0,1,2") from None
+    compare(args.run, args.forwards, args.evals, args.out, args.overrides, seeds=seeds, target=args.target)
     return 0
 
 
@@ -203,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--forwards", type=int, default=2400, help="forward passes per run (default: the demo's 2,400)")
     c.add_argument("--evals", type=int, default=4, help="dev evaluations per run, at the same forward counts")
     c.add_argument("--out", default="runs/compare", help="a new folder for the runs, table and plot")
+    c.add_argument("--seeds", default="0", help="run.seed of each repeat, e.g. 0,1,2: the table gives mean ± spread")
+    c.add_argument("--target", type=float, help="also report the forward passes each run took to reach this dev metric")
     c.add_argument("overrides", nargs="*", metavar="section.key=value")
     c.set_defaults(func=_compare)
 

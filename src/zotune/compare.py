@@ -23,7 +23,10 @@ def _parse_run(text: str) -> tuple[str, list[str]]:
     return words[0], words[1:]
 
 
-def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[str], log=print) -> list[dict]:
+def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[str], log=print,
+            seeds: tuple[int, ...] = (0,), target: float | None = None) -> list[dict]:
+    """Each run once per seed (`run.seed`: step seeds and data order); the table gives each run's mean
+    and spread over the seeds and, with `target`, the forward passes each needed to reach that dev metric."""
     from zotune.methods import METHODS
     from zotune.train import resolve_configs, train
 
@@ -31,6 +34,8 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
         raise ConfigError("give at least one --run METHOD [section.key=value ...]")
     if forwards < 1 or evals < 1:
         raise ConfigError("--forwards and --evals must be >= 1")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
     folder = Path(out)
     if (folder / "compare.json").exists():
         raise ConfigError(f"{folder} already holds a comparison; pass a new --out")
@@ -40,44 +45,76 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
         if name not in METHODS:
             raise ConfigError(f"--run {text!r}: {name!r} is not a method; choose one of {', '.join(METHODS)}")
         label = " ".join([name, *overrides])
-        cfgs = resolve_configs(None, [*shared, f"method.name={name}", *overrides])
-        per_step = cfgs["method"].forwards_per_step
-        steps = forwards // per_step
-        if steps < evals:
-            raise ConfigError(f"--run {text!r}: {forwards} forward passes are only {steps} steps of {per_step} "
-                              f"forwards; raise --forwards")
-        cfgs["run"].steps = steps
-        cfgs["run"].eval_every = steps // evals
-        cfgs["run"].out = str(folder / f"{len(plans) + 1:02d}-{name}")
-        plans.append((label, per_step, cfgs))
+        for seed in seeds:
+            cfgs = resolve_configs(None, [*shared, f"method.name={name}", *overrides, f"run.seed={seed}"])
+            per_step = cfgs["method"].forwards_per_step
+            steps = forwards // per_step
+            if steps < evals:
+                raise ConfigError(f"--run {text!r}: {forwards} forward passes are only {steps} steps of {per_step} "
+                                  f"forwards; raise --forwards")
+            cfgs["run"].steps = steps
+            cfgs["run"].eval_every = steps // evals
+            suffix = f"-seed{seed}" if len(seeds) > 1 else ""
+            cfgs["run"].out = str(folder / f"{len(plans) // len(seeds) + 1:02d}-{name}{suffix}")
+            plans.append((label, seed, per_step, cfgs))
     rows = []
-    for label, per_step, cfgs in plans:
-        log(f"== {label}: {cfgs['run'].steps} steps x {per_step} forwards")
+    for label, seed, per_step, cfgs in plans:
+        log(f"== {label} (seed {seed}): {cfgs['run'].steps} steps x {per_step} forwards")
         summary = train(cfgs, log=log)
         metrics = [json.loads(line) for line in (Path(cfgs["run"].out) / "metrics.jsonl").read_text().splitlines()]
         dev = [(r["step"] * per_step, headline(r, "dev")[1]) for r in metrics if headline(r, "dev")]
         metric = summary["before"]["metric"]
-        rows.append({"run": label, "status": summary["status"], "steps": summary["steps"], "forwards": summary["steps"] * per_step,
-                     "metric": metric, "dev": dev, "test_before": summary["before"][metric],
-                     "test_after": summary.get("after", {}).get(metric), "seconds": summary["seconds"],
-                     "folder": cfgs["run"].out})
+        rows.append({"run": label, "seed": seed, "status": summary["status"], "steps": summary["steps"],
+                     "forwards": summary["steps"] * per_step, "metric": metric, "dev": dev,
+                     "test_before": summary["before"][metric], "test_after": summary.get("after", {}).get(metric),
+                     "reached": _reached(dev, target), "seconds": summary["seconds"], "folder": cfgs["run"].out})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (folder / "compare.md").write_text(table(rows))
+    (folder / "compare.md").write_text(table(rows, target))
     plot(rows, folder / "compare.png")
-    log(table(rows))
+    log(table(rows, target))
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def _reached(dev: list[tuple[int, float]], target: float | None) -> int | None:
+    """The forward passes at the first dev evaluation at or above `target` (None: never, or no target)."""
+    if target is None:
+        return None
+    return next((f for f, value in dev if value >= target), None)
+
+
+def _mean_spread(values: list[float]) -> str:
+    """`mean ± sample standard deviation` (just the value for one seed)."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows: list[dict], target: float | None = None) -> str:
+    """One line per run: over its seeds, the mean ± spread of its best and final dev metric and of its
+    test metric after training, and (with `target`) the forward passes it took to reach the target."""
     metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
-    lines = [f"| run | forward passes | steps | best dev {metric} | final dev | test before -> after | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        devs = [a for _, a in r["dev"]]
-        after = f"{r['test_after']:.3f}" if r["test_after"] is not None else r["status"]
-        lines.append(f"| {r['run']} | {r['forwards']:,} | {r['steps']:,} | {max(devs):.3f} | {devs[-1]:.3f} | "
-                     f"{r['test_before']:.3f} -> {after} | {r['seconds']:.0f} |")
+        groups.setdefault(r["run"], []).append(r)
+    reach = [f" | forwards to dev {metric} >= {target}"] if target is not None else [""]
+    lines = [f"| run | seeds | forward passes | steps | best dev {metric} | final dev | test before -> after"
+             f"{reach[0]} | seconds |", "|---|---|---|---|---|---|---|" + ("---|" if target is not None else "")]
+    for label, group in groups.items():
+        first = group[0]
+        best = _mean_spread([max(a for _, a in r["dev"]) for r in group])
+        final = _mean_spread([r["dev"][-1][1] for r in group])
+        done = [r["test_after"] for r in group if r["test_after"] is not None]
+        after = _mean_spread(done) if len(done) == len(group) else first["status"]
+        line = (f"| {label} | {len(group)} | {first['forwards']:,} | {first['steps']:,} | {best} | {final} | "
+                f"{_mean_spread([r['test_before'] for r in group])} -> {after}")
+        if target is not None:
+            got = [r["reached"] for r in group]
+            line += " | " + (f"{sum(got) / len(got):,.0f}" if None not in got else
+                             f"not by {first['forwards']:,} in {got.count(None)} of {len(got)}")
+        lines.append(line + f" | {sum(r['seconds'] for r in group) / len(group):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        ax.plot(*zip(*r["dev"]), marker="o", label=r["run"])
+        ax.plot(*zip(*r["dev"]), marker="o", label=r["run"] + (f" (seed {r['seed']})" if "seed" in r else ""))
     ax.set(xlabel="forward passes", ylabel=f"dev {rows[0].get('metric', 'accuracy') if rows else 'accuracy'}",
            title="same budget of forward passes")
     ax.legend(fontsize=8)
