@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from zotune.config import ConfigError
 from zotune.methods.conservative import ZOConservative
 from zotune.methods.forward_grad import ForwardGradient
-from zotune.methods.fzoo import FZOO
+from zotune.methods.fzoo import FZOO, check_probes
 from zotune.methods.hizoo import HiZOO
 from zotune.methods.sparse import SparseMeZO
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
@@ -128,9 +128,7 @@ class FZOOConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.one_sided or self.n_directions < 2:
-            raise ConfigError("fzoo takes one-sided probes around L(θ) and at least 2 directions (the spread of their "
-                              "losses sets the step): keep method.one_sided=true and method.n_directions >= 2 (e.g. 8)")
+        check_probes(self.one_sided, self.n_directions)
 
 
 @dataclass
