@@ -318,24 +318,23 @@ class Session:
         self.run.write_snapshot(step, self._snapshot_params())
 
     def load_snapshot(self, step: int) -> int:
-        """Bring the (resident) weights back to `step` from its snapshot, or the newest one before it and
-        the log; returns the step the weights are at (the current one when that cannot be done exactly)."""
+        """Bring the (resident) weights back to `step`: its snapshot, or (a stateless method) the newest
+        one before it and the log from there. Returns the step the weights are at (the last one when no
+        snapshot at or before `step` can be read, nothing changed)."""
         params = self._snapshot_params()
-        current = [p.detach().clone() for p in params]
+        folder = self.run.path / "snapshots"
+        if not any(int(f.stem[5:]) <= step for f in folder.glob("step-*.safetensors")):
+            self.log(f"no snapshot at or before step {step}: keeping the last step instead")
+            return self.opt.steps
         loaded, note = self.run.latest_snapshot(step, params)
         if note:
             self.log(note)
-        if loaded != step:
-            if keeps_state(self.opt):  # a stateful method's steps replay only from the base, with its state
-                with torch.no_grad():
-                    for p, c in zip(params, current):
-                        p.copy_(c)
-                self.log(f"the snapshot of step {step} is missing: keeping the last step instead")
-                return self.opt.steps
+        if loaded != step and not keeps_state(self.opt):  # a stateful method replays only from the base
             indexed = self.opt.indexed(params)
             for rec in self.run.read_steps()[0][loaded:step]:
                 self.opt.replay(rec, indexed)
-        return step
+            return step
+        return loaded
 
     def close(self) -> None:
         if self.engine is not None:
@@ -345,8 +344,8 @@ class Session:
 class _Best:
     """The best dev evaluation so far, and whether the run has run out of patience (`run.patience`)."""
 
-    def __init__(self, keep: str, patience: int):
-        self.keep, self.patience = keep, patience
+    def __init__(self, patience: int):
+        self.patience = patience
         self.step: int | None = None
         self.score, self.loss = float("-inf"), float("inf")
         self.since = 0  # evaluations since the best one
@@ -474,7 +473,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     track_dev = bool(run_cfg.eval_every and task.dev)
     is_eval_step = lambda s: track_dev and s % run_cfg.eval_every == 0 and s < run_cfg.steps  # noqa: E731
 
-    best = _Best(run_cfg.keep, run_cfg.patience)
+    best = _Best(run_cfg.patience)
 
     def log_dev(step: int) -> float:
         dev = evaluate(model, task, task.dev, run_cfg.eval_batch_size, device, "dev", group)
