@@ -22,9 +22,7 @@ class Rule:
 
 
 def _streamed(c: dict) -> bool:
-    from zotune.stream import is_stream_folder
-
-    return c["stream"].tier != "none" or is_stream_folder(c["model"].name)
+    return c["stream"].tier != "none" or _is_folder(c["model"].name)
 
 
 def _method_class(c: dict):
@@ -33,20 +31,11 @@ def _method_class(c: dict):
     return METHODS[c["method"].name][1]
 
 
-def _one_direction_only(c: dict) -> bool:
-    return c["method"].name in ("zosgd-conservative", "hizoo", "forward-grad") and \
-        (c["method"].n_directions != 1 or c["method"].one_sided)
-
-
 RULES = [
     Rule("unstreamable method",
          lambda c: _streamed(c) and not getattr(_method_class(c), "streamable", True),
          lambda c: f"method {c['method'].name} cannot be streamed: {_method_class(c).why_not_streamable}; "
                    f"stream any other method, or train it resident (no --offload)"),
-    Rule("one-direction method",
-         _one_direction_only,
-         lambda c: f"method {c['method'].name} takes one two-sided direction: drop method.n_directions and "
-                   f"method.one_sided"),
     Rule("forward-grad in several processes",
          lambda c: c["method"].name == "forward-grad" and c["parallel"].data * c["parallel"].perturb > 1,
          lambda c: "method forward-grad runs in one process: drop parallel.data / parallel.perturb"),

@@ -21,10 +21,13 @@ class ZOConservative(ZOSGD):
     streamable = False  # its extra forwards come after the update: not a walk of probe moves
     why_not_streamable = "its extra forwards come after its update, which the streaming engine does not schedule"
 
+    @staticmethod
+    def check_probes(n_directions: int, one_sided: bool) -> None:
+        if n_directions != 1 or one_sided:
+            raise ConfigError("zosgd-conservative uses one two-sided direction: drop n_directions and one_sided")
+
     def __init__(self, params, **options):
         super().__init__(params, **options)
-        if self.n_directions != 1 or self.one_sided:
-            raise ConfigError("zosgd-conservative uses one two-sided direction: drop n_directions and one_sided")
         if any(g["weight_decay"] for g in self.param_groups):
             raise ConfigError("zosgd-conservative compares raw candidate points: use weight_decay=0")
 

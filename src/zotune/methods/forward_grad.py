@@ -22,10 +22,13 @@ class ForwardGradient(ZOSGD):
     streamable = False
     why_not_streamable = "its forward-mode jvp needs every trainable tensor's tangent at once"
 
+    @staticmethod
+    def check_probes(n_directions: int, one_sided: bool) -> None:
+        if n_directions != 1 or one_sided:
+            raise ConfigError("forward-grad takes one direction and no finite difference: drop n_directions and one_sided")
+
     def __init__(self, params, **options):
         super().__init__(params, **options)
-        if self.n_directions != 1 or self.one_sided:
-            raise ConfigError("forward-grad takes one direction and no finite difference: drop n_directions and one_sided")
         if self.group is not None:
             raise ConfigError("forward-grad runs in one process: drop parallel.data / parallel.perturb")
 

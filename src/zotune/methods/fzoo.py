@@ -22,16 +22,15 @@ from zotune.config import ConfigError
 from zotune.methods.zosgd import ZOSGD
 
 
-def check_probes(one_sided: bool, n_directions: int) -> None:
-    """FZOO's probes: one-sided around L(θ), and at least two directions (their losses' spread sets the step)."""
-    if not one_sided or n_directions < 2:
-        raise ConfigError("fzoo takes one-sided probes around L(θ) and at least 2 directions (the spread of their "
-                          "losses sets the step): keep method.one_sided=true and method.n_directions >= 2 (e.g. 8)")
-
-
 class FZOO(ZOSGD):
+    @staticmethod
+    def check_probes(n_directions: int, one_sided: bool) -> None:
+        """One-sided around L(θ), and at least two directions (their losses' spread sets the step)."""
+        if not one_sided or n_directions < 2:
+            raise ConfigError("fzoo takes one-sided probes around L(θ) and at least 2 directions (the spread of their "
+                              "losses sets the step): keep method.one_sided=true and method.n_directions >= 2 (e.g. 8)")
+
     def __init__(self, params, n_directions: int = 8, one_sided: bool = True, **options):
-        check_probes(one_sided, n_directions)
         super().__init__(params, n_directions=n_directions, one_sided=one_sided, **options)
 
     def _grads(self, losses: list[float]) -> list[float]:

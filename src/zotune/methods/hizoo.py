@@ -17,11 +17,14 @@ from zotune.methods.zosgd import ZOSGD, StepRecord
 class HiZOO(ZOSGD):
     state_per_value = 1
 
-    def __init__(self, params, hessian_smoothing: float = 1e-8, hessian_floor: float = 1e-8, **options):
-        super().__init__(params, **options)
-        if self.n_directions != 1 or self.one_sided:
+    @staticmethod
+    def check_probes(n_directions: int, one_sided: bool) -> None:
+        if n_directions != 1 or one_sided:
             raise ConfigError("hizoo uses one two-sided direction and a reference forward: drop n_directions "
                               "and one_sided")
+
+    def __init__(self, params, hessian_smoothing: float = 1e-8, hessian_floor: float = 1e-8, **options):
+        super().__init__(params, **options)
         self.alpha, self.floor = hessian_smoothing, hessian_floor
 
     def moves(self):

@@ -47,6 +47,10 @@ class ZOSGD(torch.optim.Optimizer):
     state_per_value = 0  # floats of optimizer state per trainable value: memory stays at inference level
     streamable = True  # a step is a walk of `moves()` then `update`: the streaming engine can run it
 
+    @staticmethod
+    def check_probes(n_directions: int, one_sided: bool) -> None:
+        """Raise when a method cannot take these probes (its config calls this too, before any work)."""
+
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "rademacher",
                  group=None, directions_format: int = FORMAT):
@@ -58,6 +62,7 @@ class ZOSGD(torch.optim.Optimizer):
             raise ConfigError(f"weight_decay={weight_decay} must be a finite number >= 0")
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise ConfigError(f"n_directions={n_directions} must be an integer >= 1")
+        self.check_probes(n_directions, one_sided)
         if distribution not in DISTRIBUTIONS:
             raise ConfigError(f"distribution={distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
         if directions_format not in FORMATS:

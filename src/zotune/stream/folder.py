@@ -219,6 +219,8 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
     reading one block at a time from its tier: a model larger than memory exports."""
     from safetensors.torch import save_file
 
+    from zotune.stream.engine import _hollow
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     engine.flush()  # every block up to date on its tier
@@ -233,7 +235,7 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
         with torch.no_grad():
             tensors = {f"{path}.{j}.{n}": t.to(engine.precision.compute).contiguous() for n, t in dequantized(block).items()}
         for p in params.values():
-            p.data = torch.zeros((), dtype=p.dtype, device=engine.device).expand(p.shape)
+            p.data = _hollow(p, engine.device)
         name = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
         save_file(tensors, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
