@@ -120,7 +120,20 @@ def test_dims_that_do_not_match_the_world_are_refused_before_any_work(tiny_model
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("method", [[], ["--method", "zoadam"]], ids=["zosgd", "zoadam"])
+def test_lozo_m_perturbation_parallel_equals_one_process_bit_for_bit(tiny_model_dir, data_file, tmp_path):
+    """A method with its own directions and state (LOZO-M: low-rank U·Vᵀ, V shared by 2 steps, its
+    momentum in the rank-r space) on P = 2: each rank runs its probes, one float each is exchanged."""
+    method = ["--method", "lozo-m", "method.interval=2", "method.n_directions=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(tiny_model_dir, data_file, one, *method)) == 0
+    assert wait_all(launch(2, train_args(tiny_model_dir, data_file, two, "parallel.perturb=2", *method), tmp_path)) == [0, 0]
+    assert (two / "steps.log").read_bytes() == (one / "steps.log").read_bytes()
+    a, b = final(one), final(two)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", [[], ["--method", "zoadam"], ["--method", "lozo-m", "method.interval=2"]],
+                         ids=["zosgd", "zoadam", "lozo-m"])
 def test_disk_streaming_with_sliced_reads_equals_resident_on_two_ranks(method, tiny_model_dir, data_file, tmp_path):
     """data = 2 with the disk tier: each rank reads half of every block and gathers the other half
     (with Adam, both ranks write the same moments to the blocks' state files); the run is the same,

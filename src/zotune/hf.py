@@ -1,14 +1,14 @@
 """Hugging Face Trainer integration: train with a zotune ZO method and keep the Trainer's own loop.
 
 `ZOTrainer` overrides only two documented hooks: `create_optimizer` (a zotune method, with the
-Trainer's learning rate, weight decay and seed) and `training_step` (the two perturbed forwards of
-the micro-batch through the Trainer's own `compute_loss`, no backward). Everything else is the
-Trainer's: gradient accumulation (every micro-batch of a window is probed along the same direction
+Trainer's learning rate, weight decay and seed) and `training_step` (the method's probe forwards of
+the micro-batch through the Trainer's own `compute_loss`, no backward: the same walk as `zotune train`). Everything else is the
+Trainer's: gradient accumulation (every micro-batch of a window is probed along the same directions
 and their losses add up as the Trainer scales them, so a window of k micro-batches gives the
 projected gradient of the whole window), the lr scheduler, logging (`report_to` TensorBoard or W&B
 when installed), evaluation, checkpoints (the optimizer state is a few integers) and resuming.
 With several GPUs (DDP) each rank probes its own micro-batches and the probe losses are averaged
-over the ranks (two floats a step), so every rank takes the same update. `fp16=True` is refused
+over the ranks (one float per probe a step), so every rank takes the same update. `fp16=True` is refused
 (it scales a loss for a backward pass that ZO never takes); `bf16=True` autocasts as usual.
 
     trainer = ZOTrainer(model=model, args=TrainingArguments(..., learning_rate=1e-6), train_dataset=ds,
@@ -34,54 +34,50 @@ class WindowedZO(torch.optim.Optimizer):
     """
 
     def __init__(self, zo: ZOSGD):
-        if zo.n_directions != 1 or zo.one_sided or not zo.streamable or type(zo).moves is not ZOSGD.moves:
-            raise ConfigError(f"{type(zo).__name__} with these options takes other forwards than two probes along one "
-                              f"direction; with the Trainer use zosgd, zosgd-momentum, zoadam or zosgd-sign, "
-                              f"two-sided, one direction")
+        if not zo.streamable:
+            raise ConfigError(f"{type(zo).__name__} takes forwards that are not a walk of probes ({zo.why_not_streamable}); "
+                              f"with the Trainer use a method whose step is its probes (zosgd, zoadam, fzoo, lozo, ...)")
         super().__init__([{"params": g["params"]} for g in zo.param_groups], {})
         self.zo, self.param_groups, self.state = zo, zo.param_groups, zo.state
         self._params = zo.indexed()
-        self._window: list | None = None  # [seed, sum of L+, sum of L-] of the window in progress
+        self._window: tuple | None = None  # (step key, per-probe sums of the losses) of the window in progress
 
     @torch.no_grad()
     def probe(self, loss_fn) -> torch.Tensor:
-        """L+ and L− of one micro-batch along the window's direction; returns their mean (detached)."""
-        zo, eps = self.zo, self.zo.eps
+        """Every probe of the step on one micro-batch, the same directions for the whole window (the
+        method's own walk); returns the mean of its probe losses (detached)."""
+        zo = self.zo
         if self._window is None:
-            self._window = [zo.begin(), 0.0, 0.0]
-            offset = 0.0
-        else:
-            offset = -eps  # the previous micro-batch left θ − εz
-        seed = self._window[0]
+            self._window = (zo.begin(), [0.0] * zo.n_probes)
+        else:  # the previous micro-batch's walk left θ moved: back to rest before walking again
+            zo.undo(self._params, self._window[0], zo.offsets())
+        key, sums = self._window
+        offsets: dict[int, float] = {}
+        losses: list[float] = []
         try:
-            zo.move(self._params, seed, 0, eps - offset)
-            plus = zo._loss(loss_fn)
-            zo.move(self._params, seed, 0, -2 * eps)
-            minus = zo._loss(loss_fn)
-            zo.check_finite([plus, minus])
+            for _ in zo.walk(self._params, key, offsets):
+                losses.append(zo._loss(loss_fn))
+                zo.check_finite(losses)
         except BaseException:  # never leave θ perturbed: back to rest, the window is dropped
-            self._abandon()
-            raise
-        self._window[1] += plus
-        self._window[2] += minus
-        return torch.tensor((plus + minus) / 2)
-
-    def _abandon(self) -> None:
-        if self._window is not None:
-            self.zo.undo(self._params, self._window[0], {0: -self.zo.eps})
+            zo.undo(self._params, key, offsets)
             self._window = None
+            raise
+        for r, loss in enumerate(losses):
+            sums[r] += loss
+        return torch.tensor(sum(losses) / len(losses))
 
     @torch.no_grad()
     def step(self, closure=None):
-        """The update of the window: g = (ΣL+ − ΣL−) / 2ε, with the restore fused in."""
+        """The update of the window, from each probe's loss summed over its micro-batches (for ZO-SGD:
+        g = (ΣL+ − ΣL−) / 2ε, the restore fused in)."""
         if closure is not None:
             raise ConfigError("WindowedZO.step() takes no closure: the Trainer probes each micro-batch first")
         if self._window is None:
             return None
-        seed, plus, minus = self._window
+        key, sums = self._window
         self._window = None
-        plus, minus = _mean_over_ranks([plus, minus], self._params[0][1].device if self._params else None)
-        record = self.zo.finish(seed, [plus, minus])
+        sums = _mean_over_ranks(sums, self._params[0][1].device if self._params else None)
+        record = self.zo.finish(key, sums)
         self.zo.update(self._params, record)
         return None
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
-from zotune.methods import MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
+from zotune.methods import METHODS, MethodConfig, NonFiniteLossError, StepRecord, make_optimizer, method_config
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
@@ -369,21 +369,26 @@ def _replay_device(run_dir: Path, method_cfg: MethodConfig) -> str:
         base = json.loads((run_dir / "base.json").read_text())
     except (OSError, ValueError):
         return "cpu"  # Session says what is wrong with the folder
-    distribution = method_cfg.options().get("distribution", "rademacher")
-    if device_dependent(distribution, base.get("directions", 1)):
+    if _directions_depend_on_device(method_cfg, base.get("directions", 1)):
         return base.get("device", "cpu").split(" ")[0]
     return "cpu"
+
+
+def _directions_depend_on_device(method_cfg: MethodConfig, version: int) -> bool:
+    distribution = method_cfg.options().get("distribution", "rademacher")
+    return device_dependent(distribution, version) or METHODS[method_cfg.name][1].directions_depend_on_device
 
 
 def _check_directions_device(base: dict, method_cfg: MethodConfig, device: torch.device) -> None:
     """Refuse to continue, replay or export a run on a device that draws its directions differently."""
     distribution = method_cfg.options().get("distribution", "rademacher")
     recorded, here = base.get("device", "cpu"), drawn_on(device)  # runs before the record was kept ran on the CPU
-    if recorded != here and device_dependent(distribution, base["directions"]):
-        what = f"{distribution} directions" if distribution == "gaussian" else "Rademacher directions of format 1"
+    if recorded != here and _directions_depend_on_device(method_cfg, base["directions"]):
+        what = (f"{distribution} directions" if distribution == "gaussian" else
+                "Rademacher directions of format 1" if base["directions"] == 1 else f"{method_cfg.name} directions")
         raise ConfigError(f"this run drew its {what} on {recorded}, which this process ({here}) draws differently; "
                           f"continue or evaluate it with run.device={recorded.split(' ')[0]} (--device) on the same kind of "
-                          f"device (Rademacher directions, the default, are the same on every device)")
+                          f"device (the default zosgd with Rademacher directions is the same on every device)")
 
 
 def _folder_tokenizer(folder: str):

@@ -18,7 +18,7 @@ import torch
 
 def _child(spec: dict) -> dict:
     from zotune.bench.stream import PeakMemory, _batch, _random_model
-    from zotune.methods import METHODS, make_optimizer
+    from zotune.methods import make_optimizer
 
     model = _random_model(spec["shape"], None)
     params = list(model.parameters())
@@ -44,7 +44,7 @@ def _child(spec: dict) -> dict:
         for _ in range(2):
             opt.step(closure)
         state = sum(t.nbytes for s in opt.tensor_state.values() for t in s.values() if torch.is_tensor(t))
-        assert state == METHODS[spec["method"]][1].state_per_value * 4 * sum(p.numel() for p in params)
+        assert state == 4 * opt.state_floats(), (state, opt.state_floats())
     return {**peak.stop(), "state_bytes": state, "values": sum(p.numel() for p in params)}
 
 

@@ -15,10 +15,11 @@ from zotune.methods.conservative import ZOConservative
 from zotune.methods.forward_grad import ForwardGradient
 from zotune.methods.fzoo import FZOO
 from zotune.methods.hizoo import HiZOO
+from zotune.methods.lozo import LOZO
 from zotune.methods.sparse import SparseMeZO
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
 from zotune.methods.variants import ZOAdam, ZOMomentum, ZOSign
-from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepRecord
+from zotune.methods.zosgd import ZOSGD, NonFiniteLossError, StepKey, StepRecord
 
 
 @dataclass
@@ -130,6 +131,41 @@ class FZOOConfig(MethodConfig):
 
 
 @dataclass
+class LOZOConfig(MethodConfig):
+    """LOZO: rank-r directions for matrices, V shared by `interval` steps (the paper's r = 2, ν = 50).
+    An entry of U·Vᵀ has variance r, so the step is about r times ZO-SGD's at the same lr: the default
+    lr is ZO-SGD's divided by r."""
+
+    lr: float = 2.5e-4
+    rank: int = 2
+    interval: int = 50
+    momentum: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ConfigError(f"method.rank={self.rank} must be an integer >= 1 (e.g. 2)")
+        if not (isinstance(self.interval, int) and self.interval >= 1):
+            raise ConfigError(f"method.interval={self.interval} must be an integer >= 1 (steps that share V, e.g. 50)")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.momentum={self.momentum} must be in [0, 1) (0 for lozo; lozo-m: e.g. 0.9)")
+
+
+@dataclass
+class LOZOMConfig(LOZOConfig):
+    """LOZO-M: LOZO with heavy-ball momentum kept in the rank-r space (m × r floats per matrix); lr
+    10x smaller than LOZO's, as zosgd-momentum's (a momentum of 0.9 sums about 10 steps)."""
+
+    lr: float = 2.5e-5
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.momentum == 0:
+            raise ConfigError("method.momentum=0 is plain LOZO: use method.name=lozo, or a momentum in (0, 1)")
+
+
+@dataclass
 class ForwardGradConfig(MethodConfig):
     @property
     def forwards_per_step(self) -> int:
@@ -148,6 +184,8 @@ METHODS = {
     "forward-grad": (ForwardGradConfig, ForwardGradient),
     "sparse-mezo": (SparseConfig, SparseMeZO),
     "fzoo": (FZOOConfig, FZOO),
+    "lozo": (LOZOConfig, LOZO),
+    "lozo-m": (LOZOMConfig, LOZO),
 }
 
 
@@ -175,5 +213,5 @@ def make_optimizer(name: str, params, seed: int = 0, group=None, directions_form
     return optimizer_cls(params, seed=seed, group=group, directions_format=directions_format, **cfg.options())
 
 
-__all__ = ["METHODS", "FZOO", "FZOOConfig", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepRecord", "ZOAdam",
+__all__ = ["METHODS", "FZOO", "FZOOConfig", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "LOZO", "LOZOConfig", "LOZOMConfig", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepKey", "StepRecord", "ZOAdam",
            "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]

@@ -31,29 +31,28 @@ class ZOConservative(ZOSGD):
         if any(g["weight_decay"] for g in self.param_groups):
             raise ConfigError("zosgd-conservative compares raw candidate points: use weight_decay=0")
 
-    def _scaled_move(self, params, seed: int, factor: float) -> None:
+    def _scaled_move(self, params, key, factor: float) -> None:
         """θ_i += factor · lr_i · z_i: the u-moves (factor ±g), with each group's lr."""
         groups = self._group_of()
         for i, p in params:
-            step = factor * groups[i]["lr"]
-            self._directions.add(p, seed, 0, i, step)
+            self.add_z(p, key, 0, i, factor * groups[i]["lr"])
 
     @torch.no_grad()
     def step(self, closure, share: float = 1.0) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
-        seed = self._next_seed()
-        losses = self._probe(closure, params, seed, share)
-        g = self._grads(losses)[0]
-        self.move(params, seed, 0, self.eps)  # back to θ (up to rounding, as in every ZO step)
+        key = self.begin()
+        losses = self._probe(closure, params, key, share)  # the walk of ZO-SGD's two probes
+        g = self.estimate(losses)[0]
+        self.move(params, key, 0, self.eps)  # back to θ (up to rounding, as in every ZO step)
         at = 0.0  # where θ is, in multiples of u
         try:
             extra = [self._loss(closure) if share > 0 else 0.0]  # L(θ)
-            self._scaled_move(params, seed, -g)
+            self._scaled_move(params, key, -g)
             at = -1.0
             extra.append(self._loss(closure) if share > 0 else 0.0)  # L(θ − u)
-            self._scaled_move(params, seed, 2 * g)
+            self._scaled_move(params, key, 2 * g)
             at = 1.0
             extra.append(self._loss(closure) if share > 0 else 0.0)  # L(θ + u)
             if self.group is not None:  # every data rank ran all three on its rows
@@ -61,22 +60,23 @@ class ZOConservative(ZOSGD):
             self.check_finite(extra)
         except BaseException:  # back to θ before raising
             if at:
-                self._scaled_move(params, seed, -g * at)
+                self._scaled_move(params, key, -g * at)
             raise
         choice = _CHOICES[min(range(3), key=extra.__getitem__)]
-        self._settle(params, seed, g, choice)
-        self.finish(seed, losses + extra, grads=[g, choice])
+        self._settle(params, key, g, choice)
+        self.finish(key, losses + extra, grads=[g, choice])
         return torch.tensor(sum(losses) / len(losses))
 
-    def _settle(self, params, seed: int, g: float, choice: float) -> None:
+    def _settle(self, params, key, g: float, choice: float) -> None:
         """From θ + u, go to the chosen point (the same moves in the step and in replay)."""
         if choice != -1.0:
-            self._scaled_move(params, seed, -g * (1.0 + choice))
+            self._scaled_move(params, key, -g * (1.0 + choice))
 
     def update(self, indexed, record: StepRecord) -> None:
         """Replay: from the probes' end state, the step's own moves to the chosen point."""
         g, choice = record.grads
-        self.move(indexed, record.seed, 0, self.eps)
-        self._scaled_move(indexed, record.seed, -g)
-        self._scaled_move(indexed, record.seed, 2 * g)
-        self._settle(indexed, record.seed, g, choice)
+        key = record.key
+        self.move(indexed, key, 0, self.eps)
+        self._scaled_move(indexed, key, -g)
+        self._scaled_move(indexed, key, 2 * g)
+        self._settle(indexed, key, g, choice)

@@ -40,16 +40,16 @@ class ForwardGradient(ZOSGD):
         if closure is None:
             raise ConfigError("forward-grad needs a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
-        seed = self._next_seed()
+        key = self.begin()
         with sdpa_kernel([SDPBackend.MATH]), fwAD.dual_level():
             for i, p in params:  # adding a zero with tangent z makes p itself dual, in place and unchanged
-                p.add_(fwAD.make_dual(torch.zeros_like(p), self._directions.z(p, seed, 0, i)))
+                p.add_(fwAD.make_dual(torch.zeros_like(p), self._directions.z(p, key.seed, 0, i)))
             primal, tangent = fwAD.unpack_dual(closure())
         if tangent is None:
             raise ConfigError("the closure's loss does not depend on the trainable parameters")
         loss, g = float(primal), float(tangent)
         self.check_finite([loss, g])
-        self.update(params, self.finish(seed, [loss], grads=[g]))
+        self.update(params, self.finish(key, [loss], grads=[g]))
         return torch.tensor(loss)
 
     def update(self, indexed, record: StepRecord) -> None:
@@ -57,4 +57,4 @@ class ForwardGradient(ZOSGD):
         for i, p in indexed:
             group = groups[i]
             wd = group["weight_decay"] if p.dim() >= 2 else 0.0
-            self._update_tensor(i, p, record, group_lr[id(group)], wd, restore=0.0)
+            self.update_tensor(i, p, record, group_lr[id(group)], wd, restore=0.0)

@@ -33,7 +33,7 @@ class FZOO(ZOSGD):
     def __init__(self, params, n_directions: int = 8, one_sided: bool = True, **options):
         super().__init__(params, n_directions=n_directions, one_sided=one_sided, **options)
 
-    def _grads(self, losses: list[float]) -> list[float]:
+    def estimate(self, losses: list[float]) -> list[float]:
         base, probes = losses[0], losses[1:]
         mean = sum(probes) / len(probes)
         sigma = math.sqrt(sum((l - mean) ** 2 for l in probes) / len(probes))

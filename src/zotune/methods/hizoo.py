@@ -32,7 +32,7 @@ class HiZOO(ZOSGD):
         yield 0, self.eps, True
         yield 0, -2 * self.eps, True
 
-    def _grads(self, losses: list[float]) -> list[float]:
+    def estimate(self, losses: list[float]) -> list[float]:
         base, plus, minus = losses
         return [(plus - minus) / (2 * self.eps), abs(plus + minus - 2 * base) / (2 * self.eps ** 2)]
 
@@ -47,14 +47,14 @@ class HiZOO(ZOSGD):
         start = (piece.data_ptr() - p.data_ptr()) // p.element_size()
         return t.view(-1)[start: start + piece.numel()]
 
-    def move(self, indexed, seed: int, k: int, scale: float) -> None:
+    def move(self, indexed, key, k: int, scale: float) -> None:
         """θ_i += scale · z_i / √H_i, chunk by chunk."""
         for i, p in indexed:
             h = self._hessian(i, p)
-            self._directions.apply(p, seed, k, i, lambda piece, z, p=p, h=h: piece.addcmul_(
+            self._directions.apply(p, key.seed, k, i, lambda piece, z, p=p, h=h: piece.addcmul_(
                 z, self._same_chunk(h, p, piece).rsqrt(), value=scale))
 
-    def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
+    def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
         g, d = record.grads
         h = self._hessian(i, p)
 

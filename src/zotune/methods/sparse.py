@@ -89,16 +89,16 @@ class SparseMeZO(ZOSGD):
 
         self._directions.apply(p.view(-1), seed, k, i, fn, offsets=True)
 
-    def move(self, indexed, seed: int, k: int, scale: float) -> None:
+    def move(self, indexed, key, k: int, scale: float) -> None:
         for i, p in indexed:
-            self._sweep(i, p, seed, k, scale)
+            self._sweep(i, p, key.seed, k, scale)
 
-    def undo(self, indexed, seed: int, offset: dict[int, float]) -> None:
-        super().undo(indexed, seed, offset)
+    def undo(self, indexed, key, offset: dict[int, float]) -> None:
+        super().undo(indexed, key, offset)
         for i, _ in indexed:
             self._drop_mask(i)
 
-    def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
+    def update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
         n, seed = self.n_directions, record.seed
         decay = 1 - lr * wd if wd else 1.0
         for k in range(n):  # as ZO-SGD: with one direction the restore is fused; decay once, at the first

@@ -1,6 +1,6 @@
 """The ZO-SGD variants users compare (ZO-Bench): same probes and seeds, another update rule.
 
-Each one changes only `_update_tensor`: the probe moves are undone, ĝ = mean_k g_k z_k is
+Each one changes only `update_tensor`: the probe moves are undone, ĝ = mean_k g_k z_k is
 regenerated for one tensor at a time (one tensor's worth of scratch), and the rule applies it.
 """
 
@@ -20,8 +20,8 @@ class ZOMomentum(ZOSGD):
         super().__init__(params, **options)
         self.momentum = momentum
 
-    def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
-        ghat = self._restore_and_estimate(i, p, record, restore)
+    def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
+        ghat = self.restore_and_estimate(i, p, record, restore)
         if wd:
             ghat.add_(p, alpha=wd)
         state = self.state_of(i)
@@ -41,8 +41,8 @@ class ZOAdam(ZOSGD):
         super().__init__(params, **options)
         self.beta1, self.beta2, self.adam_eps = beta1, beta2, adam_eps
 
-    def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
-        ghat = self._restore_and_estimate(i, p, record, restore)
+    def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
+        ghat = self.restore_and_estimate(i, p, record, restore)
         state = self.state_of(i)
         if "exp_avg" not in state:
             state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
@@ -59,8 +59,8 @@ class ZOAdam(ZOSGD):
 class ZOSign(ZOSGD):
     """ZO-sign: θ ← θ·(1 − lr·wd) − lr·sign(ĝ): every value moves by lr (no state)."""
 
-    def _update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
-        ghat = self._restore_and_estimate(i, p, record, restore)
+    def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
+        ghat = self.restore_and_estimate(i, p, record, restore)
         if wd:
             p.mul_(1 - lr * wd)
         p.add_(ghat.sign_(), alpha=-lr)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +16,15 @@ class NonFiniteLossError(RuntimeError):
     """A probe loss was NaN or infinite; the weights were restored before raising."""
 
 
+@dataclass(frozen=True)
+class StepKey:
+    """Which step a move belongs to: its number (0-based) and its seed. Directions are regenerated
+    from the key alone; a method whose directions span several steps (LOZO's lazy V) uses the number."""
+
+    step: int
+    seed: int
+
+
 @dataclass
 class StepRecord:
     """Everything needed to replay one step without a forward: its seed, projected gradients, lrs."""
@@ -25,6 +34,10 @@ class StepRecord:
     grads: list[float]
     losses: list[float]
     lrs: list[float] = field(default_factory=list)
+
+    @property
+    def key(self) -> StepKey:
+        return StepKey(self.step, self.seed)
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -42,6 +55,12 @@ class ZOSGD(torch.optim.Optimizer):
     run folder records its own, so older runs replay with theirs). With a `group` (zotune.parallel), each rank runs the forwards of its own
     probes on its own rows and one all-reduce of the probe losses gives every rank the same update. `opt.last` holds the StepRecord of the latest step (seed, projected
     gradients, probe losses, lrs), enough to redo it bit for bit with `replay`.
+
+    The method contract (docs/adding-a-method.md): a method is this class with some of four members
+    replaced: `moves()` (the probes: where θ goes and where a forward runs), `add_z` (what direction k
+    of tensor i is), `estimate(losses)` (the projected gradients) and `update_tensor` (the rule). Every
+    caller (this `step`, the streaming engine block by block, the HF Trainer per micro-batch, replay)
+    runs the probes through the one `walk`, and applies a finished step through `update`.
     """
 
     state_per_value = 0  # floats of optimizer state per trainable value: memory stays at inference level
@@ -84,6 +103,12 @@ class ZOSGD(torch.optim.Optimizer):
         # engine moves tensor i's entry between the device and its tier with the block that holds it.
         self.tensor_state: dict[int, dict] = {}
         self.group = group  # a zotune.parallel.Group, or None: with one process nothing is sent
+
+    directions_depend_on_device = False  # True: a run continues only on the kind of device it started on
+
+    def state_floats(self) -> int:
+        """Floats of per-tensor state this optimizer keeps in all (0: memory stays at inference level)."""
+        return self.state_per_value * sum(p.numel() for p in self._params())
 
     def state_of(self, i: int) -> dict:
         """The state of tensor i (created empty)."""
@@ -128,7 +153,32 @@ class ZOSGD(torch.optim.Optimizer):
             if n > 1:
                 yield k, eps if not self.one_sided else -eps, False
 
-    def _grads(self, losses: list[float]) -> list[float]:
+    @property
+    def n_probes(self) -> int:
+        """Forwards of one step's probes (the losses `estimate` takes)."""
+        return sum(1 for *_, probe in self.moves() if probe)
+
+    def walk(self, indexed: list[tuple[int, torch.Tensor]], key: StepKey,
+             offsets: dict[int, float] | None = None) -> Iterator[int]:
+        """The one walk of a step's probes: apply the moves of `moves()` to `indexed` in order and
+        yield r where probe r's forward runs (θ is then where that forward must see it).
+
+        The whole-model step, the streaming engine (block by block), the HF Trainer (micro-batch by
+        micro-batch) and replay all walk with this, so they repeat each other's roundings. `offsets`,
+        when given, collects direction -> the scale applied so far (for `undo` when a step fails).
+        """
+        r = 0
+        for k, scale, probe in self.moves():
+            if k is not None:
+                self.move(indexed, key, k, scale)
+                if offsets is not None:
+                    offsets[k] = offsets.get(k, 0.0) + scale
+            if probe:
+                yield r
+                r += 1
+
+    def estimate(self, losses: list[float]) -> list[float]:
+        """The projected gradients of a step from its probe losses (what the step log keeps)."""
         eps = self.eps
         if self.one_sided:
             return [(plus - losses[0]) / eps for plus in losses[1:]]
@@ -139,49 +189,50 @@ class ZOSGD(torch.optim.Optimizer):
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
-        seed = self._next_seed()
-        losses = self._probe(closure, params, seed, share)
-        record = self.finish(seed, losses)
+        key = self.begin()
+        losses = self._probe(closure, params, key, share)
+        record = self.finish(key, losses)
         self.update(params, record)
         return torch.tensor(sum(losses) / len(losses))
 
-    def _probe(self, closure, params, seed: int, share: float) -> list[float]:
-        """Walk `moves()`, running this process's probes: every probe loss. On any error θ is restored."""
+    def _probe(self, closure, params, key: StepKey, share: float) -> list[float]:
+        """Walk the probes, running this process's forwards: every probe loss. On any error θ is restored."""
         mine: dict[int, float] = {}  # probe index -> loss, for the probes this process runs
-        n_probes = 0
-        offset: dict[int, float] = {}  # direction -> scale currently applied to θ
+        offsets: dict[int, float] = {}  # direction -> scale currently applied to θ
         try:
-            for k, scale, probe in self.moves():
-                if k is not None:
-                    self.move(params, seed, k, scale)
-                    offset[k] = offset.get(k, 0.0) + scale
-                if probe:
-                    if self.runs_probe(n_probes, share):
-                        mine[n_probes] = self._loss(closure)
-                        self.check_finite(list(mine.values()))
-                    n_probes += 1
-            return self.gather(mine, n_probes, share)
+            for r in self.walk(params, key, offsets):
+                if self.runs_probe(r, share):
+                    mine[r] = self._loss(closure)
+                    self.check_finite(list(mine.values()))
+            return self.gather(mine, self.n_probes, share)
         except BaseException:  # a non-finite loss, or e.g. Ctrl-C inside a forward: never leave θ perturbed
-            self.undo(params, seed, offset)
+            self.undo(params, key, offsets)
             raise
 
-    # The pieces of a step, shared by the whole-model step above, `replay`, and the streaming
-    # engine (which walks them block by block): every caller repeats the same roundings.
+    # The pieces of a step, shared by the whole-model step above, `replay`, the HF Trainer and the
+    # streaming engine (which walks them block by block): every caller repeats the same roundings.
 
-    def begin(self) -> int:
-        """The seed of the next step."""
-        return self._next_seed()
+    def begin(self) -> StepKey:
+        """The key of the next step (its seed drawn here)."""
+        return StepKey(self.steps, self._next_seed())
 
-    def move(self, indexed: list[tuple[int, torch.Tensor]], seed: int, k: int, scale: float) -> None:
+    def add_z(self, p: torch.Tensor, key: StepKey, k: int, i: int, scale: float, decay: float = 1.0,
+              then: float = 0.0) -> None:
+        """p ← (p + scale·z)·decay + then·z in place, z direction k of tensor i in step `key`, regenerated
+        chunk by chunk (a term of 0, or a decay of 1, is skipped). What a direction is: a method with
+        other directions (LOZO's low-rank ones) replaces this."""
+        self._directions.add(p, key.seed, k, i, scale, decay, then)
+
+    def move(self, indexed: list[tuple[int, torch.Tensor]], key: StepKey, k: int, scale: float) -> None:
         """θ_i += scale · z_k,i for the given (i, tensor) pairs, in place."""
         for i, p in indexed:
-            self._directions.add(p, seed, k, i, scale)
+            self.add_z(p, key, k, i, scale)
 
-    def undo(self, indexed: list[tuple[int, torch.Tensor]], seed: int, offset: dict[int, float]) -> None:
+    def undo(self, indexed: list[tuple[int, torch.Tensor]], key: StepKey, offset: dict[int, float]) -> None:
         """Take back the moves of a step that will not finish (equal to θ up to float rounding)."""
         for k, applied in offset.items():
             if applied:
-                self.move(indexed, seed, k, -applied)
+                self.move(indexed, key, k, -applied)
 
     def runs_probe(self, r: int, share: float = 1.0) -> bool:
         """Whether this process runs probe r's forward: always without a group; with one, when r is
@@ -202,10 +253,12 @@ class ZOSGD(torch.optim.Optimizer):
                 f"step {self.steps + 1}: loss is not finite ({', '.join(f'{x:g}' for x in losses)}); "
                 f"the weights were restored; lower lr or eps, or check the data")
 
-    def finish(self, seed: int, losses: list[float], grads: list[float] | None = None) -> StepRecord:
+    def finish(self, key: StepKey, losses: list[float], grads: list[float] | None = None) -> StepRecord:
         """The record of a step whose probe losses are known; the step counts from here."""
-        grads = self._grads(losses) if grads is None else grads
-        record = StepRecord(self.steps, seed, grads, losses, [g["lr"] for g in self.param_groups])
+        if key.step != self.steps:
+            raise RuntimeError(f"finishing step {key.step + 1} while the optimizer is at step {self.steps + 1}")
+        grads = self.estimate(losses) if grads is None else grads
+        record = StepRecord(self.steps, key.seed, grads, losses, [g["lr"] for g in self.param_groups])
         self.last = record
         self.steps += 1
         return record
@@ -225,14 +278,13 @@ class ZOSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def replay(self, record: StepRecord, indexed: list[tuple[int, torch.Tensor]] | None = None) -> None:
-        """Redo a recorded step without any forward: the same moves and update, bit for bit.
+        """Redo a recorded step without any forward: the same walk and update, bit for bit.
 
         With `indexed` (i, tensor) pairs, only those tensors are moved (a streamed block catching up).
         """
         params = self.indexed() if indexed is None else indexed
-        for k, scale, _ in self.moves():
-            if k is not None:
-                self.move(params, record.seed, k, scale)
+        for _ in self.walk(params, record.key):
+            pass
         self.update(params, record)
         if indexed is None:
             self.steps = record.step + 1
@@ -241,15 +293,14 @@ class ZOSGD(torch.optim.Optimizer):
     def offsets(self) -> dict[int, float]:
         """Direction -> total scale that a full walk of `moves()` leaves applied (before `update`)."""
         out: dict[int, float] = {}
-        for k, scale, _ in self.moves():
-            if k is not None:
-                out[k] = out.get(k, 0.0) + scale
+        for _ in self.walk([], StepKey(0, 0), out):
+            pass
         return out
 
     def update(self, indexed: list[tuple[int, torch.Tensor]], record: StepRecord) -> None:
         """θ_i ← θ_i·(1 − lr·wd) − lr·mean_k g_k z_k,i; with one direction, the restore is fused in.
 
-        `indexed` holds (i, tensor) pairs, the tensor at the state the step's moves left it in.
+        `indexed` holds (i, tensor) pairs, the tensor at the state the step's walk left it in.
         """
         n = self.n_directions
         restore = (-self.eps if self.one_sided else self.eps) if n == 1 else 0.0
@@ -258,7 +309,7 @@ class ZOSGD(torch.optim.Optimizer):
             group = groups[i]
             lr = group_lr[id(group)]
             wd = group["weight_decay"] if p.dim() >= 2 else 0.0
-            self._update_tensor(i, p, record, lr, wd, restore)
+            self.update_tensor(i, p, record, lr, wd, restore)
 
     def _group_lrs(self, record: StepRecord) -> dict[int, float]:
         """id(parameter group) -> the lr `record` holds for it (a live step's own when it holds none)."""
@@ -269,25 +320,28 @@ class ZOSGD(torch.optim.Optimizer):
                               f"with the optimizer's groups as they were, or one group")
         return {id(g): lr for g, lr in zip(self.param_groups, lrs)}
 
-    def _update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
-        """One tensor's update (the rule a variant changes): here θ ← θ·(1 − lr·wd) − lr·ĝ."""
-        n, seed = self.n_directions, record.seed
+    def update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
+        """One tensor's update (the rule a variant changes): here θ ← θ·(1 − lr·wd) − lr·ĝ.
+
+        `restore`: the scale of direction 0 still to take back (the last probe move, fused here), or 0."""
+        n, key = self.n_directions, record.key
         decay = 1 - lr * wd if wd else 1.0
         if restore:  # one draw of z serves the restore and the update: (θ + εz)·decay − lr·g·z
-            self._directions.add(p, seed, 0, i, restore, decay, -lr * record.grads[0])
+            self.add_z(p, key, 0, i, restore, decay, -lr * record.grads[0])
         else:
             if wd:
                 p.mul_(decay)
             for k in range(n):
-                self._directions.add(p, seed, k, i, -lr * record.grads[k] / n)
+                self.add_z(p, key, k, i, -lr * record.grads[k] / n)
 
-    def _restore_and_estimate(self, i: int, p: torch.Tensor, record: StepRecord, restore: float) -> torch.Tensor:
-        """Take back the probe moves of tensor i and return ĝ_i = mean_k g_k z_k,i (one tensor of scratch)."""
+    def restore_and_estimate(self, i: int, p: torch.Tensor, record: StepRecord, restore: float) -> torch.Tensor:
+        """Take back the probe moves of tensor i and return ĝ_i = mean_k g_k z_k,i (one tensor of scratch):
+        the start of a rule that needs ĝ itself (momentum, Adam, sign)."""
         if restore:
-            self._directions.add(p, record.seed, 0, i, restore)
+            self.add_z(p, record.key, 0, i, restore)
         ghat = torch.zeros_like(p)
         for k, g in enumerate(record.grads):
-            self._directions.add(ghat, record.seed, k, i, g / self.n_directions)
+            self.add_z(ghat, record.key, k, i, g / self.n_directions)
         return ghat
 
     def state_dict(self):

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
+from zotune.methods.zosgd import StepKey
 from zotune.models import DTYPES, find_block_list
 from zotune.stream.tiers import BlockState, DiskTier, RamTier
 
@@ -95,7 +96,7 @@ def refuse_unstreamable(method: type) -> None:
 
 def keeps_state(opt) -> bool:
     """Whether `opt` keeps per-tensor state that must travel with a streamed block."""
-    return bool(getattr(opt, "state_per_value", 0) or getattr(opt, "replays_from_base", False))
+    return bool(opt.state_floats() or getattr(opt, "replays_from_base", False))
 
 
 def _moved(state: dict, device: torch.device) -> dict:
@@ -443,7 +444,7 @@ class StreamEngine:
                 opt.update(pairs, record)
                 state = BlockState(state.perturbed + 1)
             else:  # that step never finished (a non-finite loss, Ctrl-C, a crash): take its moves back
-                opt.undo(pairs, state.seed, opt.offsets())
+                opt.undo(pairs, StepKey(state.perturbed, state.seed), opt.offsets())
                 state = BlockState(state.version)
             res.changed = True
         while state.version < self.version:  # a block behind the log (after a resume): catch up exactly
@@ -542,22 +543,17 @@ class StreamEngine:
         self.attach(opt)
         for j in list(self._resident):
             self._leave(j)
-        step, seed = opt.steps, opt.begin()
-        moves = list(opt.moves())
-        n_probes = sum(1 for *_, probe in moves if probe)
+        key = opt.begin()
+        step = key.step
+        n_probes, ends_on_probe = opt.n_probes, list(opt.moves())[-1][2]
         owned = [r for r in range(n_probes) if opt.runs_probe(r, share)]  # with perturbation parallelism, a share
         outside = self.outside
         masters = [p.data for _, p in outside]
         offsets: dict[int, float] = {}
         # Trainable tensors outside the blocks move once per step; each probe keeps its own copy.
         views: list[list[torch.Tensor]] = []
-        for k, scale, probe in moves:
-            if k is not None:
-                opt.move(outside, seed, k, scale)
-                offsets[k] = offsets.get(k, 0.0) + scale
-            if probe:  # the last probe can use the tensors themselves if no move follows it
-                last = len(views) == n_probes - 1 and moves[-1][2]
-                views.append(masters if last else [m.clone() for m in masters])
+        for r in opt.walk(outside, key, offsets):  # the last probe can use the tensors themselves if no move follows it
+            views.append(masters if r == n_probes - 1 and ends_on_probe else [m.clone() for m in masters])
 
         def show(r: int) -> None:
             for (_, p), v in zip(outside, views[r]):
@@ -573,20 +569,16 @@ class StreamEngine:
                 lockstep.run(r, expect=0 if len(self.layers) else "tail")
             for j in range(len(self.layers)):
                 self._arrive(j)
-                pairs, block_offsets, r = self._pairs(j), {}, 0
-                for k, scale, probe in moves:
-                    if k is not None and pairs:
-                        opt.move(pairs, seed, k, scale)
-                        block_offsets[k] = block_offsets.get(k, 0.0) + scale
+                pairs, block_offsets = self._pairs(j), {}
+                for r in opt.walk(pairs, key, block_offsets):
+                    if pairs:
                         self._rebind_trained(j)
-                    if probe:
-                        if r in owned:
-                            show(r)
-                            lockstep.run(r, expect=j + 1 if j + 1 < len(self.layers) else "tail")
-                        r += 1
+                    if r in owned:
+                        show(r)
+                        lockstep.run(r, expect=j + 1 if j + 1 < len(self.layers) else "tail")
                 if pairs:
                     self._resident[j].changed = True
-                    self.states[j] = BlockState(self.states[j].version, step, seed)
+                    self.states[j] = BlockState(self.states[j].version, step, key.seed)
                 self._leave(j)
                 j = -1
             self._submit_fetch(0)  # the next step (or evaluation) starts with block 0
@@ -598,22 +590,22 @@ class StreamEngine:
             losses = opt.gather(mine, n_probes, share)
         except BaseException:
             lockstep.abort()
-            self._abandon(opt, step, seed, j, block_offsets)
+            self._abandon(opt, key, j, block_offsets)
             for (_, p), m in zip(outside, masters):
                 p.data = m
-            opt.undo(outside, seed, offsets)
+            opt.undo(outside, key, offsets)
             raise
         finally:
             self._step = None
         for (_, p), m in zip(outside, masters):
             p.data = m
-        record = opt.finish(seed, losses)
+        record = opt.finish(key, losses)
         self.history = {step: record}
         opt.update(outside, record)
         self.version = opt.steps
         return torch.tensor(sum(losses) / len(losses))
 
-    def _abandon(self, opt, step: int, seed: int, j: int, offsets: dict[int, float]) -> None:
+    def _abandon(self, opt, key: StepKey, j: int, offsets: dict[int, float]) -> None:
         """After a failed step: blocks end as they were before it.
 
         On disk each block still has its copy from before the step in its other slot: going back
@@ -633,12 +625,12 @@ class StreamEngine:
                 for buf in res.host:
                     self._pool.give(buf)
             for b, state in enumerate(self.states):
-                if state.perturbed == step:
+                if state.perturbed == key.step:
                     self.tier.go_back(b)
-                if b == in_hand or state.perturbed == step:
+                if b == in_hand or state.perturbed == key.step:
                     self.states[b] = self.tier.get_state(b)
         elif in_hand is not None:
-            opt.undo(self._pairs(in_hand), seed, offsets)
+            opt.undo(self._pairs(in_hand), key, offsets)
             self._rebind_trained(in_hand)
             self._leave(in_hand)
 

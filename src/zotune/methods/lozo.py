@@ -1,0 +1,130 @@
+"""LOZO and LOZO-M (Chen et al., "Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank
+Structures", ICLR 2025): ZO-SGD whose direction for a matrix is low-rank, Z = U·Vᵀ.
+
+For a trainable tensor with two or more dimensions, seen as an m × n matrix (n: the product of the
+other dimensions), direction k of a step is Z_k = U_k·Vᵀ with U_k (m × r) drawn afresh every step and
+V (n × r) drawn once per window of `interval` steps (the paper's lazy sampling: within a window every
+step moves in the same column space, so the steps add up there). Vectors (norms, biases) take
+ZO-SGD's full-size z. The probes and the estimate are ZO-SGD's: g_k = (L(θ + εZ_k) − L(θ − εZ_k)) / 2ε,
+θ ← θ·(1 − lr·wd) − lr·mean_k g_k·Z_k.
+
+Nothing is stored: U_k is regenerated from the step's seed (as z is), V from the run's seed and the
+window number, so the step log and replay stay ZO-SGD's. Z is made a row chunk at a time (at most
+CHUNK values of scratch, like a sweep), as a sum of r outer products in a fixed order, so every path
+repeats the same roundings.
+
+LOZO-M (`momentum` > 0): heavy-ball momentum kept in the low-rank space. Within a window all
+estimates share V, so m_t = β·m_{t−1} + ĝ_t = N_t·Vᵀ with N_t = β·N_{t−1} + mean_k g_k·U_k: exact
+momentum in m × r floats per matrix (r/n of the matrix; vectors keep a full buffer). At a new window
+N is re-expressed in the new V by least squares, N ← N·V_oldᵀ·V·(VᵀV)⁺ (r × r pseudo-inverse), and the update
+is θ ← θ·(1 − lr·wd) − lr·N·Vᵀ.
+
+Differences from the authors' code (github.com/optsuite/LOZO): U and V follow `method.distribution`
+(±1 by default; the paper's N(0, 1) with `distribution=gaussian`), drawn from zotune's seeded
+counters instead of the global RNG; weight decay is applied to every tensor with two or more
+dimensions (theirs: by parameter name); the momentum form above is zotune's (heavy-ball, as
+`zosgd-momentum`, with a least-squares change of basis at a new window).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zotune.config import ConfigError
+from zotune.methods.perturb import CHUNK, direction_seed, step_
+from zotune.methods.zosgd import ZOSGD, StepKey, StepRecord
+
+_LAZY = 0x4C4F5A4F  # "LOZO": keeps the seeds of V apart from every step's
+
+
+class LOZO(ZOSGD):
+    # U·Vᵀ sums r products: where an entry is not ±1, a device that fuses its multiply-add rounds it
+    # differently, so a run continues on the kind of device it started on (as Gaussian directions).
+    directions_depend_on_device = True
+
+    def __init__(self, params, rank: int = 2, interval: int = 50, momentum: float = 0.0, **options):
+        super().__init__(params, **options)
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ConfigError(f"rank={rank} must be an integer >= 1 (the rank of each matrix's direction, e.g. 2)")
+        if not (isinstance(interval, int) and interval >= 1):
+            raise ConfigError(f"interval={interval} must be an integer >= 1 (steps that share V, e.g. 50)")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"momentum={momentum} must be in [0, 1) (0: LOZO; e.g. 0.9: LOZO-M)")
+        self.rank, self.interval, self.momentum = rank, interval, float(momentum)
+
+    def state_floats(self) -> int:
+        if not self.momentum:
+            return 0
+        return sum(p.shape[0] * self.rank if p.dim() >= 2 else p.numel() for _, p in self.indexed())
+
+    # -- directions ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _shape(p: torch.Tensor) -> tuple[int, int]:
+        return p.shape[0], p.numel() // max(1, p.shape[0])
+
+    def _u(self, p: torch.Tensor, key: StepKey, k: int, i: int) -> torch.Tensor:
+        m, _ = self._shape(p)
+        return self._directions.z(torch.empty(m, self.rank, dtype=p.dtype, device=p.device), key.seed, k, i)
+
+    def _v(self, p: torch.Tensor, window: int, i: int) -> torch.Tensor:
+        _, n = self._shape(p)
+        seed = direction_seed(self.seed ^ _LAZY, window, 0)
+        return self._directions.z(torch.empty(n, self.rank, dtype=p.dtype, device=p.device), seed, 0, i)
+
+    def _window(self, step: int) -> int:
+        return step // self.interval
+
+    def _add_low_rank(self, p: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, decay: float = 1.0,
+                      then: float = 0.0) -> None:
+        """p ← (p + scale·U·Vᵀ)·decay + then·U·Vᵀ, a row chunk at a time (one chunk of scratch)."""
+        if not p.is_contiguous():  # checked here: a streamed block's stand-ins are not, its tensors are
+            raise ConfigError("lozo needs contiguous parameters; call .contiguous() on them before training")
+        m, n = self._shape(p)
+        rows = p.view(m, n)
+        step = max(1, CHUNK // max(1, n))
+        for a in range(0, m, step):
+            z = torch.outer(u[a: a + step, 0], v[:, 0])
+            for j in range(1, self.rank):  # a fixed order of the r terms: the same roundings everywhere
+                z.addr_(u[a: a + step, j], v[:, j])
+            step_(rows[a: a + step], z, scale, decay, then)
+
+    def add_z(self, p, key, k, i, scale, decay=1.0, then=0.0) -> None:
+        if p.dim() < 2:
+            return super().add_z(p, key, k, i, scale, decay, then)
+        self._add_low_rank(p, self._u(p, key, k, i), self._v(p, self._window(key.step), i), scale, decay, then)
+
+    # -- LOZO-M's update ----------------------------------------------------------------------------
+
+    def update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:
+        if not self.momentum:
+            return super().update_tensor(i, p, record, lr, wd, restore)
+        key, n_dir = record.key, self.n_directions
+        if restore:
+            self.add_z(p, key, 0, i, restore)
+        if wd:
+            p.mul_(1 - lr * wd)
+        state = self.state_of(i)
+        if p.dim() < 2:  # a vector: heavy-ball momentum on its full ĝ (as zosgd-momentum, decay decoupled)
+            ghat = torch.zeros_like(p)
+            for k, g in enumerate(record.grads):
+                self.add_z(ghat, key, k, i, g / n_dir)
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(self.momentum).add_(ghat)
+            p.add_(buf, alpha=-lr)
+            return
+        window = self._window(key.step)
+        v = self._v(p, window, i)
+        coef = state.get("coefficients")
+        if coef is None:
+            coef = torch.zeros(self._shape(p)[0], self.rank, dtype=p.dtype, device=p.device)
+        elif key.step > 0 and self._window(key.step - 1) != window:  # a new V: N in the new basis
+            old = self._v(p, self._window(key.step - 1), i)
+            coef = coef @ (old.T @ v) @ torch.linalg.pinv(v.T @ v)  # pinv: V may have equal columns
+        coef.mul_(self.momentum)
+        for k, g in enumerate(record.grads):
+            coef.add_(self._u(p, key, k, i), alpha=g / n_dir)
+        state["coefficients"] = coef
+        self._add_low_rank(p, coef, v, -lr)
