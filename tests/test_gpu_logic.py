@@ -250,21 +250,27 @@ def test_a_run_records_the_device_of_its_directions(tiny_model_dir, data_file, t
     assert json.loads((out / "base.json").read_text())["device"] == "cpu"
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_gaussian_directions_drawn_on_another_device_are_refused(distribution, tiny_model_dir, data_file, tmp_path,
-                                                                  capsys):
+@pytest.mark.parametrize("method, refused", [
+    (["method.distribution=gaussian"], "drew its gaussian directions on cuda (NVIDIA H200)"),  # CUDA's generator
+    (["method.distribution=rademacher"], None),  # counter-based: the same bits on every device
+    (["--method", "lozo", "method.interval=2"], None),  # r = 2, ±1 factors: every scale·Z exact
+    (["--method", "lozo", "method.rank=3"], "drew its lozo directions"),  # entries ±3: a fused multiply-add rounds
+    (["--method", "lozo-m", "method.interval=2"], "drew its lozo-m directions"),  # N·Vᵀ is real-valued
+])
+def test_directions_drawn_on_another_device_are_refused_where_they_round_differently(method, refused, tiny_model_dir,
+                                                                                      data_file, tmp_path, capsys):
     import json
 
     out = tmp_path / "run"
-    assert main(train_args(tiny_model_dir, data_file, out, 2, f"method.distribution={distribution}")) == 0
+    assert main(train_args(tiny_model_dir, data_file, out, 2, *method)) == 0
     base = json.loads((out / "base.json").read_text())
     (out / "base.json").write_text(json.dumps({**base, "device": "cuda (NVIDIA H200)"}))
     code = main(["resume", str(out), "run.steps=3"])
-    if distribution == "gaussian":  # drawn by CUDA's generator: this CPU cannot redraw them
+    if refused:
         assert code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert "drew its gaussian directions on cuda (NVIDIA H200)" in err and "run.device=cuda" in err
-    else:  # counter-based: the same bits on every device
+        assert refused in err and "run.device=cuda" in err
+    else:
         assert code == 0
 
 

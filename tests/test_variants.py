@@ -282,6 +282,8 @@ def test_lozo_directions_are_low_rank_and_shared_within_a_window():
         opt.move([(0, theta)], key, 0, 1.0)
         moved = theta - before
         assert torch.linalg.matrix_rank(moved) <= 2
+        # ±1 factors, r = 2: every entry is 0 or ±2, so scale·Z is exact (the same bits with or without FMA)
+        assert set(moved.unique().tolist()) <= {-2.0, 0.0, 2.0}
         spans.append(torch.linalg.svd(moved).Vh[:2])
         opt.finish(key, [0.0, 0.0])
     same = lambda a, b: torch.allclose(a.T @ a, b.T @ b, atol=1e-5)  # noqa: E731 -- the same row space

@@ -376,7 +376,8 @@ def _replay_device(run_dir: Path, method_cfg: MethodConfig) -> str:
 
 def _directions_depend_on_device(method_cfg: MethodConfig, version: int) -> bool:
     distribution = method_cfg.options().get("distribution", "rademacher")
-    return device_dependent(distribution, version) or METHODS[method_cfg.name][1].directions_depend_on_device
+    return device_dependent(distribution, version) or \
+        METHODS[method_cfg.name][1].directions_depend_on_device(method_cfg.options())
 
 
 def _check_directions_device(base: dict, method_cfg: MethodConfig, device: torch.device) -> None:

@@ -38,9 +38,13 @@ _LAZY = 0x4C4F5A4F  # "LOZO": keeps the seeds of V apart from every step's
 
 
 class LOZO(ZOSGD):
-    # U·Vᵀ sums r products: where an entry is not ±1, a device that fuses its multiply-add rounds it
-    # differently, so a run continues on the kind of device it started on (as Gaussian directions).
-    directions_depend_on_device = True
+    @staticmethod
+    def directions_depend_on_device(options: dict) -> bool:
+        """With ±1 factors and r in {1, 2, 4}, every entry of U·Vᵀ is 0 or ±2^j, so scale·Z is exact and a
+        device that fuses multiply-adds rounds every move and update the same: the same bits everywhere.
+        Otherwise (r = 3, Gaussian factors, LOZO-M's real-valued N·Vᵀ) a run stays on its kind of device."""
+        exact = options.get("distribution", "rademacher") == "rademacher" and options.get("rank", 2) in (1, 2, 4)
+        return not exact or bool(options.get("momentum", 0.0))
 
     def __init__(self, params, rank: int = 2, interval: int = 50, momentum: float = 0.0, **options):
         super().__init__(params, **options)

@@ -104,7 +104,11 @@ class ZOSGD(torch.optim.Optimizer):
         self.tensor_state: dict[int, dict] = {}
         self.group = group  # a zotune.parallel.Group, or None: with one process nothing is sent
 
-    directions_depend_on_device = False  # True: a run continues only on the kind of device it started on
+    @staticmethod
+    def directions_depend_on_device(options: dict) -> bool:
+        """Whether a step with these options rounds differently on another kind of device beyond what
+        `perturb.device_dependent` says of its z (then a run continues only on the kind it started on)."""
+        return False
 
     def state_floats(self) -> int:
         """Floats of per-tensor state this optimizer keeps in all (0: memory stays at inference level)."""
