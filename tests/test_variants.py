@@ -290,6 +290,21 @@ def test_lozo_directions_are_low_rank_and_shared_within_a_window():
     assert same(spans[0], spans[1]) and same(spans[1], spans[2]) and not same(spans[2], spans[3])
 
 
+def test_lozo_matrix_product_path_equals_the_fixed_order_sum_bit_for_bit():
+    """±1 factors: U·Vᵀ by one BLAS product (the fast path) == r outer products summed in a fixed order
+    (the path for real-valued factors), for a move and a fused restore + decay + update."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(300, 70, generator=gen)
+    opt = make_optimizer("lozo", [p], rank=4)
+    key = opt.begin()
+    u, v = opt._u(p, key, 0, 0), opt._v(p, 0, 0)
+    for terms in [(1e-3, 1.0, 0.0), (-1e-3, 0.999, -3e-4)]:
+        fast, fixed = p.clone(), p.clone()
+        opt._add_low_rank(fast, u, v, *terms, integers=True)
+        opt._add_low_rank(fixed, u, v, *terms, integers=False)
+        assert torch.equal(fast, fixed) and not torch.equal(fast, p)
+
+
 def test_hizoo_matches_its_naive_reference():
     params, loss = quadratic(4, shape=(6, 8))
     lr, eps, alpha = 1e-2, 1e-3, 0.1

@@ -80,23 +80,31 @@ class LOZO(ZOSGD):
         return step // self.interval
 
     def _add_low_rank(self, p: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, decay: float = 1.0,
-                      then: float = 0.0) -> None:
-        """p ← (p + scale·U·Vᵀ)·decay + then·U·Vᵀ, a row chunk at a time (one chunk of scratch)."""
+                      then: float = 0.0, integers: bool = False) -> None:
+        """p ← (p + scale·U·Vᵀ)·decay + then·U·Vᵀ, a row chunk at a time (one chunk of scratch).
+
+        `integers`: U and V hold ±1, so every entry of U·Vᵀ is an exact small integer whatever the
+        order of its sum, and one matrix product (BLAS) makes it; otherwise r outer products are
+        summed in a fixed order, so every path and machine repeats the same roundings."""
         if not p.is_contiguous():  # checked here: a streamed block's stand-ins are not, its tensors are
             raise ConfigError("lozo needs contiguous parameters; call .contiguous() on them before training")
         m, n = self._shape(p)
         rows = p.view(m, n)
         step = max(1, CHUNK // max(1, n))
         for a in range(0, m, step):
-            z = torch.outer(u[a: a + step, 0], v[:, 0])
-            for j in range(1, self.rank):  # a fixed order of the r terms: the same roundings everywhere
-                z.addr_(u[a: a + step, j], v[:, j])
+            if integers:
+                z = torch.mm(u[a: a + step], v.T)
+            else:
+                z = torch.outer(u[a: a + step, 0], v[:, 0])
+                for j in range(1, self.rank):
+                    z.addr_(u[a: a + step, j], v[:, j])
             step_(rows[a: a + step], z, scale, decay, then)
 
     def add_z(self, p, key, k, i, scale, decay=1.0, then=0.0) -> None:
         if p.dim() < 2:
             return super().add_z(p, key, k, i, scale, decay, then)
-        self._add_low_rank(p, self._u(p, key, k, i), self._v(p, self._window(key.step), i), scale, decay, then)
+        self._add_low_rank(p, self._u(p, key, k, i), self._v(p, self._window(key.step), i), scale, decay, then,
+                           integers=self._directions.distribution == "rademacher")
 
     # -- LOZO-M's update ----------------------------------------------------------------------------
 
