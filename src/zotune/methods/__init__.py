@@ -189,14 +189,19 @@ METHODS = {
 }
 
 
+# The method of `zotune train` when none is named: LOZO, chosen from side-by-side measurements on two
+# data sets at the same forward passes (docs/compare.md). Runs record their method in config.yaml.
+DEFAULT_METHOD = "lozo"
+
+
 def method_config(values: dict) -> MethodConfig:
-    """The config of the method `values["name"]` names (default zosgd), built and checked from `values`."""
+    """The config of the method `values["name"]` names (default `DEFAULT_METHOD`), built and checked from `values`."""
     from zotune.config import build
 
-    name = values.get("name", "zosgd")
+    name = values.get("name", DEFAULT_METHOD)
     if name not in METHODS:
         raise ConfigError(f"method.name={name!r} is not a known method; choose one of {', '.join(METHODS)}")
-    return build(METHODS[name][0], values, "method")
+    return build(METHODS[name][0], {**values, "name": name}, "method")
 
 
 def list_methods() -> list[str]:
@@ -213,5 +218,5 @@ def make_optimizer(name: str, params, seed: int = 0, group=None, directions_form
     return optimizer_cls(params, seed=seed, group=group, directions_format=directions_format, **cfg.options())
 
 
-__all__ = ["METHODS", "FZOO", "FZOOConfig", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "LOZO", "LOZOConfig", "LOZOMConfig", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepKey", "StepRecord", "ZOAdam",
+__all__ = ["DEFAULT_METHOD", "METHODS", "FZOO", "FZOOConfig", "AdamConfig", "ConservativeConfig", "ForwardGradConfig", "ForwardGradient", "LOZO", "LOZOConfig", "LOZOMConfig", "SparseConfig", "SparseMeZO", "HiZOO", "HiZOOConfig", "ZOConservative", "MethodConfig", "MomentumConfig", "NonFiniteLossError", "StepKey", "StepRecord", "ZOAdam",
            "ZOMomentum", "ZOSGD", "ZOSign", "list_methods", "make_optimizer", "method_config"]
