@@ -10,8 +10,9 @@ ZO-SGD's full-size z. The probes and the estimate are ZO-SGD's: g_k = (L(θ + ε
 
 Nothing is stored: U_k is regenerated from the step's seed (as z is), V from the run's seed and the
 window number, so the step log and replay stay ZO-SGD's. Z is made a row chunk at a time (at most
-CHUNK values of scratch, like a sweep), as a sum of r outer products in a fixed order, so every path
-repeats the same roundings.
+CHUNK values of scratch, like a sweep): with ±1 factors by one matrix product (its entries are exact
+integers in any order of summation), otherwise as r outer products summed in a fixed order, so every
+path repeats the same roundings.
 
 LOZO-M (`momentum` > 0): heavy-ball momentum kept in the low-rank space. Within a window all
 estimates share V, so m_t = β·m_{t−1} + ĝ_t = N_t·Vᵀ with N_t = β·N_{t−1} + mean_k g_k·U_k: exact
