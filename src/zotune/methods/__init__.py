@@ -172,8 +172,8 @@ class ForwardGradConfig(MethodConfig):
         return 1  # one forward in forward-mode AD (about 2-3x a plain forward's time)
 
 
-# name -> (its config, its optimizer). The optimizer's `state_per_value` says how many floats of
-# state it keeps per trainable value (0: memory stays at inference level).
+# name -> (its config, its optimizer). An optimizer's `state_floats()` says how many floats of state
+# it keeps in all (0: memory stays at inference level).
 METHODS = {
     "zosgd": (MethodConfig, ZOSGD),
     "zosgd-momentum": (MomentumConfig, ZOMomentum),

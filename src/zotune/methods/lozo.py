@@ -60,7 +60,7 @@ class LOZO(ZOSGD):
     def state_floats(self) -> int:
         if not self.momentum:
             return 0
-        return sum(p.shape[0] * self.rank if p.dim() >= 2 else p.numel() for _, p in self.indexed())
+        return sum(p.shape[0] * self.rank if p.dim() >= 2 else p.numel() for p in self._params())
 
     # -- directions ---------------------------------------------------------------------------------
 
