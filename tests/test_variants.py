@@ -6,7 +6,7 @@ import torch
 from conftest import exported
 from zotune.cli import main
 from zotune.config import ConfigError
-from zotune.methods import METHODS, list_methods, make_optimizer
+from zotune.methods import METHODS, StepKey, list_methods, make_optimizer
 from zotune.methods.perturb import Directions
 from zotune.stream import keeps_state
 
@@ -290,19 +290,42 @@ def test_lozo_directions_are_low_rank_and_shared_within_a_window():
     assert same(spans[0], spans[1]) and same(spans[1], spans[2]) and not same(spans[2], spans[3])
 
 
-def test_lozo_matrix_product_path_equals_the_fixed_order_sum_bit_for_bit():
-    """±1 factors: U·Vᵀ by one BLAS product (the fast path) == r outer products summed in a fixed order
-    (the path for real-valued factors), for a move and a fused restore + decay + update."""
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_lozo_fused_kernel_and_matrix_product_equal_the_fixed_order_sum_bit_for_bit(rank):
+    """±1 factors: the fused one-pass kernel (float32 CPU, r in {1, 2, 4}) == U·Vᵀ by one BLAS product
+    (the eager path) == r outer products summed in a fixed order (the path for real-valued factors),
+    for a move and a fused restore + decay + update."""
+    from zotune.methods import kernels
+
     gen = torch.Generator().manual_seed(3)
     p = torch.randn(300, 70, generator=gen)
-    opt = make_optimizer("lozo", [p], rank=4)
+    opt = make_optimizer("lozo", [p], rank=rank)
     key = opt.begin()
     u, v = opt._u(p, key, 0, 0), opt._v(p, 0, 0)
-    for terms in [(1e-3, 1.0, 0.0), (-1e-3, 0.999, -3e-4)]:
-        fast, fixed = p.clone(), p.clone()
-        opt._add_low_rank(fast, u, v, *terms, integers=True)
+    for terms in [(1e-3, 1.0, 0.0), (-1e-3, 0.999, -3e-4), (0.0, 1.0, 2.5e-4)]:
+        fused, product, fixed = p.clone(), p.clone(), p.clone()
+        opt._add_low_rank(fused, u, v, *terms, integers=True)
+        opt._directions.fused = False
+        opt._add_low_rank(product, u, v, *terms, integers=True)
         opt._add_low_rank(fixed, u, v, *terms, integers=False)
-        assert torch.equal(fast, fixed) and not torch.equal(fast, p)
+        opt._directions.fused = True
+        assert torch.equal(product, fixed) and not torch.equal(product, p)
+        if kernels.available():
+            assert torch.equal(fused, product)
+
+
+def test_lozo_keeps_the_factors_of_two_steps_and_two_windows_and_draws_the_same_ones_again():
+    """The CPU cache of U (per step) and V (per window) returns what a fresh draw gives, and stays small."""
+    p = torch.randn(40, 30)
+    opt = make_optimizer("lozo", [p], interval=2)
+    fresh = make_optimizer("lozo", [p.clone()], interval=2)
+    for step in range(6):
+        key = StepKey(step, 1000 + step)
+        assert torch.equal(opt._u(p, key, 0, 0), fresh._u(p, key, 0, 0))
+        assert opt._u(p, key, 0, 0) is opt._u(p, key, 0, 0)  # kept, not drawn again
+        assert torch.equal(opt._v(p, opt._window(step), 0), fresh._v(p, fresh._window(step), 0))
+    kinds = [tag[0] for tag in opt._factors]
+    assert kinds.count("u") == 2 and kinds.count("v") == 2  # the last two steps and windows only
 
 
 def test_hizoo_matches_its_naive_reference():

@@ -1,4 +1,5 @@
-"""A fused CPU kernel for the sweeps of Rademacher directions (format 2), compiled with numba.
+"""Fused CPU kernels for the sweeps of Rademacher directions (format 2) and of LOZO's ±1 low-rank
+directions, compiled with numba.
 
 The eager path of a sweep computes the counter words, expands them to ±1 floats in a scratch
 buffer (three integer passes) and adds them: six passes over memory per chunk, bounded by cache
@@ -7,6 +8,11 @@ second updates each value once, on every core. The float32 operations are the ea
 the same order (x + a·z, x·d, x + b·z with z = ±1, so a·z is exact), and the words are the same
 integers: both paths give the same bits (tested). Without numba, or for other dtypes and devices,
 callers take the eager path.
+
+LOZO's direction for a matrix is Z = U·Vᵀ with ±1 factors of rank r in {1, 2, 4}: every entry is an
+exact integer 0 or ±2^j, so scale·Z is exact and `low_rank_axpy` (Z summed per value, then the same
+three float operations) gives the eager path's bits (a matrix product into a scratch chunk, then the
+adds) in one pass instead of two, without the scratch.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 import torch
 
 _lock = threading.Lock()  # one kernel at a time: numba's default threading layers are not re-entrant
-_kernels = None  # (words, apply) once compiled; False once numba turned out to be unavailable
+_kernels = None  # (words, apply, low_rank) once compiled; False once numba turned out to be unavailable
 
 
 def _compile():
@@ -50,7 +56,36 @@ def _compile():
                     x = x + (minus_then if negative else then)
                 p[m, k] = x
 
-    return words, apply
+    @numba.njit(inline="always")
+    def step(x, z, scale, decay, then):  # perturb.step_ on one value
+        if scale != 0:
+            x = x + scale * z
+        if decay != 1:
+            x = x * decay
+        if then != 0:
+            x = x + then * z
+        return x
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def low_rank(p, u, vt, scale, decay, then):  # p (m × n) ← (p + scale·Z)·decay + then·Z, Z = U·Vᵀ, vt = Vᵀ
+        r = u.shape[1]  # 1, 2 or 4: one plain loop over a row each (they vectorise)
+        for a in numba.prange(p.shape[0]):
+            row = p[a]
+            if r == 1:
+                u0 = u[a, 0]
+                for b in range(row.shape[0]):
+                    row[b] = step(row[b], u0 * vt[0, b], scale, decay, then)
+            elif r == 2:
+                u0, u1 = u[a, 0], u[a, 1]
+                for b in range(row.shape[0]):
+                    row[b] = step(row[b], u0 * vt[0, b] + u1 * vt[1, b], scale, decay, then)
+            else:
+                u0, u1, u2, u3 = u[a, 0], u[a, 1], u[a, 2], u[a, 3]
+                for b in range(row.shape[0]):
+                    z = u0 * vt[0, b] + u1 * vt[1, b] + u2 * vt[2, b] + u3 * vt[3, b]
+                    row[b] = step(row[b], z, scale, decay, then)
+
+    return words, apply, low_rank
 
 
 def available() -> bool:
@@ -77,7 +112,7 @@ def signs_axpy(p: torch.Tensor, key: int, first_word: int, scale: float, decay: 
 
     flat = p.detach().view(-1)
     signs = torch.empty((flat.numel() + 63) // 64, dtype=torch.int64)
-    words, apply = _kernels
+    words, apply, _ = _kernels
     with _lock:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         words(signs.numpy().view(np.uint64), np.uint64(key), first_word)
@@ -87,3 +122,17 @@ def signs_axpy(p: torch.Tensor, key: int, first_word: int, scale: float, decay: 
         apply(values[: rows * 32].reshape(rows, 32), bits, *terms)
         if values.shape[0] > rows * 32:
             apply(values[rows * 32:].reshape(1, -1), bits[rows:], *terms)
+
+
+def low_rank_axpy(p: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, decay: float = 1.0,
+                  then: float = 0.0) -> None:
+    """p ← (p + scale·Z)·decay + then·Z in place, Z = U·Vᵀ, for `p` a contiguous float32 CPU m × n matrix
+    and U (m × r), V (n × r) holding ±1 with r in {1, 2, 4} (so that scale·Z is exact: the caller checks)."""
+    import numba
+    import numpy as np
+
+    _, _, low_rank = _kernels
+    terms = np.float32(scale), np.float32(decay), np.float32(then)
+    with _lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        low_rank(p.detach().numpy(), u.contiguous().numpy(), v.T.contiguous().numpy(), *terms)

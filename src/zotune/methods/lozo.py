@@ -11,7 +11,8 @@ ZO-SGD's full-size z. The probes and the estimate are ZO-SGD's: g_k = (L(θ + ε
 Nothing is stored: U_k is regenerated from the step's seed (as z is), V from the run's seed and the
 window number, so the step log and replay stay ZO-SGD's. Z is made a row chunk at a time (at most
 CHUNK values of scratch, like a sweep): with ±1 factors by one matrix product (its entries are exact
-integers in any order of summation), otherwise as r outer products summed in a fixed order, so every
+integers in any order of summation; on a float32 CPU tensor with r in {1, 2, 4}, the fused kernel of
+`kernels` in one pass, the same bits), otherwise as r outer products summed in a fixed order, so every
 path repeats the same roundings.
 
 LOZO-M (`momentum` > 0): heavy-ball momentum kept in the low-rank space. Within a window all
@@ -28,6 +29,8 @@ dimensions (theirs: by parameter name); the momentum form above is zotune's (hea
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -56,6 +59,8 @@ class LOZO(ZOSGD):
         if not 0 <= momentum < 1:
             raise ConfigError(f"momentum={momentum} must be in [0, 1) (0: LOZO; e.g. 0.9: LOZO-M)")
         self.rank, self.interval, self.momentum = rank, interval, float(momentum)
+        self._factors: dict[tuple, dict[tuple, torch.Tensor]] = {}  # ("u", StepKey) / ("v", window) -> factors
+        self._factors_lock = threading.Lock()
 
     def state_floats(self) -> int:
         if not self.momentum:
@@ -70,12 +75,37 @@ class LOZO(ZOSGD):
 
     def _u(self, p: torch.Tensor, key: StepKey, k: int, i: int) -> torch.Tensor:
         m, _ = self._shape(p)
-        return self._directions.z(torch.empty(m, self.rank, dtype=p.dtype, device=p.device), key.seed, k, i)
+        return self._factor(p, ("u", key), (k, i), m, key.seed, k, i)
 
     def _v(self, p: torch.Tensor, window: int, i: int) -> torch.Tensor:
         _, n = self._shape(p)
-        seed = direction_seed(self.seed ^ _LAZY, window, 0)
-        return self._directions.z(torch.empty(n, self.rank, dtype=p.dtype, device=p.device), seed, 0, i)
+        return self._factor(p, ("v", window), (0, i), n, direction_seed(self.seed ^ _LAZY, window, 0), 0, i)
+
+    # A step's sweeps (+ε, −2ε, the restore with the update) all use its U, and a window's steps its V:
+    # on the CPU the factors of the last two steps and windows are kept (the streaming engine applies
+    # step t's update while step t + 1 probes), r·(m + n) floats a matrix, r/n + r/m of its size, rather
+    # than drawn again at each sweep (a few small ops that cost more than the sweep itself). On an
+    # accelerator they are drawn each time: a cache there would grow with the model's depth.
+    _KEEP = 2
+
+    def _factor(self, p: torch.Tensor, tag: tuple, index: tuple, rows: int, seed: int, k: int, i: int) -> torch.Tensor:
+        def draw():
+            return self._directions.z(torch.empty(rows, self.rank, dtype=p.dtype, device=p.device), seed, k, i)
+
+        if p.device.type != "cpu":
+            return draw()
+        with self._factors_lock:  # the streaming engine's threads share the cache
+            factor = self._factors.get(tag, {}).get(index)
+        if factor is None or factor.shape[0] != rows or factor.dtype != p.dtype:
+            factor = draw()
+            with self._factors_lock:
+                if tag not in self._factors:
+                    same_kind = [t for t in self._factors if t[0] == tag[0]]  # oldest first
+                    for t in same_kind[: len(same_kind) - self._KEEP + 1]:
+                        del self._factors[t]
+                    self._factors[tag] = {}
+                self._factors[tag][index] = factor
+        return factor
 
     def _window(self, step: int) -> int:
         return step // self.interval
@@ -91,6 +121,10 @@ class LOZO(ZOSGD):
             raise ConfigError("lozo needs contiguous parameters; call .contiguous() on them before training")
         m, n = self._shape(p)
         rows = p.view(m, n)
+        if integers and self._fused(p):
+            from zotune.methods import kernels
+
+            return kernels.low_rank_axpy(rows, u, v, scale, decay, then)
         step = max(1, CHUNK // max(1, n))
         for a in range(0, m, step):
             if integers:
@@ -100,6 +134,15 @@ class LOZO(ZOSGD):
                 for j in range(1, self.rank):
                     z.addr_(u[a: a + step, j], v[:, j])
             step_(rows[a: a + step], z, scale, decay, then)
+
+    def _fused(self, p: torch.Tensor) -> bool:
+        """One pass of the fused kernel (the same bits) for a float32 CPU matrix when scale·Z is exact."""
+        if not (self._directions.fused and self.rank in (1, 2, 4) and p.device.type == "cpu"
+                and p.dtype == torch.float32):
+            return False
+        from zotune.methods import kernels
+
+        return kernels.available()
 
     def add_z(self, p, key, k, i, scale, decay=1.0, then=0.0) -> None:
         if p.dim() < 2:
