@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from zotune.cli import main
@@ -196,9 +197,52 @@ def test_bench_stream_compares_an_int4_base_with_a_float_one_in_bytes_moved(tmp_
     assert result["int4_base_written_mb_per_step"] == result["float32_base_written_mb_per_step"] > 0
 
 
-def test_16_bit_training_warns_that_updates_are_lost(tiny_model_dir, data_file, tmp_path, capsys):
-    assert main(train_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")) == 0
-    assert "warning: the trainable tensors are bfloat16" in capsys.readouterr().out
+def test_a_16_bit_model_trains_float32_masters_resident_as_streamed(tiny_model_dir, data_file, tmp_path, capsys):
+    """model.dtype=bfloat16, resident: the optimizer moves float32 masters and the model's bf16 tensors
+    follow them before every forward, as the RAM tier does with its own masters (the same step log, bit
+    for bit); updates far below bf16's resolution survive; stopped and resumed == uninterrupted."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from zotune.models import select_trainable
+
+    block = r"re:layers\.1\."  # tensors inside a block: a 16-bit tensor outside them is refused streamed
+
+    def args(out, steps, *extra):
+        return ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps",
+                str(steps), "--dtype", "bfloat16", "--trainable", block, "--lr", "1e-7", "run.batch_size=4",
+                "task.n_dev=4", "task.n_test=8", "run.eval_every=0", "run.snapshot_every=2", "run.device=cpu",
+                "task.verbalizer={pos: great, neg: terrible}", *extra]
+    assert main(args(tmp_path / "whole", 4)) == 0
+    assert "trained tensors kept as float32 masters beside the model" in capsys.readouterr().out
+    assert main(args(tmp_path / "parts", 2)) == 0
+    assert main(["resume", str(tmp_path / "parts"), "run.steps=4"]) == 0
+    assert main(args(tmp_path / "ram", 4, "--offload", "cpu")) == 0
+    whole = (tmp_path / "whole" / "steps.log").read_bytes()
+    assert (tmp_path / "parts" / "steps.log").read_bytes() == whole
+    assert (tmp_path / "ram" / "steps.log").read_bytes() == whole
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    start = torch.cat([p.detach().float().view(-1) for _, p in select_trainable(base, block)])
+    saved = load_file(tmp_path / "whole" / "snapshots" / "step-0000004.safetensors")
+    trained = torch.cat([saved[f"t{i}"].view(-1) for i in range(len(saved))])
+    assert trained.dtype == torch.float32
+    assert (trained != start).float().mean() > 0.9  # nearly every master moved ...
+    assert (trained.bfloat16() != start.bfloat16()).float().mean() < 0.05  # ... by less than bf16 can show
+
+
+def test_a_16_bit_run_from_before_masters_resumes_as_it_was_trained(tiny_model_dir, data_file, tmp_path, capsys):
+    """A run folder whose base.json predates float32 masters keeps training its 16-bit tensors in place (its
+    step log was made that way), and says so."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, "--steps", "1", "--dtype", "bfloat16")) == 0
+    base = json.loads((out / "base.json").read_text())
+    assert base.pop("float32_masters") is True
+    (out / "base.json").write_text(json.dumps(base))
+    capsys.readouterr()
+    assert main(["resume", str(out), "run.steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "started before float32 masters" in printed and "float32 masters beside" not in printed
 
 
 def test_bench_task_part_reports_ratios_and_tokens_per_second(tokenizer):

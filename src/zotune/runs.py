@@ -197,7 +197,9 @@ class RunFolder:
     def write_base(self, base: dict[str, Any]) -> dict[str, Any]:
         """Record the base model on a new run; on resume, refuse a different one. Returns the record.
 
-        `directions` is the direction format the step log was drawn with (missing: format 1).
+        `directions` is the direction format the step log was drawn with (missing: format 1);
+        `float32_masters`: 16-bit trained tensors are updated through float32 masters (missing: no, a run
+        started before them, which resumes and replays as it was trained).
         """
         recorded = self._recorded_base(base)
         if recorded is not None:
@@ -219,7 +221,7 @@ class RunFolder:
             raise ConfigError(
                 f"the base model {base['model']} (hash {base['hash'][:16]}) is not the one this run started from "
                 f"({recorded['model']}, hash {recorded['hash'][:16]}); use the original base model")
-        return {"directions": 1, **recorded}
+        return {"directions": 1, "float32_masters": False, **recorded}
 
     def append_step(self, step: int, record: StepRecord, loss: float) -> None:
         self._steps.write(encode_step(step, record, loss, self._log_format))

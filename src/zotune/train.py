@@ -21,6 +21,7 @@ from zotune.methods import METHODS, MethodConfig, NonFiniteLossError, StepRecord
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
+from zotune.precision import Masters, Precision
 from zotune.prefix import FrozenPrefix
 from zotune.quant import QWEIGHT_KIND, dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
@@ -237,7 +238,7 @@ class Session:
                 base_hash = tensor_digest(self.model.state_dict().values())
         base = run.write_base({"model": model_cfg.name, "source": folder or "/".join(
             str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash, "directions": DIRECTIONS_FORMAT,
-            "device": drawn_on(device)})
+            "device": drawn_on(device), "float32_masters": True})
         _check_directions_device(base, method_cfg, device)
         adapter = cfgs.get("adapter") or AdapterConfig()
         if self.engine is None:  # (a disk tier's blocks were quantized before they were written)
@@ -248,7 +249,12 @@ class Session:
         if not named:
             named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
         self.params = [p for _, p in named]
-        self.opt = make_optimizer(method_cfg.name, self.params, seed=cfgs["run"].seed, group=group,
+        # A resident 16-bit model trains float32 masters of its trained tensors (zotune.precision); runs
+        # started before masters existed resume as they were trained.
+        resident = self.stream_cfg.tier == "none" and self.engine is None
+        self.masters = Masters(self.params) if resident and base["float32_masters"] and Masters.needed(self.params) \
+            else None
+        self.opt = make_optimizer(method_cfg.name, self.trained, seed=cfgs["run"].seed, group=group,
                                   directions_format=base["directions"], **method_cfg.options())
         if self.engine is not None:
             self.engine.attach(self.opt)
@@ -262,11 +268,20 @@ class Session:
             {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
         quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)
 
+    @property
+    def trained(self) -> list[torch.Tensor]:
+        """What the optimizer moves: the trainable tensors, or their float32 masters (a 16-bit model)."""
+        return self.masters.values if self.masters is not None else self.params
+
     def _snapshot_params(self) -> list[torch.Tensor]:
-        """What a snapshot holds: every trainable tensor, or with a disk tier those outside the blocks."""
+        """What a snapshot holds: every trained tensor, or with a disk tier those outside the blocks."""
         if self.engine is not None and self.engine.tier.kind == "disk":
             return [p for _, p in self.engine.outside]
-        return self.params
+        return self.trained
+
+    def _sync(self) -> None:
+        if self.masters is not None:
+            self.masters.sync()
 
     def restore(self, records: list[StepRecord], use_snapshots: bool = True) -> int:
         """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
@@ -283,6 +298,7 @@ class Session:
         for rec in tqdm(records[start:], desc="replay", unit="step", leave=False, file=sys.stderr):
             self.opt.replay(rec, indexed)
         self.opt.last = records[-1] if records else None
+        self._sync()
         if self.engine is not None:
             self.engine.restore(records)
             self.log(f"restored step {len(records)}: the blocks catch up from {self.engine.tier.folder} as they arrive")
@@ -302,12 +318,17 @@ class Session:
 
     def weights_digest(self) -> bytes:
         """A cheap fingerprint of the trained weights, for ranks to compare."""
-        return weights_digest(self.engine.trained_values() if self.engine is not None else self.params)
+        return weights_digest(self.engine.trained_values() if self.engine is not None else self.trained)
 
     def step(self, closure, share: float = 1.0) -> float:
         if self.engine is not None:
             return float(self.engine.step(self.opt, closure, share))
-        return float(self.opt.step(closure, share))
+        if self.masters is None:
+            return float(self.opt.step(closure, share))
+        try:
+            return float(self.opt.step(self.masters.probe(closure), share))
+        finally:  # the model ends where the masters are: updated, or (a failed step) as before it
+            self.masters.sync()
 
     def snapshot(self, step: int) -> None:
         if self.engine is not None and self.engine.tier.kind == "cpu":
@@ -333,7 +354,8 @@ class Session:
             indexed = self.opt.indexed(params)
             for rec in self.run.read_steps()[0][loaded:step]:
                 self.opt.replay(rec, indexed)
-            return step
+            loaded = step
+        self._sync()
         return loaded
 
     def close(self) -> None:
@@ -463,11 +485,14 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     what = adapter.describe() if adapter.kind != "none" else model_cfg.trainable
     log(f"trainable ({what}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "
         f"({n_decay:,} in tensors with dim >= 2, the only ones that get weight decay)")
-    if session.engine is None and cfgs["stream"].tier == "none" and \
-            any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
-        log(f"warning: the trainable tensors are {model_cfg.dtype}: in-place perturb/restore rounds them by up to "
-            f"{torch.finfo(params[0].dtype).eps:.0e} relative every step and smaller updates are lost; "
-            f"use model.dtype=float32 to train (a 16-bit base with float32 trainable tensors comes with streaming)")
+    if session.masters is not None:
+        dtype = params[0].dtype
+        log(Precision.resolve(dtype, dtype, streamed=False).reason +
+            f": {session.masters.extra_bytes / 2**20:,.0f} MiB more")
+    elif session.engine is None and cfgs["stream"].tier == "none" and Masters.needed(params):
+        log(f"warning: this run was started before float32 masters: its trainable tensors stay {model_cfg.dtype}, "
+            f"as trained (in-place moves round them by up to {torch.finfo(params[0].dtype).eps:.0e} relative every "
+            f"step and smaller updates are lost); start a new run to train float32 masters")
     streamed = cfgs["stream"].tier != "none" or session.engine is not None
     # (prefix tuning feeds every block trained keys and values: no block is frozen)
     prefix = None if streamed or not task.fixed_inputs or adapter.kind == "prefix" else \

@@ -8,7 +8,8 @@ A disk-tier folder is made once (`prepare_folder`, or `zotune stream prepare`) a
 `load_streamed(folder, device)`, which never holds more than a few blocks in memory.
 """
 
-from zotune.stream.engine import (Precision, StreamConfig, StreamEngine, keeps_state, refuse_unstreamable, stream_,
+from zotune.precision import Precision
+from zotune.stream.engine import (StreamConfig, StreamEngine, keeps_state, refuse_unstreamable, stream_,
                                   unstream_)
 from zotune.stream.folder import export_streamed, is_stream_folder, load_streamed, prepare_folder, write_folder
 from zotune.stream.tiers import DiskTier, RamTier

@@ -39,6 +39,7 @@ from torch import nn
 from zotune.config import ConfigError
 from zotune.methods.zosgd import StepKey
 from zotune.models import DTYPES, find_block_list
+from zotune.precision import Precision
 from zotune.stream.tiers import BlockState, DiskTier, RamTier
 
 TIERS = ("none", "cpu", "disk")
@@ -67,24 +68,6 @@ class StreamConfig:
             raise ConfigError(f"stream.storage_dtype={self.storage_dtype!r}; use one of {', '.join(DTYPES)}")
         if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
             raise ConfigError(f"stream.prefetch={self.prefetch} must be an integer >= 1")
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The precision policy, resolved once: how blocks are stored, computed and updated, and why."""
-
-    storage: torch.dtype
-    compute: torch.dtype
-    reason: str
-
-    @classmethod
-    def resolve(cls, storage: torch.dtype, compute: torch.dtype) -> Precision:
-        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-        text = f"blocks stored in {name(storage)}, computed in {name(compute)}"
-        if storage == compute == torch.float32:
-            return cls(storage, compute, text + "; updates applied in float32")
-        return cls(storage, compute, text + "; trained tensors kept as float32 masters on the tier and moved "
-                   "in float32 (a 16-bit value would round away updates of about 1e-7 relative)")
 
 
 def refuse_unstreamable(method: type) -> None:

@@ -174,7 +174,8 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from zotune.stream.engine import Precision, StreamEngine
+    from zotune.precision import Precision
+    from zotune.stream.engine import StreamEngine
 
     tier = DiskTier(folder)
     manifest = tier.manifest
