@@ -281,9 +281,28 @@ def test_the_gpu_check_runs_and_passes_on_the_cpu(capsys):
     assert main(["bench", "gpu", "--device", "cpu", "--quick", "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["passed"] and result["directions"]["equal"]
-    assert set(result["streamed_equals_resident"]) == {f"{m}/{t}" for m in ("zosgd", "zoadam", "n_directions=2")
+    assert set(result["streamed_equals_resident"]) == {f"{m}/{t}" for m in ("zosgd", "zoadam", "n_directions=2", "lozo")
                                                        for t in ("cpu", "disk")}
     assert "error" not in result["memory"] and "error" not in result["step_time"] and "error" not in result["scale"]
+    assert result["tf32"] == {"relative_grad_change": None, "tf32_step_time_ratio": None}  # measured on CUDA only
+
+
+def test_tf32_is_set_on_cuda_only_and_model_tf32_is_checked():
+    from zotune.models import ModelConfig
+    from zotune.precision import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert set_tf32(torch.device("cpu"), True) is None
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+        assert "TF32 tensor cores" in set_tf32(torch.device("cuda"), True)  # the flags exist without a GPU
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert "full float32" in set_tf32(torch.device("cuda"), False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    with pytest.raises(ConfigError, match="model.tf32='yes' must be true or false"):
+        ModelConfig(tf32="yes")
 
 
 def test_a_16_bit_tensor_trained_outside_the_blocks_is_refused():

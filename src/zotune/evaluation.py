@@ -61,6 +61,9 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         model.to(target)
         session, step = None, None
     task_cfg, run_cfg = cfgs["task"], cfgs["run"]
+    from zotune.precision import set_tf32
+
+    set_tf32(target, cfgs["model"].tf32)  # the products the run was trained with
     evaluated.bind(tokenizer)
     results = {}
     for split in splits:

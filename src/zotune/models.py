@@ -53,12 +53,15 @@ class ModelConfig:
     blocks_path: str | None = None
     cache_dir: str | None = None
     quantize: str = "none"  # int8 / int4: the frozen block linears held in 8 or 4 bits (zotune.quant); trainable=scales tunes their scales
+    tf32: bool = True  # on CUDA: float32 matrix products on TF32 tensor cores (zotune.precision.set_tf32)
 
     def __post_init__(self):
         from zotune.quant import QUANTIZE
 
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        if not isinstance(self.tf32, bool):
+            raise ConfigError(f"model.tf32={self.tf32!r} must be true or false (on CUDA: float32 products on TF32 cores)")
         parse_trainable(self.trainable)  # raises with the accepted forms
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"model.quantize={self.quantize!r}: use one of {', '.join(QUANTIZE)}")

@@ -73,3 +73,18 @@ class Masters:
             return closure()
 
         return synced
+
+
+def set_tf32(device: torch.device, enabled: bool) -> str | None:
+    """On CUDA, whether float32 matrix products (and convolutions) run on TF32 tensor cores: inputs rounded
+    to a 10-bit mantissa, products accumulated in float32, several times the float32 rate on Ampere
+    and later GPUs. Returns a line for the log (None off CUDA, where nothing changes).
+
+    A ZO step compares two losses whose difference is 2·eps·g (about 1e-3 of the loss for eps 1e-3),
+    and TF32's rounding moves both forwards alike; `zotune bench gpu` measures how far it moves the
+    projected gradients. `model.tf32=false` keeps full float32 products."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return f"float32 matrix products on {'TF32 tensor cores (model.tf32=false: full float32)' if enabled else 'full float32 (model.tf32=false)'}"

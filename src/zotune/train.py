@@ -21,7 +21,7 @@ from zotune.methods import METHODS, MethodConfig, NonFiniteLossError, StepRecord
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
-from zotune.precision import Masters, Precision
+from zotune.precision import Masters, Precision, set_tf32
 from zotune.prefix import FrozenPrefix
 from zotune.quant import QWEIGHT_KIND, dequantize_, quantize_
 from zotune.parallel import DivergedError, Group, ParallelDims, text_digest, weights_digest
@@ -443,6 +443,9 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     main = group is None or group.is_main
     if group is not None and not main:
         log = lambda *a, **k: None  # noqa: E731 -- rank 0 speaks for the run
+    tf32 = set_tf32(device, model_cfg.tf32)
+    if tf32:
+        log(tf32)
     # Inputs are checked before the run folder exists, so a fixed command can reuse the same --out.
     resolve_source(model_cfg)
     task = make_task(task_cfg, None)  # its rows checked here; its tokenizer comes below

@@ -8,6 +8,8 @@ docs/performance.md, side by side in one process:
   for zosgd, zoadam and n_directions=2 (losses, projected gradients, final weights);
 - `memory`: peak device memory of a streamed step at two depths (flat) against resident (grows);
 - `step_time`: a streamed step / a resident step, and a resident ZO step / two plain forwards;
+- `tf32`: the same ZO steps with full float32 and with TF32 products (`model.tf32`, on by default on
+  CUDA): the projected gradients' relative change and the step-time ratio;
 - `scale`: a Llama-7B-shaped model (random weights in host memory), all parameters trained (float32 masters),
   streamed: peak device memory, seconds a step, and the host-to-device bandwidth reached as a share
   of the measured pinned-copy peak.
@@ -107,7 +109,8 @@ def check_streamed_equals_resident(device, quick: bool) -> dict:
                            1000 if quick else 8000, tie=True)
     batch = torch.randint(0, config.vocab_size, (2, 16 if quick else 64), generator=torch.Generator().manual_seed(0))
     out = {}
-    for name, method in {"zosgd": {}, "zoadam": {"name": "zoadam"}, "n_directions=2": {"n_directions": 2}}.items():
+    for name, method in {"zosgd": {}, "zoadam": {"name": "zoadam"}, "n_directions=2": {"n_directions": 2},
+                         "lozo": {"name": "lozo", "interval": 2}}.items():
         resident = _run(config, device, None, None, method, 3, batch)
         for tier in ("cpu", "disk"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -151,6 +154,47 @@ def _resident_step(config, device, batch):
         with torch.inference_mode():
             return model(input_ids=x, labels=x).loss
     return (lambda: opt.step(forward)), forward, model
+
+
+def measure_tf32(device, quick: bool, steps: int = 6) -> dict:
+    """What `model.tf32` (the default on CUDA) does to a ZO step: the same resident steps from the same
+    weights with full float32 products and with TF32 ones; the projected gradients' mean relative
+    change (TF32 must leave the estimate's signal intact) and the step-time ratio."""
+    from zotune.precision import set_tf32
+
+    if device.type != "cuda":
+        return {"relative_grad_change": None, "tf32_step_time_ratio": None}
+    config = _llama_config(256 if quick else 2048, 2 if quick else 4, 512 if quick else 5504, 4 if quick else 16,
+                           1000 if quick else 8000)
+    batch = torch.randint(0, config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    from zotune.methods import make_optimizer
+
+    grads, times = {}, {}
+    try:
+        for enabled in (False, True):
+            set_tf32(device, enabled)
+            model = _model(config, device)
+            opt = make_optimizer("zosgd", list(model.parameters()), seed=1, lr=1e-7, eps=1e-3)
+            x = batch.to(device)
+            got = []
+
+            def forward():
+                with torch.inference_mode():
+                    return model(input_ids=x, labels=x).loss
+
+            def step():
+                opt.step(forward)
+                got.append(opt.last.grads[0])
+
+            times[enabled] = statistics.median(_timed_steps(step, device, steps))
+            grads[enabled] = got  # the same step seeds from the same weights, warm-up included
+            del model, opt
+            torch.cuda.empty_cache()
+    finally:
+        set_tf32(device, False)
+    full, tf32 = grads[False], grads[True]
+    change = sum(abs(a - b) for a, b in zip(full, tf32)) / max(1e-30, sum(abs(a) for a in full))
+    return {"relative_grad_change": change, "tf32_step_time_ratio": times[True] / times[False]}
 
 
 def measure_memory(device, quick: bool) -> dict:
@@ -297,6 +341,7 @@ def run_gpu_check(device: str = "cuda", quick: bool = False, repeats: int = 5, l
                      ("streamed_equals_resident", lambda: check_streamed_equals_resident(dev, quick)),
                      ("memory", lambda: measure_memory(dev, quick)),
                      ("step_time", lambda: measure_step_time(dev, quick, repeats)),
+                     ("tf32", lambda: measure_tf32(dev, quick)),
                      ("scale", lambda: measure_scale(dev, quick, 2 if quick else 3))]:
         t0 = time.perf_counter()
         try:
