@@ -560,9 +560,9 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         for step in range(start + 1, run_cfg.steps + 1):
             batch_id, indices = next(order)
             rows, share = group.rows(len(indices)) if group is not None else (slice(None), 1.0)  # this rank's part
-            if batch_id not in collated and share:
-                collated[batch_id] = task.collate([task.train[i] for i in indices[rows]]).to(device)
-            batch = collated.get(batch_id)
+            if batch_id not in collated and share:  # kept on the host: device memory does not grow with the data
+                collated[batch_id] = task.collate([task.train[i] for i in indices[rows]])
+            batch = collated[batch_id].to(device) if share else None
             factor = lr_factor(run_cfg.lr_schedule, step, run_cfg.steps, run_cfg.warmup_steps)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * factor  # recorded with the step: replay never recomputes it
