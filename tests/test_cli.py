@@ -200,7 +200,8 @@ def test_bench_stream_compares_an_int4_base_with_a_float_one_in_bytes_moved(tmp_
 def test_a_16_bit_model_trains_float32_masters_resident_as_streamed(tiny_model_dir, data_file, tmp_path, capsys):
     """model.dtype=bfloat16, resident: the optimizer moves float32 masters and the model's bf16 tensors
     follow them before every forward, as the RAM tier does with its own masters (the same step log, bit
-    for bit); updates far below bf16's resolution survive; stopped and resumed == uninterrupted."""
+    for bit); updates far below bf16's resolution survive; stopped and resumed == uninterrupted, resident
+    and streamed (a RAM-tier resume restores into float32 masters, not into the 16-bit model)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -217,10 +218,13 @@ def test_a_16_bit_model_trains_float32_masters_resident_as_streamed(tiny_model_d
     assert "trained tensors kept as float32 masters beside the model" in capsys.readouterr().out
     assert main(args(tmp_path / "parts", 2)) == 0
     assert main(["resume", str(tmp_path / "parts"), "run.steps=4"]) == 0
-    assert main(args(tmp_path / "ram", 4, "--offload", "cpu")) == 0
+    assert main(args(tmp_path / "ram", 2, "--offload", "cpu")) == 0  # streamed, stopped, resumed
+    assert main(["resume", str(tmp_path / "ram"), "run.steps=4"]) == 0
     whole = (tmp_path / "whole" / "steps.log").read_bytes()
     assert (tmp_path / "parts" / "steps.log").read_bytes() == whole
     assert (tmp_path / "ram" / "steps.log").read_bytes() == whole
+    final = [load_file(tmp_path / run / "snapshots" / "step-0000004.safetensors") for run in ("whole", "parts", "ram")]
+    assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0])  # the masters too
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     start = torch.cat([p.detach().float().view(-1) for _, p in select_trainable(base, block)])

@@ -183,6 +183,7 @@ class Session:
 
     def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False, group: Group | None = None):
         self.engine, self._new_folder = None, None
+        self._restored: Masters | None = None  # float32 values of a 16-bit RAM-tier run's restore
         try:
             self._open(cfgs, run, device, log, resume, group)
         except ConfigError:  # refused before training: a stream folder written just now goes away again
@@ -291,12 +292,21 @@ class Session:
             # snapshots hold weights, not momentum, moments or thresholds taken from the base weights
             self.log(f"{type(self.opt).__name__} keeps optimizer state: replaying every step from the base weights")
             use_snapshots = False
+        indexed = self.opt.indexed(params)
+        if self.stream_cfg.tier == "cpu" and self.engine is None and Masters.needed(params):
+            # A 16-bit model about to stream from host memory: its blocks train float32 masters, so the
+            # snapshot and the replay land in float32 copies, which start the masters (start_streaming).
+            self._restored = Masters(params)
+            as_master = dict(zip(map(id, params), self._restored.values))
+            indexed = [(i, as_master[id(p)]) for i, p in indexed]
+            params = self._restored.values
         start, note = self.run.latest_snapshot(len(records), params) if use_snapshots else (0, None)
         if note:
             self.log(note)
-        indexed = self.opt.indexed(params)
         for rec in tqdm(records[start:], desc="replay", unit="step", leave=False, file=sys.stderr):
             self.opt.replay(rec, indexed)
+        if self._restored is not None:
+            self._restored.sync()
         self.opt.last = records[-1] if records else None
         self._sync()
         if self.engine is not None:
@@ -312,7 +322,12 @@ class Session:
         if self.stream_cfg.tier == "cpu" and self.engine is None:
             self.engine = stream_(self.model, self.stream_cfg, self.device, self.blocks_path, at_step=self.opt.steps,
                                   log=self.log)
-            self.engine.attach(self.opt)
+            restored = None
+            if self._restored is not None:  # the float32 values restore() reached, not their 16-bit roundings
+                value = dict(zip(map(id, self._restored.compute), self._restored.values))
+                restored = {i: value[id(p)] for i, p in self.opt.indexed(self._restored.compute)}
+                self._restored = None
+            self.engine.attach(self.opt, masters=restored)
         elif self.engine is not None and not self.engine.history and self.opt.steps == 0:
             self.engine.restore([])  # a new run on an existing folder: refuse blocks trained by another run
 

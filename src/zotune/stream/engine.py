@@ -289,8 +289,11 @@ class StreamEngine:
 
     # -- the optimizer ----------------------------------------------------------------------------
 
-    def attach(self, opt) -> None:
-        """Use `opt`'s trainable tensors and tensor indices (its direction seeds)."""
+    def attach(self, opt, masters: dict[int, torch.Tensor] | None = None) -> None:
+        """Use `opt`'s trainable tensors and tensor indices (its direction seeds).
+
+        `masters`: float32 values of trained block tensors by tensor index, to start their masters from
+        instead of the model's 16-bit values (a RAM-tier run restored from its snapshot and log)."""
         if self._opt is opt:
             return
         if self._opt is not None:
@@ -305,6 +308,9 @@ class StreamEngine:
             in_blocks |= {id(p) for p in named.values()}
             if self._trainable[j] and creates:
                 self.tier.add_masters(j, [n for _, n in self._trainable[j]])
+                for i, n in self._trainable[j] if masters else ():
+                    if i in masters:
+                        self.tier.set_master(j, n, masters[i])
         if group is not None and isinstance(self.tier, DiskTier):
             group.barrier()
             self.tier.reload_slots()

@@ -120,6 +120,10 @@ class RamTier:
             if t.dtype != torch.float32:  # one copy, straight into page-locked memory when the tier pins
                 self.blocks[j][name] = torch.empty(t.shape, dtype=torch.float32, pin_memory=self.pin).copy_(t)
 
+    def set_master(self, j: int, name: str, value: torch.Tensor) -> None:
+        """The float32 master of a trained tensor of block j, set to `value` (after `add_masters`)."""
+        self.blocks[j][name].copy_(value)
+
     def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """(block j's stored tensors, no pool buffers): nothing is copied."""
         return dict(self.blocks[j]), []
