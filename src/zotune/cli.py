@@ -154,6 +154,16 @@ def _bench_gpu(args) -> int:
     return 0 if result["passed"] else 1
 
 
+def _bench_first_order(args) -> int:
+    from zotune.bench.first_order import run_first_order
+
+    result = run_first_order(args.overrides, args.lr, args.weight_decay,
+                             log=(lambda *a, **k: None) if args.json else print)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _shape_and_batch(parser: argparse.ArgumentParser, repeats: int) -> None:
     """The options every benchmark shares: the random-weight model, the batch, the repeats, --json."""
     parser.add_argument("--shape", default="opt-125m", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
@@ -255,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--json", action="store_true", help="the JSON object on one line")
     s.set_defaults(func=_bench_gpu)
+    s = bsub.add_parser("first-order", help="the backprop reference: AdamW on the same task, tensors and batches",
+                        description="Trains what `zotune train` with the same section.key=value options would "
+                                    "train, with AdamW on backprop gradients, and prints test accuracy before/after.")
+    s.add_argument("--lr", type=float, default=1e-5, help="AdamW's learning rate (default 1e-5)")
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.steps=300 task.name=tweets")
+    s.set_defaults(func=_bench_first_order)
     return parser
 
 
