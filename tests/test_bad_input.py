@@ -209,8 +209,6 @@ CASES = [
     T("combo-hizoo-directions", lambda w: w.train("--method", "hizoo", "method.n_directions=2"),
       "one two-sided direction"),
     T("combo-storage-without-tier", lambda w: w.train("stream.storage_dtype=bfloat16"), "add --offload"),
-    T("combo-16-bit-outside-streamed", lambda w: w.train("model.dtype=bfloat16", "--offload", "cpu"),
-      "model.dtype=float32"),
     # -- run folders -----------------------------------------------------------------------------
     T("out-holds-a-run", lambda w: w.train() + ["--out", str(w.copy("run"))], "already holds a run",
       writes_nothing=False),

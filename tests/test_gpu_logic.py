@@ -305,13 +305,36 @@ def test_tf32_is_set_on_cuda_only_and_model_tf32_is_checked():
         ModelConfig(tf32="yes")
 
 
-def test_a_16_bit_tensor_trained_outside_the_blocks_is_refused():
-    """A bfloat16 final norm would round its updates away: refused, with the setting that works."""
-    model = tiny_model("llama").to(torch.bfloat16)
-    params = [model.model.norm.weight, *model.model.layers[2].parameters()]
-    opt = make_optimizer("zosgd", params, lr=1e-3, eps=1e-3, seed=1)
-    engine = stream_(model, StreamConfig(tier="cpu"), "cpu", **quiet)
-    with pytest.raises(ConfigError, match="outside the blocks are bfloat16 .* model.dtype=float32 with "
-                                          "stream.storage_dtype=bfloat16"):
-        engine.attach(opt)
-    engine.close()
+def test_a_16_bit_tensor_trained_outside_the_blocks_trains_a_float32_master():
+    """A bfloat16 final norm, streamed: it trains a float32 master on the device and the model reads its
+    rounding, exactly as a resident bf16 model with `Masters` does (losses, projected gradients, masters)."""
+    from zotune.precision import Masters
+
+    x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for streamed in (False, True):
+        model = tiny_model("llama").to(torch.bfloat16)
+        params = [model.model.norm.weight, *model.model.layers[2].parameters()]
+        masters = None if streamed else Masters(params)
+        opt = make_optimizer("zosgd", masters.values if masters else params, lr=1e-4, eps=1e-3, seed=1)
+        engine = stream_(model, StreamConfig(tier="cpu"), "cpu", **quiet) if streamed else None
+        if engine:
+            engine.attach(opt)
+            assert model.model.norm.weight.dtype == torch.bfloat16 and engine.outside[0][1].dtype == torch.float32
+        losses = []
+        for _ in range(3):
+            closure = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+            if engine:
+                losses.append(float(engine.step(opt, closure)))
+            else:
+                losses.append(float(opt.step(masters.probe(closure))))
+                masters.sync()
+            losses.append(tuple(opt.last.grads))
+        values = [v.clone() for v in (engine.trained_values() if engine else masters.values)]
+        norm = model.model.norm.weight.detach().clone()
+        if engine:
+            engine.close()
+        runs.append((losses, values, norm))
+    (a, va, na), (b, vb, nb) = runs
+    assert a == b and all(torch.equal(p, q) for p, q in zip(va, vb)) and torch.equal(na, nb)
+    assert torch.equal(nb, vb[0].bfloat16()) and not torch.equal(vb[0], vb[0].bfloat16().float())

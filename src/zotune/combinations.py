@@ -62,12 +62,6 @@ RULES = [
     Rule("stream folder with the RAM tier",
          lambda c: c["stream"].tier == "cpu" and _is_folder(c["model"].name),
          lambda c: f"{c['model'].name} is a stream folder (disk tier); drop stream.tier=cpu to train from it"),
-    Rule("16-bit model streamed with trained tensors outside the blocks",
-         lambda c: _streamed(c) and c["model"].dtype != "float32" and c["adapter"].kind == "none"
-         and _trains_outside_blocks(c["model"].trainable),
-         lambda c: f"model.dtype={c['model'].dtype} with model.trainable={c['model'].trainable} trains tensors outside "
-                   f"the blocks in 16 bits, which round updates of about 1e-7 away; use model.dtype=float32 with "
-                   f"stream.storage_dtype={c['model'].dtype} (blocks stored in 16 bits), or train only block tensors"),
 ]
 
 
@@ -83,13 +77,6 @@ def _is_folder(name: str) -> bool:
     from zotune.stream import is_stream_folder
 
     return is_stream_folder(name)
-
-
-def _trains_outside_blocks(spec: str) -> bool:
-    """Whether a trainable spec certainly selects tensors outside the blocks (the final norm, embeddings)."""
-    from zotune.models import parse_trainable
-
-    return any(kind in ("all", "norms", "final-norm", "last-blocks") for kind, _ in parse_trainable(spec))
 
 
 def check(cfgs: dict) -> None:

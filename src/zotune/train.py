@@ -292,7 +292,8 @@ class Session:
             # snapshots hold weights, not momentum, moments or thresholds taken from the base weights
             self.log(f"{type(self.opt).__name__} keeps optimizer state: replaying every step from the base weights")
             use_snapshots = False
-        indexed = self.opt.indexed(params)
+        # the disk tier's outside tensors: the engine's pairs (a 16-bit one's is its float32 master)
+        indexed = list(self.engine.outside) if self.engine is not None else self.opt.indexed(params)
         if self.stream_cfg.tier == "cpu" and self.engine is None and Masters.needed(params):
             # A 16-bit model about to stream from host memory: its blocks train float32 masters, so the
             # snapshot and the replay land in float32 copies, which start the masters (start_streaming).
@@ -307,6 +308,8 @@ class Session:
             self.opt.replay(rec, indexed)
         if self._restored is not None:
             self._restored.sync()
+        if self.engine is not None:
+            self.engine.sync_outside()
         self.opt.last = records[-1] if records else None
         self._sync()
         if self.engine is not None:

@@ -188,7 +188,7 @@ def measure_tf32(device, quick: bool, steps: int = 6) -> dict:
 
             times[enabled] = statistics.median(_timed_steps(step, device, steps))
             grads[enabled] = got  # the same step seeds from the same weights, warm-up included
-            del model, opt
+            model = opt = None  # freed before the next setting's model
             torch.cuda.empty_cache()
     finally:
         set_tf32(device, False)

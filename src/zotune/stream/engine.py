@@ -272,7 +272,8 @@ class StreamEngine:
         self._host_state: dict[int, dict] = {}  # tensor index -> its optimizer state while its block is away
         self._state_on_disk = False  # the disk tier holds the state of an optimizer that keeps one
         self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
-        self.outside: list[tuple[int, nn.Parameter]] = []  # trainable tensors that stay on the device
+        self.outside: list[tuple[int, torch.Tensor]] = []  # trained tensors that stay on the device (or their masters)
+        self._compute: dict[int, nn.Parameter] = {}  # index -> the 16-bit model tensor of an outside master
         self._resident: dict[int, _Resident] = {}
         self._fetches: dict[int, Future] = {}
         self._writes: list[Future] = []
@@ -292,8 +293,8 @@ class StreamEngine:
     def attach(self, opt, masters: dict[int, torch.Tensor] | None = None) -> None:
         """Use `opt`'s trainable tensors and tensor indices (its direction seeds).
 
-        `masters`: float32 values of trained block tensors by tensor index, to start their masters from
-        instead of the model's 16-bit values (a RAM-tier run restored from its snapshot and log)."""
+        `masters`: float32 values of trained tensors by tensor index, to start their masters from instead
+        of the model's 16-bit values (a RAM-tier run restored from its snapshot and log)."""
         if self._opt is opt:
             return
         if self._opt is not None:
@@ -314,13 +315,18 @@ class StreamEngine:
         if group is not None and isinstance(self.tier, DiskTier):
             group.barrier()
             self.tier.reload_slots()
-        self.outside = [(i, p) for i, p in opt.indexed() if id(p) not in in_blocks]
-        low = [p for _, p in self.outside if p.dtype != torch.float32]
-        if low:  # blocks get float32 masters; a 16-bit tensor outside them would round its updates away
-            raise ConfigError(f"{len(low)} trained tensors outside the blocks are {str(low[0].dtype)[6:]} and would "
-                              f"lose updates of about 1e-7 relative; use model.dtype=float32 with "
-                              f"stream.storage_dtype={str(low[0].dtype)[6:]} (blocks stored in 16 bits, computed in "
-                              f"float32), or train only tensors inside the blocks")
+        # Trained tensors outside the blocks stay on the device; a 16-bit one (a final norm, tied embeddings)
+        # trains a float32 master there, as block tensors do on the tier, and the model reads its rounding.
+        self.outside, self._compute = [], {}
+        for i, p in opt.indexed():
+            if id(p) in in_blocks:
+                continue
+            if p.dtype == torch.float32:
+                self.outside.append((i, p))
+            else:
+                self._compute[i] = p
+                start = masters[i] if masters and i in masters else p.data
+                self.outside.append((i, start.detach().to(p.device, torch.float32, copy=True)))
         for j in range(len(self.layers)):  # state the optimizer holds already (a resumed run)
             if j not in self._resident:
                 self._state_away(j, opt)
@@ -545,8 +551,11 @@ class StreamEngine:
             views.append(masters if r == n_probes - 1 and ends_on_probe else [m.clone() for m in masters])
 
         def show(r: int) -> None:
-            for (_, p), v in zip(outside, views[r]):
-                p.data = v
+            for (i, p), v in zip(outside, views[r]):
+                if i in self._compute:  # a 16-bit model tensor reads its master's rounding
+                    self._compute[i].data = v.to(self._compute[i].dtype)
+                else:
+                    p.data = v
 
         lockstep = _Lockstep(self, closure, owned)
         self._step = lockstep
@@ -583,6 +592,7 @@ class StreamEngine:
             for (_, p), m in zip(outside, masters):
                 p.data = m
             opt.undo(outside, key, offsets)
+            self.sync_outside()
             raise
         finally:
             self._step = None
@@ -591,8 +601,16 @@ class StreamEngine:
         record = opt.finish(key, losses)
         self.history = {step: record}
         opt.update(outside, record)
+        self.sync_outside()
         self.version = opt.steps
         return torch.tensor(sum(losses) / len(losses))
+
+    def sync_outside(self) -> None:
+        """16-bit model tensors outside the blocks: rounded from their float32 masters (after a step or a
+        restore that moved the masters)."""
+        for i, master in self.outside:
+            if i in self._compute:
+                self._compute[i].data = master.detach().to(self._compute[i].dtype)
 
     def _abandon(self, opt, key: StepKey, j: int, offsets: dict[int, float]) -> None:
         """After a failed step: blocks end as they were before it.
