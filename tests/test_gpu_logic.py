@@ -338,3 +338,81 @@ def test_a_16_bit_tensor_trained_outside_the_blocks_trains_a_float32_master():
     (a, va, na), (b, vb, nb) = runs
     assert a == b and all(torch.equal(p, q) for p, q in zip(va, vb)) and torch.equal(na, nb)
     assert torch.equal(nb, vb[0].bfloat16()) and not torch.equal(vb[0], vb[0].bfloat16().float())
+
+
+_TRITON_CHECK = """
+import torch
+from zotune.methods import triton_sweep
+from zotune.methods.perturb import Directions, direction_seed
+eager = Directions("rademacher")
+eager.fused = False
+bad = []
+for n in (1, 31, 64, 1000, 3 * 1024 + 77):
+    for terms in [(1e-3, 1.0, 0.0), (-2e-3, 1.0, 0.0), (1e-3, 0.999, -3e-4), (0.0, 1.0, 0.37), (5e-4, 1.0, -2e-4)]:
+        p = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        a, b = p.clone(), p.clone()
+        eager.add(a, 7, 1, 3, *terms)
+        triton_sweep.signs_axpy(b, direction_seed(7, 1, 3), 0, *terms)
+        if not torch.equal(a, b) or torch.equal(b, p):
+            bad.append((n, terms))
+p = torch.randn(5000, generator=torch.Generator().manual_seed(1))  # a piece that starts at a later word
+a, b = p.clone(), p.clone()
+eager.add(a, 3, 0, 2, 1e-3)
+triton_sweep.signs_axpy(b[:2048], direction_seed(3, 0, 2), 0, 1e-3)
+triton_sweep.signs_axpy(b[2048:], direction_seed(3, 0, 2), 2048 // 64, 1e-3)
+print("SAME" if not bad and torch.equal(a, b) else f"BAD {bad}")
+"""
+
+
+def test_the_cuda_sweep_kernel_gives_the_cpu_bits_in_tritons_interpreter():
+    """The Triton kernel a CUDA sweep takes, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1,
+    set before Triton is imported: a fresh process) == the eager path, bit for bit: moves, the fused
+    restore + decay + update, sizes around the block and word boundaries, a piece starting mid-tensor."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "SAME", out.stdout[-2000:]
+
+
+def test_a_cuda_sweep_takes_the_triton_kernel_and_the_eager_reference_does_not():
+    from zotune.methods import triton_sweep
+    from zotune.methods.perturb import Directions
+
+    pytest.importorskip("triton")
+
+    class CudaLike:  # what the dispatch looks at, without a GPU
+        def __init__(self, dtype, contiguous=True):
+            self.device, self.dtype, self._contiguous = torch.device("cuda", 0), dtype, contiguous
+
+        def is_contiguous(self):
+            return self._contiguous
+
+    assert triton_sweep.available(CudaLike(torch.float32))
+    assert not triton_sweep.available(CudaLike(torch.bfloat16)) and not triton_sweep.available(CudaLike(torch.float32, False))
+    assert not triton_sweep.available(torch.zeros(3))  # the CPU has its own kernel
+    fused, eager, gaussian = Directions("rademacher"), Directions("rademacher"), Directions("gaussian")
+    eager.fused = False
+    assert fused._fused_on_device(CudaLike(torch.float32))
+    assert not eager._fused_on_device(CudaLike(torch.float32)) and not gaussian._fused_on_device(CudaLike(torch.float32))
+
+
+
+def test_a_triton_that_cannot_build_the_kernel_leaves_the_sweep_to_the_eager_path(monkeypatch):
+    from zotune.methods import triton_sweep
+
+    pytest.importorskip("triton")
+
+    def cannot_build():
+        raise RuntimeError("no such instruction")
+
+    monkeypatch.setattr(triton_sweep, "_kernel", cannot_build)
+    monkeypatch.setattr(triton_sweep, "_failed", None)
+    p = torch.zeros(100)
+    with pytest.warns(UserWarning, match="could not be built .*no such instruction.*eager path"):
+        assert triton_sweep.signs_axpy(p, 5, 0, 1e-3) is False
+    assert torch.equal(p, torch.zeros(100)) and triton_sweep._failed is not None

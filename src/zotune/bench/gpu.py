@@ -3,7 +3,8 @@
 One command, one JSON object. It checks what only a GPU can show and measures the targets of
 docs/performance.md, side by side in one process:
 
-- `directions`: Rademacher directions swept on the device == the CPU's fused kernel, bit for bit;
+- `directions`: Rademacher directions swept on the device (the Triton kernel on CUDA, and the eager
+  kernel sequence) == the CPU's fused kernel, bit for bit;
 - `streamed_equals_resident`: streamed (both tiers) == resident on the device, bit for bit in float32,
   for zosgd, zoadam and n_directions=2 (losses, projected gradients, final weights);
 - `memory`: peak device memory of a streamed step at two depths (flat) against resident (grows);
@@ -73,9 +74,16 @@ def check_directions(device, n: int) -> dict:
     start = torch.randn(n, generator=torch.Generator().manual_seed(0))
     cpu = start.clone()
     Directions("rademacher").add(cpu, 99, 1, 3, 1e-3, 0.999, -2e-4)
-    here = start.to(device)
+    here = start.to(device, copy=True)
     Directions("rademacher").add(here, 99, 1, 3, 1e-3, 0.999, -2e-4)
-    return {"values": n, "equal": bool(torch.equal(cpu, here.cpu()))}
+    eager = start.to(device, copy=True)
+    slow = Directions("rademacher")
+    slow.fused = False  # the eager kernel sequence, in accelerator-sized chunks
+    slow.add(eager, 99, 1, 3, 1e-3, 0.999, -2e-4)
+    from zotune.methods import triton_sweep
+
+    return {"values": n, "kernel": "triton" if triton_sweep.available(here) else "eager",
+            "equal": bool(torch.equal(cpu, here.cpu())), "eager_equal": bool(torch.equal(cpu, eager.cpu()))}
 
 
 def _run(config, device, tier, folder, method: dict, steps: int, batch):
@@ -351,7 +359,7 @@ def run_gpu_check(device: str = "cuda", quick: bool = False, repeats: int = 5, l
         log(f"{name}: {time.perf_counter() - t0:.1f}s")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    result["passed"] = bool(result["directions"].get("equal")) and \
-        all(v is True for v in result["streamed_equals_resident"].values())
+    result["passed"] = bool(result["directions"].get("equal")) and bool(result["directions"].get("eager_equal")) \
+        and all(v is True for v in result["streamed_equals_resident"].values())
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

@@ -11,7 +11,8 @@ large tensor are drawn on every core (one `normal_` runs on one thread).
 Rademacher directions are counter-based (format 2): the signs of values 64j .. 64j + 63 are the
 bits of word j of the splitmix64 sequence keyed by (s, k, i), so any piece of z is computed where
 it is needed, in any order, on any device, with integer operations only (the same bits everywhere).
-On a float32 CPU tensor, a fused kernel (`kernels`) makes the words and applies them in two passes.
+On a float32 CPU tensor, a fused kernel (`kernels`) makes the words and applies them in two passes;
+on a float32 CUDA tensor, a Triton kernel (`triton_sweep`) does both in one launch.
 
 The draw is versioned (`FORMAT`) because a run's step log is only meaningful with the directions it
 was trained with: format 1 drew Rademacher signs from one `torch.Generator` byte per 8 values, chunk
@@ -260,6 +261,11 @@ class Directions:
             for start in range(0, flat.numel(), SLAB):  # the words of a slab: 1/32 of its bytes
                 kernels.signs_axpy(flat[start: start + SLAB], key, start // 64, scale, decay, then)
             return
+        if self._fused_on_device(p):
+            from zotune.methods import triton_sweep
+
+            if triton_sweep.signs_axpy(p, direction_seed(step_seed, direction, tensor_index), 0, scale, decay, then):
+                return
 
         self.apply(p, step_seed, direction, tensor_index, lambda piece, z: step_(piece, z, scale, decay, then))
 
@@ -272,6 +278,14 @@ class Directions:
         from zotune.methods import kernels
 
         return kernels.available()
+
+    def _fused_on_device(self, p: torch.Tensor) -> bool:
+        """The Triton kernel of `triton_sweep` (one launch a tensor, the same bits) on a float32 CUDA tensor."""
+        if not (self.fused and self.distribution == "rademacher" and self.version == 2):
+            return False
+        from zotune.methods import triton_sweep
+
+        return triton_sweep.available(p)
 
     def sweep(self, params: Sequence[torch.Tensor], step_seed: int, direction: int, scale: float) -> None:
         """θ_i += scale · z_i for every tensor, in place."""
