@@ -20,6 +20,8 @@ def test_compare_gives_every_run_the_same_forward_budget(tiny_model_dir, data_fi
     assert [(r["steps"], r["forwards"]) for r in rows] == [(12, 24), (8, 24), (12, 24)]  # hizoo: 3 forwards a step
     assert all([f for f, _ in r["dev"]] == [0, 12, 24] for r in rows)  # dev at the same forward counts
     assert (out / "compare.png").stat().st_size > 0 and "| hizoo | 1 | 24 | 8 |" in (out / "compare.md").read_text()
+    table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table[:3]}) == 1  # header, rule and rows: the same columns
 
 
 def test_a_bad_run_is_refused_before_any_run_starts(tiny_model_dir, data_file, tmp_path, capsys):
@@ -46,6 +48,8 @@ def test_compare_over_seeds_reports_mean_spread_and_forwards_to_a_target(tiny_mo
     md = (out / "compare.md").read_text()
     assert "| zosgd method.lr=1e-2 | 2 | 24 | 12 |" in md and " ± " in md and "forwards to dev accuracy >= 0.0" in md
     assert "| fzoo method.lr=1e-2 method.n_directions=2 | 2 | 24 | 8 |" in md  # 3 forwards a step
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table[:4]}) == 1  # header, rule and rows: the same columns
 
 
 def test_compare_refuses_bad_seeds(tiny_model_dir, data_file, tmp_path, capsys):

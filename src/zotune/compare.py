@@ -100,8 +100,9 @@ def table(rows: list[dict], target: float | None = None) -> str:
     for r in rows:
         groups.setdefault(r["run"], []).append(r)
     reach = [f" | forwards to dev {metric} >= {target}"] if target is not None else [""]
-    lines = [f"| run | seeds | forward passes | steps | best dev {metric} | final dev | test before -> after"
-             f"{reach[0]} | seconds |", "|---|---|---|---|---|---|---|" + ("---|" if target is not None else "")]
+    header = (f"| run | seeds | forward passes | steps | best dev {metric} | final dev | test before -> after"
+              f"{reach[0]} | seconds |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]  # one rule per column, or the table does not render
     for label, group in groups.items():
         first = group[0]
         best = _mean_spread([max(a for _, a in r["dev"]) for r in group])
