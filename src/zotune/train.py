@@ -281,8 +281,12 @@ class Session:
         return self.trained
 
     def _sync(self) -> None:
-        if self.masters is not None:
-            self.masters.sync()
+        """The model's 16-bit trained tensors read their float32 masters (after a restore or a snapshot load)."""
+        for masters in (self.masters, self._restored):
+            if masters is not None:
+                masters.sync()
+        if self.engine is not None:
+            self.engine.sync_outside()
 
     def restore(self, records: list[StepRecord], use_snapshots: bool = True) -> int:
         """Bring the weights to the end of `records`: the newest intact snapshot, then exact replay."""
@@ -306,10 +310,6 @@ class Session:
             self.log(note)
         for rec in tqdm(records[start:], desc="replay", unit="step", leave=False, file=sys.stderr):
             self.opt.replay(rec, indexed)
-        if self._restored is not None:
-            self._restored.sync()
-        if self.engine is not None:
-            self.engine.sync_outside()
         self.opt.last = records[-1] if records else None
         self._sync()
         if self.engine is not None:
