@@ -547,13 +547,15 @@ class StreamEngine:
         offsets: dict[int, float] = {}
         # Trainable tensors outside the blocks move once per step; each probe keeps its own copy.
         views: list[list[torch.Tensor]] = []
+        rounded: list[dict[int, torch.Tensor]] = []  # a 16-bit model tensor reads its master's rounding
         for r in opt.walk(outside, key, offsets):  # the last probe can use the tensors themselves if no move follows it
             views.append(masters if r == n_probes - 1 and ends_on_probe else [m.clone() for m in masters])
+            rounded.append({i: v.to(self._compute[i].dtype) for (i, _), v in zip(outside, views[-1]) if i in self._compute})
 
-        def show(r: int) -> None:
+        def show(r: int) -> None:  # (at every block: made once a probe above)
             for (i, p), v in zip(outside, views[r]):
-                if i in self._compute:  # a 16-bit model tensor reads its master's rounding
-                    self._compute[i].data = v.to(self._compute[i].dtype)
+                if i in rounded[r]:
+                    self._compute[i].data = rounded[r][i]
                 else:
                     p.data = v
 
