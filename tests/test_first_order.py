@@ -13,7 +13,7 @@ def test_first_order_reference_learns_the_tiny_task_through_the_frozen_prefix(ti
             "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=20", "run.device=cpu"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["steps"] == 40 and [s for s, _ in result["dev"]] == [0, 20, 40]
+    assert result["steps"] == 40 and result["metric"] == "accuracy" and [s for s, _ in result["dev"]] == [0, 20, 40]
     assert result["final_train_loss"] < 0.5  # log 2 = 0.69 at chance: it fits the training batches
 
 

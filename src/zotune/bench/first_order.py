@@ -54,7 +54,8 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     eval_size = run_cfg.eval_batch_size
 
     before = evaluate(model, task, task.test, eval_size, device, "zero-shot test")
-    dev = [(0, evaluate(model, task, task.dev, eval_size, device, "dev")["accuracy"])] if task.dev else []
+    metric = before["metric"]  # the task's own (accuracy, F1, exact match)
+    dev = [(0, evaluate(model, task, task.dev, eval_size, device, "dev")[metric])] if task.dev else []
     order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed,
                      task.lengths(task.train) if run_cfg.group_by_length else None)
     collated: dict[int, object] = {}
@@ -75,14 +76,14 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if task.dev and run_cfg.eval_every and step % run_cfg.eval_every == 0:
-            dev.append((step, evaluate(model, task, task.dev, eval_size, device, "dev")["accuracy"]))
+            dev.append((step, evaluate(model, task, task.dev, eval_size, device, "dev")[metric]))
     train_seconds = time.perf_counter() - train_started
     after = evaluate(model, task, task.test, eval_size, device, "fine-tuned test")
     result = {"method": "adamw (backprop)", "lr": lr, "steps": run_cfg.steps, "trainable": model_cfg.trainable,
               "task": task.describe(),
-              "test_before": before["accuracy"], "test_after": after["accuracy"], "test_loss_after": after["loss"],
+              "metric": metric, "test_before": before[metric], "test_after": after[metric], "test_loss_after": after["loss"],
               "dev": dev, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
               "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - started, 1)}
-    log(f"test accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} (loss {after['loss']:.4f}); dev "
+    log(f"test {metric} {before[metric]:.3f} -> {after[metric]:.3f} (loss {after['loss']:.4f}); dev "
         + ", ".join(f"{a:.3f}" for _, a in dev) + f"; {train_seconds:.0f}s of training")
     return result
