@@ -18,7 +18,8 @@ import pytest
 
 from zotune.cli import main
 
-FAST = ["run.eval_every=0", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu", "run.steps=2"]
+FAST = ["run.eval_every=0", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu", "run.steps=2",
+        "model.trainable=last-blocks:2"]
 VERB = "task.verbalizer={pos: great, neg: terrible}"
 
 

@@ -13,7 +13,8 @@ import yaml
 
 from zotune.cli import main
 
-FAST = ["run.eval_every=2", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu"]
+FAST = ["run.eval_every=2", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu",
+        "model.trainable=last-blocks:2"]  # blocks train (the default trains the final norm alone)
 
 
 def write_csv(path, rows, header="text,label"):
@@ -60,6 +61,30 @@ def test_yaml_config_then_overrides_then_flags(tiny_model_dir, data_file, tmp_pa
     assert main(train_args(tiny_model_dir, data_file, out, "--config", str(cfg), "run.steps=2", "--lr", "1e-3")) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["method"]["lr"], config["method"]["eps"], config["run"]["steps"]) == (1e-3, 0.01, 2)
+
+
+def test_the_method_and_run_defaults_follow_what_trains(tmp_path):
+    """The default job is the measured probe recipe (docs/compare.md); naming blocks, an adapter or
+    another method never inherits its lr of 0.2, which would wreck 7M block values."""
+    from zotune.train import resolve_configs
+
+    def defaults(*overrides, config=None):
+        cfgs = resolve_configs(config, overrides)
+        method, run = cfgs["method"], cfgs["run"]
+        return cfgs["model"].trainable, method.name, method.lr, run.steps, run.batch_size, run.eval_every
+
+    probe = ("final-norm", "zosgd", 0.2, 3600, 64, 1800)
+    assert defaults() == defaults("model.trainable=final-norm") == probe
+    assert resolve_configs()["task"].template == "Review: {text}\nSentiment:"
+    assert defaults("model.trainable=last-blocks:2") == ("last-blocks:2", "lozo", 2.5e-4, 1200, 16, 300)
+    assert defaults("model.trainable=all")[1:] == ("lozo", 2.5e-4, 1200, 16, 300)
+    assert defaults("adapter.kind=lora")[1:] == ("lozo", 2.5e-4, 1200, 16, 300)  # LoRA's tensors train
+    assert defaults("method.name=fzoo") == ("final-norm", "fzoo", 1e-2, 3600, 64, 1800)  # fzoo's own lr
+    assert defaults("method.name=zosgd", "run.steps=10", "method.lr=0.1") == ("final-norm", "zosgd", 0.1, 10, 64, 1800)
+    cfg = tmp_path / "blocks.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"trainable": "last-blocks:1"}}))
+    assert defaults(config=cfg)[1:3] == ("lozo", 2.5e-4)
+    assert defaults("model.trainable=final-norm", config=cfg) == probe  # the command line decides
 
 
 def error_of(args, capsys):

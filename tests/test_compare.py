@@ -7,7 +7,7 @@ from zotune.cli import main
 
 def shared(model, data):
     return [f"model.name={model}", f"task.data={data}", "run.batch_size=4", "task.n_dev=4", "task.n_test=8",
-            "run.device=cpu", "task.verbalizer={pos: great, neg: terrible}"]
+            "run.device=cpu", "task.verbalizer={pos: great, neg: terrible}", "model.trainable=last-blocks:2"]
 
 
 def test_compare_gives_every_run_the_same_forward_budget(tiny_model_dir, data_file, tmp_path):

@@ -21,9 +21,10 @@ def test_task_files_resolve(path):
     assert resolve_configs(None, task=str(path))["task"].data
 
 
-def test_the_probe_recipe_is_what_docs_compare_measured():
-    cfgs = resolve_configs(EXAMPLES / "rotten_tomatoes_probe.yaml")
-    assert cfgs["model"].trainable == "final-norm"
-    assert cfgs["task"].template == "Review: {text}\nSentiment:"
-    assert cfgs["task"].verbalizer == {"fresh": "positive", "rotten": "negative"}
-    assert (cfgs["method"].name, cfgs["method"].lr, cfgs["run"].batch_size, cfgs["run"].steps) == ("zosgd", 0.2, 64, 3600)
+def test_the_blocks_example_is_the_former_default_job():
+    """docs/compare.md's block-training figures (0.720 / 0.714 / 0.702) were measured with these settings."""
+    cfgs = resolve_configs(EXAMPLES / "rotten_tomatoes_blocks.yaml")
+    assert cfgs["model"].trainable == "last-blocks:2"
+    assert (cfgs["task"].template, cfgs["task"].verbalizer) == ("{text} It was", {"fresh": "great", "rotten": "terrible"})
+    method, run = cfgs["method"], cfgs["run"]
+    assert (method.name, method.lr, method.rank, method.interval, run.batch_size, run.steps) == ("lozo", 2.5e-4, 2, 50, 16, 1200)

@@ -15,7 +15,8 @@ from zotune.schedule import lr_factor
 
 COMMON = ["run.batch_size=4", "task.n_dev=8", "task.n_test=8", "run.eval_every=2", "run.device=cpu",
           "--lr", "5e-2", "task.verbalizer={pos: great, neg: terrible}",
-          "--method", "zosgd"]  # lr and tolerances calibrated for ZO-SGD, which these tests are not about
+          "--method", "zosgd",  # lr and tolerances calibrated for ZO-SGD, which these tests are not about
+          "model.trainable=last-blocks:2"]
 
 
 def train(model, data, out, *extra, steps=10):

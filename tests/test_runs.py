@@ -21,7 +21,7 @@ RECORD_START, RECORD = len(LOG_MAGIC), 42  # steps.log format 2: the magic, then
 
 STEPS = 24
 OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=5", "run.snapshot_every=7",
-           "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}"]
+           "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", "model.trainable=last-blocks:2"]
 
 
 def args(model_dir, data, out, steps=STEPS):

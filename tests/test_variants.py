@@ -365,7 +365,7 @@ def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model
         return ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps",
                 str(steps), "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=0",
                 "run.snapshot_every=2", "run.device=cpu", "--lr", "1e-3",
-                "task.verbalizer={pos: great, neg: terrible}", *method]
+                "task.verbalizer={pos: great, neg: terrible}", "model.trainable=last-blocks:2", *method]
     assert main(args(tmp_path / "whole", 6)) == 0
     assert main(args(tmp_path / "parts", 3)) == 0
     assert main(["resume", str(tmp_path / "parts"), "run.steps=6"]) == 0

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each --run is METHOD [section.key=value ...]; the trailing section.key=value "
                                    "options apply to every run (task, model, run).")
     c.add_argument("--run", action="append", default=[], metavar="'METHOD [key=value ...]'")
-    c.add_argument("--forwards", type=int, default=2400, help="forward passes per run (default: the demo's 2,400)")
+    c.add_argument("--forwards", type=int, default=7200, help="forward passes per run (default: the demo's 7,200)")
     c.add_argument("--evals", type=int, default=4, help="dev evaluations per run, at the same forward counts")
     c.add_argument("--out", default="runs/compare", help="a new folder for the runs, table and plot")
     c.add_argument("--seeds", default="0", help="run.seed of each repeat, e.g. 0,1,2: the table gives mean ± spread")

@@ -43,13 +43,15 @@ class ModelConfig:
     """Which model to load and which of its parameters train.
 
     name: a built-in name (`smollm2-135m-instruct`), a local folder, a hub name, or a `.gguf` file.
-    trainable: which parameters the optimizer sees (see `select_trainable`).
+    trainable: which parameters the optimizer sees (see `select_trainable`). The default, the final
+        norm, is a linear probe of the last hidden state; `last-blocks:2` trains transformer blocks
+        (the defaults of the method and the run follow it: `zotune.train.TRAINABLE_DEFAULTS`).
     """
 
     name: str = DEFAULT_MODEL
     gguf_file: str | None = None
     dtype: str = "float32"
-    trainable: str = "last-blocks:2"
+    trainable: str = "final-norm"
     blocks_path: str | None = None
     cache_dir: str | None = None
     quantize: str = "none"  # int8 / int4: the frozen block linears held in 8 or 4 bits (zotune.quant); trainable=scales tunes their scales

@@ -41,9 +41,32 @@ SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, 
 # Settings whose default changed, with the value a run folder that does not name them was trained with.
 _EARLIER_DEFAULTS = {"run": {"group_by_length": False}, "method": {"distribution": "gaussian"}}
 
+# Defaults that depend on what trains, as data (measured on the default task, docs/compare.md). The
+# final norm alone is a linear probe of the last hidden state: a few hundred values that train at
+# ZO-SGD lr 0.2 (the blocks at LOZO's 2.5e-4), in steps of 0.02 s since every block is frozen and
+# cached, so it takes more steps on larger batches. Anything else (blocks, LoRA, prefixes, scales)
+# keeps the section defaults: LOZO, 1,200 steps of 16.
+# The method part holds only when no other method is named: another method keeps its own lr.
+TRAINABLE_DEFAULTS = {
+    "final-norm": {"method": {"name": "zosgd", "lr": 0.2}, "run": {"steps": 3600, "batch_size": 64, "eval_every": 1800}},
+}
+
+
+def trainable_defaults(values: dict) -> dict:
+    """The `TRAINABLE_DEFAULTS` layer for merged user `values` ({} when none applies)."""
+    trainable = values.get("model", {}).get("trainable", ModelConfig.trainable)
+    if values.get("adapter", {}).get("kind", "none") != "none" or not isinstance(trainable, str):
+        return {}  # an adapter's tensors train, whatever model.trainable says
+    layer = TRAINABLE_DEFAULTS.get(trainable, {})
+    named = values.get("method", {}).get("name")
+    if named is not None and named != layer.get("method", {}).get("name", named):
+        layer = {section: options for section, options in layer.items() if section != "method"}
+    return layer
+
 
 def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False, task: str | None = None) -> dict:
-    """Defaults < YAML file < `task` < key=value overrides < flags; every section validated before step 0.
+    """Defaults < `TRAINABLE_DEFAULTS` < YAML file < `task` < key=value overrides < flags; every section
+    validated before step 0.
 
     `task` is a suite task's name (`task.name`) or a task file (YAML or Python, `load_task_file`); it
     replaces the task section of `config_file`.
@@ -60,6 +83,8 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
     if "task" in command_line:
         command_line["task"] = command_line_escapes(command_line["task"])
     values = merge(*layers, command_line)
+    if not run_folder:  # a run folder names every option it was trained with
+        values = merge(trainable_defaults(values), values)
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")

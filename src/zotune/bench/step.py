@@ -112,13 +112,16 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
 
 
 def run_task_bench(repeats: int = 5, log=print) -> dict:
-    """The default task on SmolLM2: a ZO step / two plain forwards of the same classification head,
-    with the frozen prefix recomputed every step and kept across epochs, and tokens per second."""
+    """Training blocks on Rotten Tomatoes with SmolLM2 (`examples/rotten_tomatoes_blocks.yaml`: the
+    last 2 blocks, MeZO's prompt, as measured in docs/performance.md): a ZO step / two plain forwards
+    of the same classification head, with the frozen prefix recomputed every step and kept across
+    epochs, and tokens per second."""
     from zotune.models import ModelConfig, load_model, select_trainable
     from zotune.prefix import FrozenPrefix
     from zotune.tasks import TaskConfig, make_task
 
-    model_cfg, task_cfg = ModelConfig(), TaskConfig()
+    model_cfg = ModelConfig(trainable="last-blocks:2")
+    task_cfg = TaskConfig(data="rotten_tomatoes", template="{text} It was", verbalizer={"fresh": "great", "rotten": "terrible"})
     model, tokenizer = load_model(model_cfg, log=lambda *a: None)
     task = make_task(task_cfg, tokenizer)
     params = [p for _, p in select_trainable(model, model_cfg.trainable)]
@@ -161,7 +164,7 @@ def run_task_bench(repeats: int = 5, log=print) -> dict:
         result[f"task_{name}_ratio"] = round(med[name] / med["two_forwards"], 3)
     result["train_tokens_per_s"] = round(tokens / med["step_kept"], 1)
     result["eval_tokens_per_s"] = round(eval_tokens / eval_seconds, 1)
-    log(f"\nSmolLM2-135M, default task: batch of 16 prompts ({tokens} tokens), last 2 blocks + final norm trainable")
+    log(f"\nSmolLM2-135M, Rotten Tomatoes: batch of 16 prompts ({tokens} tokens), last 2 blocks + final norm trainable")
     log(f"{'':34}{'seconds (median)':>17}{'/ two forwards':>16}")
     log(f"{'two plain forwards':34}{med['two_forwards']:>17.3f}")
     for name, text in (("step_full", "step, two full forwards"), ("step_recomputed", "step, prefix once per step"),

@@ -190,7 +190,8 @@ METHODS = {
 
 
 # The method of `zotune train` when none is named: LOZO, chosen from side-by-side measurements on two
-# data sets at the same forward passes (docs/compare.md). Runs record their method in config.yaml.
+# data sets at the same forward passes (docs/compare.md); the final norm alone, the default trainable,
+# takes ZO-SGD instead (`zotune.train.TRAINABLE_DEFAULTS`). Runs record their method in config.yaml.
 DEFAULT_METHOD = "lozo"
 
 

@@ -57,8 +57,8 @@ _HERE = "zotune.tasks.suite"
 
 SUITE: dict[str, dict] = {
     # The built-in data sets (offline)
-    "rotten_tomatoes": {"data": "rotten_tomatoes", "template": "{text} It was",
-                        "verbalizer": {"fresh": "great", "rotten": "terrible"}},
+    "rotten_tomatoes": {"data": "rotten_tomatoes", "template": "Review: {text}\nSentiment:",  # chosen on dev (docs/tasks.md)
+                        "verbalizer": {"fresh": "positive", "rotten": "negative"}},
     "bbc_news": {"data": "bbc_news", "template": "{text}\nTopic:",
                  "verbalizer": {"business": "business", "entertainment": "entertainment", "politics": "politics",
                                 "sports": "sport", "tech": "technology"}},
