@@ -73,14 +73,15 @@ def test_the_method_and_run_defaults_follow_what_trains(tmp_path):
         method, run = cfgs["method"], cfgs["run"]
         return cfgs["model"].trainable, method.name, method.lr, run.steps, run.batch_size, run.eval_every
 
-    probe = ("final-norm", "zosgd", 0.2, 3600, 64, 1800)
+    probe = ("final-norm", "fzoo", 0.2, 800, 64, 400)
     assert defaults() == defaults("model.trainable=final-norm") == probe
     assert resolve_configs()["task"].template == "Review: {text}\nSentiment:"
     assert defaults("model.trainable=last-blocks:2") == ("last-blocks:2", "lozo", 2.5e-4, 1200, 16, 300)
     assert defaults("model.trainable=all")[1:] == ("lozo", 2.5e-4, 1200, 16, 300)
     assert defaults("adapter.kind=lora")[1:] == ("lozo", 2.5e-4, 1200, 16, 300)  # LoRA's tensors train
-    assert defaults("method.name=fzoo") == ("final-norm", "fzoo", 1e-2, 3600, 64, 1800)  # fzoo's own lr
-    assert defaults("method.name=zosgd", "run.steps=10", "method.lr=0.1") == ("final-norm", "zosgd", 0.1, 10, 64, 1800)
+    assert defaults("method.name=zosgd") == ("final-norm", "zosgd", 0.2, 800, 64, 400)  # measured on the probe too
+    assert defaults("method.name=zoadam")[1:3] == ("zoadam", 5e-4)  # not measured there: its own lr
+    assert defaults("run.steps=10", "method.lr=0.1") == ("final-norm", "fzoo", 0.1, 10, 64, 400)
     cfg = tmp_path / "blocks.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"trainable": "last-blocks:1"}}))
     assert defaults(config=cfg)[1:3] == ("lozo", 2.5e-4)

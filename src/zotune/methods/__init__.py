@@ -123,7 +123,8 @@ class SparseConfig(MethodConfig):
 @dataclass
 class FZOOConfig(MethodConfig):
     """FZOO's defaults: 8 one-sided Rademacher directions (the authors' N); lr 1e-2, the better of the
-    two measured on the default task (docs/compare.md)."""
+    two measured on the last 2 blocks (docs/compare.md). On the final norm alone it takes lr 0.2
+    (`zotune.train.TRAINABLE_DEFAULTS`)."""
 
     lr: float = 1e-2
     n_directions: int = 8
@@ -191,7 +192,7 @@ METHODS = {
 
 # The method of `zotune train` when none is named: LOZO, chosen from side-by-side measurements on two
 # data sets at the same forward passes (docs/compare.md); the final norm alone, the default trainable,
-# takes ZO-SGD instead (`zotune.train.TRAINABLE_DEFAULTS`). Runs record their method in config.yaml.
+# takes FZOO instead (`zotune.train.TRAINABLE_DEFAULTS`). Runs record their method in config.yaml.
 DEFAULT_METHOD = "lozo"
 
 
