@@ -43,8 +43,8 @@ _EARLIER_DEFAULTS = {"run": {"group_by_length": False}, "method": {"distribution
 
 # Defaults that depend on what trains, as data (measured on the default task, docs/compare.md). The
 # final norm alone is a linear probe of the last hidden state: a few hundred values that train at lr
-# 0.2 (the blocks at LOZO's 2.5e-4; ZO-SGD on them diverged at 3e-3), in steps of 0.02 s a forward
-# since every block is frozen and cached, so larger batches cost little. FZOO reached 0.797 there
+# 0.2 (the blocks at LOZO's 2.5e-4; ZO-SGD on them diverged at 3e-3), in cheap steps since every
+# block is frozen and its output kept, so larger batches cost little. FZOO reached 0.797 there
 # (mean of 3 seeds) where ZO-SGD reached 0.785 at the same 7,200 forwards. Anything else (blocks,
 # LoRA, prefixes, scales) keeps the section defaults: LOZO, 1,200 steps of 16. A method named by the
 # user takes the lr measured for it here, or else its own default.
@@ -63,7 +63,8 @@ def trainable_defaults(values: dict) -> dict:
     if entry is None:
         return {}
     name = values.get("method", {}).get("name", entry["method"])
-    method = {"name": name, **({"lr": entry["lr"][name]} if name in entry["lr"] else {})}
+    measured = isinstance(name, str) and name in entry["lr"]  # (a bad name is refused by MethodConfig)
+    method = {"name": name, **({"lr": entry["lr"][name]} if measured else {})}
     return {"method": method, "run": dict(entry["run"])}
 
 
