@@ -64,8 +64,9 @@ def test_yaml_config_then_overrides_then_flags(tiny_model_dir, data_file, tmp_pa
 
 
 def test_the_method_and_run_defaults_follow_what_trains(tmp_path):
-    """The default job is the measured probe recipe (docs/compare.md); naming blocks, an adapter or
-    another method never inherits its lr of 0.2, which would wreck 7M block values."""
+    """The default job is the measured probe recipe (docs/compare.md); naming blocks or an adapter
+    never inherits its lr of 0.2, which would wreck 7M block values, and a method not measured on
+    the final norm keeps its own lr."""
     from zotune.train import resolve_configs
 
     def defaults(*overrides, config=None):
