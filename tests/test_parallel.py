@@ -35,14 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n, argv, log_dir):
+def launch(n, argv, log_dir, entry=("-m", "zotune")):
     port = free_port()
     procs = []
     for rank in range(n):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TQDM_DISABLE": "1"}
         out = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "zotune", *argv], env=env, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, *entry, *argv], env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
 

@@ -81,7 +81,7 @@ def test_disk_tier_run_equals_resident_run_and_resumes_exactly(resident, tiny_mo
     # (never all blocks in memory: one shard per block, read from the tier one at a time).
     from transformers import AutoModelForCausalLM
 
-    import zotune.stream.tiers as tiers
+    import zotune.stream.disk as tiers
     import zotune.train as train_module
     live, most, read = [0], [0], tiers.DiskTier.read
 

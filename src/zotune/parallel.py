@@ -158,11 +158,76 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sliced_reads(self) -> SlicedReads:
+        """A reader of byte ranges that reads 1/W of them on each rank (collective: every rank calls it)."""
+        return SlicedReads(self)
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
         # NCCL's barrier must be told this rank's GPU, or it guesses one from the rank (GPU 0 for all, at worst)
         dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+
+
+class SlicedReads:
+    """Reads a list of byte ranges across ranks: each rank reads 1/W of the bytes, then all-gather.
+
+    Runs in the engine's transfer thread, on its own gloo group, so its collectives never interleave
+    with the main thread's; every rank fetches the same blocks in the same order. `read_into(file,
+    destination bytes, offset)` is the tier's own reader.
+    """
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self.rank, self.world = group.rank, group.world
+        self.pg = dist.new_group(backend="gloo")  # collective: every rank creates it at the same point
+
+    @staticmethod
+    def _pieces(reads, lo: int, hi: int):
+        """(file, file offset, destination slice) for the bytes [lo, hi) of the reads laid end to end."""
+        at = 0
+        for f, offset, dest in reads:
+            n = dest.numel()
+            a, b = max(lo, at), min(hi, at + n)
+            if a < b:
+                yield f, offset + a - at, dest[a - at: b - at]
+            at += n
+
+    def read(self, reads, read_into) -> None:
+        import torch.distributed as dist
+
+        total = sum(dest.numel() for *_, dest in reads)
+        chunk = -(-total // self.world)
+        bounds = [(q * chunk, min((q + 1) * chunk, total)) for q in range(self.world)]
+        lo, hi = bounds[self.rank]
+        mine = torch.zeros(chunk, dtype=torch.uint8)
+        at = 0
+        for f, offset, dest in self._pieces(reads, lo, hi):
+            read_into(f, dest, offset)
+            mine[at: at + dest.numel()] = dest
+            at += dest.numel()
+        gathered = [torch.empty(chunk, dtype=torch.uint8) for _ in range(self.world)]
+        try:
+            dist.all_gather(gathered, mine, group=self.pg)
+        except Exception as e:  # noqa: BLE001 -- as in Group._all_reduce
+            raise DivergedError(f"rank {self.rank}: a sliced read failed ({str(e).splitlines()[0][:200]}); another "
+                                f"rank stopped") from None
+        for q, (a, b) in enumerate(bounds):
+            if q == self.rank:
+                continue
+            at = 0
+            for _, _, dest in self._pieces(reads, a, b):
+                dest.copy_(gathered[q][at: at + dest.numel()])
+                at += dest.numel()
 
 
 def weights_digest(tensors) -> bytes:

@@ -258,7 +258,7 @@ class Session:
                 if group is not None:
                     group.barrier()
                     if writer:
-                        self.engine.share_reads(group)
+                        self.engine.join(group)
                     else:
                         self.model, self.engine = load_streamed(self.stream_cfg.dir, device, model_cfg.dtype,
                                                                 self.stream_cfg.prefetch, group, log)
@@ -305,7 +305,7 @@ class Session:
 
     def _snapshot_params(self) -> list[torch.Tensor]:
         """What a snapshot holds: every trained tensor, or with a disk tier those outside the blocks."""
-        if self.engine is not None and self.engine.tier.kind == "disk":
+        if self.engine is not None and self.engine.tier.durable:
             return [p for _, p in self.engine.outside]
         return self.trained
 
@@ -378,7 +378,7 @@ class Session:
             self.masters.sync()
 
     def snapshot(self, step: int) -> None:
-        if self.engine is not None and self.engine.tier.kind == "cpu":
+        if self.engine is not None and not self.engine.tier.durable:
             self.run.write_snapshot(step, self.engine.trained_values())
             return
         if self.engine is not None:
@@ -719,7 +719,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
             log(problem)
         records = kept_records(run, cfgs, records, log)
         session.restore(records, use_snapshots=use_snapshots)
-        if session.engine is not None and session.engine.tier.kind == "disk":
+        if session.engine is not None and session.engine.tier.durable:
             if cfgs["adapter"].kind == "none":  # block by block: a model larger than RAM exports
                 export_streamed(session.model, session.engine, out_path, log)
             else:  # PEFT writes the adapter alone (on this tier its tensors live outside the blocks)

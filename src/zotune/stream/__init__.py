@@ -9,12 +9,14 @@ A disk-tier folder is made once (`prepare_folder`, or `zotune stream prepare`) a
 """
 
 from zotune.precision import Precision
-from zotune.stream.engine import (StreamConfig, StreamEngine, keeps_state, refuse_unstreamable, stream_,
-                                  unstream_)
+from zotune.stream.api import StreamConfig, stream_, unstream_
+from zotune.stream.carry import keeps_state
+from zotune.stream.disk import DiskTier
+from zotune.stream.engine import StreamEngine, refuse_unstreamable
 from zotune.stream.folder import export_streamed, is_stream_folder, load_streamed, prepare_folder, write_folder
-from zotune.stream.tiers import DiskTier, RamTier
+from zotune.stream.ram import RamTier
+from zotune.stream.tier import BlockState, Tier
 
-__all__ = ["DiskTier", "Precision", "RamTier", "StreamConfig", "StreamEngine", "export_streamed", "is_stream_folder",
-           "keeps_state",
-           "load_streamed",
-           "prepare_folder", "refuse_unstreamable", "stream_", "unstream_", "write_folder"]
+__all__ = ["BlockState", "DiskTier", "Precision", "RamTier", "StreamConfig", "StreamEngine", "Tier", "export_streamed",
+           "is_stream_folder", "keeps_state", "load_streamed", "prepare_folder", "refuse_unstreamable", "stream_",
+           "unstream_", "write_folder"]

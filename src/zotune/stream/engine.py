@@ -26,8 +26,6 @@ released after use. `flush()` brings every block up to date: before a checkpoint
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -38,36 +36,11 @@ from torch import nn
 
 from zotune.config import ConfigError
 from zotune.methods.zosgd import StepKey
-from zotune.models import DTYPES, find_block_list
 from zotune.precision import Precision
-from zotune.stream.tiers import BlockState, DiskTier, RamTier
-
-TIERS = ("none", "cpu", "disk")
-
-
-@dataclass
-class StreamConfig:
-    """Where the blocks live and how they travel.
-
-    tier: `none` (resident), `cpu` (host memory) or `disk` (a stream folder, `dir`); storage_dtype: how frozen block
-    tensors are stored (default: the model's dtype; trained ones are always kept as float32
-    masters); prefetch: how many blocks are fetched ahead of the one computing.
-    """
-
-    tier: str = "none"
-    dir: str | None = None
-    storage_dtype: str | None = None
-    prefetch: int = 1
-
-    def __post_init__(self):
-        if self.tier not in TIERS:
-            raise ConfigError(f"stream.tier={self.tier!r} is not known; use one of {', '.join(TIERS)}")
-        if self.tier == "disk" and not self.dir:
-            raise ConfigError("stream.tier=disk needs stream.dir=<folder for the block files> (--offload-dir)")
-        if self.storage_dtype is not None and self.storage_dtype not in DTYPES:
-            raise ConfigError(f"stream.storage_dtype={self.storage_dtype!r}; use one of {', '.join(DTYPES)}")
-        if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
-            raise ConfigError(f"stream.prefetch={self.prefetch} must be an integer >= 1")
+from zotune.stream.carry import Carry, flat_state, unflat_state
+from zotune.stream.lockstep import Lockstep
+from zotune.stream.tier import BlockState, Tier
+from zotune.stream.transfers import Accelerator, Pool, Transfers, Worker, hollow
 
 
 def refuse_unstreamable(method: type) -> None:
@@ -75,177 +48,6 @@ def refuse_unstreamable(method: type) -> None:
     if not getattr(method, "streamable", True):
         raise ConfigError(f"{method.__name__} cannot be streamed: {method.why_not_streamable}; stream any other "
                           f"method, or train it resident")
-
-
-def keeps_state(opt) -> bool:
-    """Whether `opt` keeps per-tensor state that must travel with a streamed block."""
-    return bool(opt.state_floats() or getattr(opt, "replays_from_base", False))
-
-
-def _moved(state: dict, device: torch.device) -> dict:
-    """An optimizer state dict with its tensors on `device` (the same tensors when already there)."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
-
-
-def _hollow(p: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """A stand-in with p's shape and dtype and one element of storage (on `device`, default p's), for
-    a block that is away: nothing of p is copied to build it."""
-    return torch.zeros((), dtype=p.dtype, device=device or p.device).expand(p.shape)
-
-
-def _flat_state(opt_state: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """The tensors of a block's optimizer state as `<tensor name>::<key>` (the disk tier's keys)."""
-    return {f"{n}::{k}": v for n, entries in opt_state.items() for k, v in entries.items() if torch.is_tensor(v)}
-
-
-def _unflat_state(opt_state: dict[str, dict], moved: dict[str, torch.Tensor]) -> dict[str, dict]:
-    return {n: {k: moved.get(f"{n}::{k}", v) for k, v in entries.items()} for n, entries in opt_state.items()}
-
-
-class _Abort(BaseException):
-    """Raised in a probe thread at a block entry when the step is being abandoned."""
-
-
-class _Worker:
-    """One background thread running transfer jobs in order, with a bounded queue (back-pressure)."""
-
-    def __init__(self, depth: int):
-        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="zotune-stream", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, fut = job
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 -- handed to whoever waits on the future
-                fut.set_exception(e)
-
-    def submit(self, fn: Callable) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fn, fut))
-        return fut
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
-class Accelerator:
-    """The device-generic calls the engine makes on an accelerator (`torch.cuda`, `torch.xpu`, ...).
-
-    A side stream, events, asynchronous copies and `record_stream`: the calls of torchao's CPU
-    offload, in one place, so that tests can put a fake in their place whose copies land only when
-    waited for (`tests/fake_accelerator.py`). `for_device` returns None on the CPU and on a device
-    without streams (MPS): the copies are then plain and synchronous.
-    """
-
-    pins = True  # host buffers are page-locked, so copies from them run asynchronously
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.module = getattr(torch, device.type)
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> Accelerator | None:
-        module = getattr(torch, device.type, None) if device.type != "cpu" else None
-        return cls(device) if module is not None and hasattr(module, "Stream") else None
-
-    def new_stream(self):
-        return self.module.Stream(self.device)
-
-    def using(self, stream):
-        return self.module.stream(stream)
-
-    def current_stream(self):
-        return self.module.current_stream(self.device)
-
-    def copy(self, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(device, dtype, non_blocking=True)
-
-    def copy_into(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src, non_blocking=True)
-
-    def record_stream(self, t: torch.Tensor, stream) -> None:
-        t.record_stream(stream)
-
-
-class _Transfers:
-    """Host <-> device copies: on a side stream with events through an `Accelerator`, plain without one."""
-
-    def __init__(self, device: torch.device, accel: Accelerator | None = None):
-        self.device = device
-        self.accel = accel if accel is not None else Accelerator.for_device(device)
-        self.stream = self.accel.new_stream() if self.accel is not None else None
-
-    def to_device(self, host: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]):
-        """(device tensors, event or None); a tensor already right (CPU, same dtype) is used as is."""
-        if self.accel is None:
-            return {n: t.to(self.device, dtypes[n]) for n, t in host.items()}, None
-        with self.accel.using(self.stream):
-            out = {n: self.accel.copy(t, self.device, dtypes[n]) for n, t in host.items()}
-            event = self.stream.record_event()
-        return out, event
-
-    def wait(self, event, tensors: dict[str, torch.Tensor]) -> None:
-        """Make the compute stream wait for a transfer (no host sync) and own its tensors."""
-        if event is not None:
-            compute = self.accel.current_stream()
-            compute.wait_event(event)
-            for t in tensors.values():  # allocated on the side stream, freed after use on the compute stream
-                self.accel.record_stream(t, compute)
-
-    def mark_compute(self):
-        """An event on the compute stream: a write-back copy must not start before it."""
-        return self.accel.current_stream().record_event() if self.accel is not None else None
-
-    def to_host(self, tensors: dict[str, torch.Tensor], after, into: dict[str, torch.Tensor] | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Device tensors in host memory, once copied: into `into[name]` where given (the tier's own
-        storage: one copy, not two), else into new host tensors."""
-        if self.accel is None:  # the tier copies them into place itself, when they are not its own storage
-            return {n: t.cpu() for n, t in tensors.items()}
-        into = into or {}
-        self.stream.wait_event(after)
-        out = {}
-        with self.accel.using(self.stream):
-            for n, t in tensors.items():
-                self.accel.record_stream(t, self.stream)  # the caching allocator must not reuse t before the copy ends
-                if n in into:
-                    self.accel.copy_into(into[n], t)
-                    out[n] = into[n]
-                else:
-                    out[n] = self.accel.copy(t, torch.device("cpu"), t.dtype)
-            done = self.stream.record_event()
-        done.synchronize()
-        return out
-
-
-class _Pool:
-    """Reused host buffers by size (page-locked for an accelerator), so reads never reallocate."""
-
-    def __init__(self, pin: bool):
-        self.pin = pin
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-
-    def give(self, buf: torch.Tensor | None) -> None:
-        if buf is not None:
-            with self._lock:
-                self._free.setdefault(buf.numel(), []).append(buf)
 
 
 @dataclass
@@ -260,7 +62,7 @@ class _Resident:
 class StreamEngine:
     """Streams a model's blocks; see the module docstring. Made by `stream_`, undone by `unstream_`."""
 
-    def __init__(self, model: nn.Module, tier, layers: nn.ModuleList, device: torch.device,
+    def __init__(self, model: nn.Module, tier: Tier, layers: nn.ModuleList, device: torch.device,
                  precision: Precision, prefetch: int = 1, log=print, accelerator: Accelerator | None = None):
         self.model, self.tier, self.layers, self.device = model, tier, layers, torch.device(device)
         self.precision, self.prefetch, self.log = precision, prefetch, log
@@ -269,19 +71,18 @@ class StreamEngine:
         self.version = 0  # steps completed: a settled block has had this many updates
         self.history: dict[int, object] = {}  # step index -> StepRecord, for blocks still to settle
         self._opt = None
-        self._host_state: dict[int, dict] = {}  # tensor index -> its optimizer state while its block is away
-        self._state_on_disk = False  # the disk tier holds the state of an optimizer that keeps one
         self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
+        self._carry = Carry(tier, self._trainable)  # the optimizer state of blocks that are away
         self.outside: list[tuple[int, torch.Tensor]] = []  # trained tensors that stay on the device (or their masters)
         self._compute: dict[int, nn.Parameter] = {}  # index -> the 16-bit model tensor of an outside master
         self._resident: dict[int, _Resident] = {}
         self._fetches: dict[int, Future] = {}
         self._writes: list[Future] = []
-        self._transfers = _Transfers(self.device, accelerator)
-        self._pool = _Pool(pin=self._transfers.accel is not None and self._transfers.accel.pins)
-        self._worker = _Worker(depth=2 * prefetch + 2)
+        self._transfers = Transfers(self.device, accelerator)
+        self._pool = Pool(pin=self._transfers.accel is not None and self._transfers.accel.pins)
+        self._worker = Worker(depth=2 * prefetch + 2)
         self._probe = threading.local()  # .lockstep and .r in a probe thread
-        self._step: _Lockstep | None = None
+        self._step: Lockstep | None = None
         self._hooks = []
         last = len(layers) - 1
         for j, block in enumerate(layers):
@@ -302,19 +103,15 @@ class StreamEngine:
         refuse_unstreamable(type(opt))
         index = {id(p): i for i, p in opt.indexed()}
         in_blocks = set()
-        group = getattr(opt, "group", None)
-        creates = group is None or group.is_main or not isinstance(self.tier, DiskTier)  # one writer per folder
         for j, named in enumerate(self.params):
             self._trainable[j] = [(index[id(p)], n) for n, p in named.items() if id(p) in index]
             in_blocks |= {id(p) for p in named.values()}
-            if self._trainable[j] and creates:
+            if self._trainable[j]:
                 self.tier.add_masters(j, [n for _, n in self._trainable[j]])
                 for i, n in self._trainable[j] if masters else ():
                     if i in masters:
                         self.tier.set_master(j, n, masters[i])
-        if group is not None and isinstance(self.tier, DiskTier):
-            group.barrier()
-            self.tier.reload_slots()
+        self.tier.sync_ranks()
         # Trained tensors outside the blocks stay on the device; a 16-bit one (a final norm, tied embeddings)
         # trains a float32 master there, as block tensors do on the tier, and the model reads its rounding.
         self.outside, self._compute = [], {}
@@ -327,22 +124,19 @@ class StreamEngine:
                 self._compute[i] = p
                 start = masters[i] if masters and i in masters else p.data
                 self.outside.append((i, start.detach().to(p.device, torch.float32, copy=True)))
-        for j in range(len(self.layers)):  # state the optimizer holds already (a resumed run)
-            if j not in self._resident:
-                self._state_away(j, opt)
+        self._carry.start(opt, self._resident)  # state the optimizer holds already (a resumed run)
         self.version = opt.steps
         self._opt = opt
-        self._state_on_disk = isinstance(self.tier, DiskTier) and keeps_state(opt)
         for j in list(self._fetches):  # fetched before the optimizer was known: without its state, fetch again
             _, _, keep, pooled, _ = self._fetches.pop(j).result()
             for buf in [*keep, *pooled]:
                 self._pool.give(buf)
 
-    def share_reads(self, group) -> None:
-        """With a process group and the disk tier, each rank reads its slice of every block and the
-        ranks all-gather the rest; otherwise (host memory, one process) every rank fetches whole blocks."""
-        if group is not None and group.world > 1 and isinstance(self.tier, DiskTier):
-            self.tier.share_reads(group)
+    def join(self, group) -> None:
+        """Serve the ranks of a process group (collective; nothing to do for one process): on the disk
+        tier one rank writes the folder and each reads its slice of every block (`DiskTier.join`)."""
+        if group is not None and group.world > 1:
+            self.tier.join(group)
 
     def restore(self, records: list) -> None:
         """Check the tier against a run's log and keep its records, so every block can catch up.
@@ -354,12 +148,11 @@ class StreamEngine:
         n = len(records)
         back = []
         for j, st in enumerate(self.states):
-            if st.perturbed >= n and hasattr(self.tier, "previous"):
-                prev = self.tier.previous(j)
-                if 0 <= prev.version <= n and prev.perturbed < n:
-                    self.tier.go_back(j)
-                    self.states[j] = prev
-                    back.append(j)
+            prev = self.tier.previous(j) if st.perturbed >= n else None
+            if prev is not None and 0 <= prev.version <= n and prev.perturbed < n:
+                self.tier.go_back(j)
+                self.states[j] = prev
+                back.append(j)
         if back:
             self.log(f"the run stopped inside step {n + 1}: blocks {back[0]}..{back[-1]} go back to their copies from "
                      f"before it, and step {n + 1} is taken again")
@@ -384,14 +177,11 @@ class StreamEngine:
         if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
             def fetch(j=j):  # in the worker: the block and its optimizer state, copied on the side stream
                 host, buffers = self.tier.read(j, self._pool)
-                if self._state_on_disk and self._trainable[j]:
-                    opt_state = {n: s for n, s in self.tier.read_opt_state(j).items()}
-                else:  # held in host memory while the block was away (its write-back came first: one worker)
-                    opt_state = {n: self._host_state.pop(i) for i, n in self._trainable[j] if i in self._host_state}
-                flat = _flat_state(opt_state)
+                opt_state = self._carry.fetch(j)
+                flat = flat_state(opt_state)
                 tensors, event = self._transfers.to_device(
                     {**host, **flat}, {**self._dtypes(j), **{k: v.dtype for k, v in flat.items()}})
-                opt_state = _unflat_state(opt_state, tensors)
+                opt_state = unflat_state(opt_state, tensors)
                 tensors = {n: tensors[n] for n in host}
                 if event is not None:  # the host buffer is free once the copy is done
                     event.synchronize()
@@ -407,16 +197,11 @@ class StreamEngine:
         tensors, event, keep, pooled, opt_state = self._fetches.pop(j).result()
         for buf in pooled:
             self._pool.give(buf)
-        self._transfers.wait(event, {**tensors, **_flat_state(opt_state)})
+        self._transfers.wait(event, {**tensors, **flat_state(opt_state)})
         res = _Resident(tensors, keep)
         self._resident[j] = res
         if self._opt is not None:  # the block's optimizer state comes with it
-            for i, n in self._trainable[j]:
-                if i in self._host_state:  # handed over before streaming (disk tier): the tier must receive it
-                    self._opt.tensor_state[i] = _moved(self._host_state.pop(i), self.device)
-                    res.changed = res.changed or self._state_on_disk
-                elif n in opt_state:
-                    self._opt.tensor_state[i] = opt_state[n]
+            res.changed = self._carry.arrive(j, self._opt, opt_state, self.device) or res.changed
         self._settle(j, res)
         self._bind(j)
         for ahead in range(1, self.prefetch + 1):
@@ -469,36 +254,25 @@ class StreamEngine:
         """Unbind block j; write back in the background what changed; give its buffers back."""
         res = self._resident.pop(j)
         for p in self.params[j].values():
-            p.data = _hollow(p)
+            p.data = hollow(p)
         # The optimizer state leaves with the block: to the tier with the weights (disk, when they
         # changed), or to host memory (RAM tier), copied in the background like the weights.
-        opt_state = {} if self._opt is None else \
-            {n: self._opt.tensor_state.pop(i) for i, n in self._trainable[j] if i in self._opt.tensor_state}
+        opt_state = self._carry.leave(j, self._opt)
         state = self.states[j]
         changed = {n: res.tensors[n] for _, n in self._trainable[j]} if res.changed else {}
         after = self._transfers.mark_compute() if changed or opt_state else None
         into = self.tier.host_storage(j) if changed else {}
 
         def write_back(j=j, state=state):
-            host_state = _unflat_state(opt_state, self._transfers.to_host(_flat_state(opt_state), after)) \
+            host_state = unflat_state(opt_state, self._transfers.to_host(flat_state(opt_state), after)) \
                 if opt_state else {}
+            on_tier = self._carry.stored(j, host_state)
             if changed:
-                self.tier.write(j, self._transfers.to_host(changed, after, into), state,
-                                host_state if self._state_on_disk else None)
-            if not self._state_on_disk:
-                index = dict((n, i) for i, n in self._trainable[j])
-                for n, entries in host_state.items():
-                    self._host_state[index[n]] = entries
+                self.tier.write(j, self._transfers.to_host(changed, after, into), state, on_tier)
             for buf in res.host:
                 self._pool.give(buf)
         self._writes = [f for f in self._writes if not f.done()]
         self._writes.append(self._worker.submit(write_back))
-
-    def _state_away(self, j: int, opt) -> None:
-        """Block j's optimizer state to host memory (the tier of the blocks) while the block is away."""
-        for i, _ in self._trainable[j]:
-            if i in opt.tensor_state:
-                self._host_state[i] = _moved(opt.tensor_state.pop(i), torch.device("cpu"))
 
     def wait(self) -> None:
         """Block until every write-back has reached the tier and every fetch has landed
@@ -559,7 +333,7 @@ class StreamEngine:
                 else:
                     p.data = v
 
-        lockstep = _Lockstep(self, closure, owned)
+        lockstep = Lockstep(closure, owned, self._probe, self.device, self._transfers.accel)
         self._step = lockstep
         block_offsets: dict[int, float] = {}
         j = -1
@@ -622,15 +396,13 @@ class StreamEngine:
         in hand now and the others when they next arrive, as in the whole-model step.
         """
         in_hand = j if j >= 0 and j in self._resident else None
-        if hasattr(self.tier, "go_back"):
+        if self.tier.durable:  # every block's copy from before the step is in its other slot
             self.wait()
             if in_hand is not None:  # never written: drop it, the tier holds it as it was
                 res = self._resident.pop(in_hand)
                 for p in self.params[in_hand].values():
-                    p.data = _hollow(p)
-                if self._state_on_disk:  # and its optimizer state: the tier's copy is the current one
-                    for i, _ in self._trainable[in_hand]:
-                        opt.tensor_state.pop(i, None)
+                    p.data = hollow(p)
+                self._carry.drop(in_hand, opt)  # and its optimizer state: the tier's copy is the current one
                 for buf in res.host:
                     self._pool.give(buf)
             for b, state in enumerate(self.states):
@@ -658,9 +430,9 @@ class StreamEngine:
         out: dict[int, torch.Tensor] = {i: p.data for i, p in self.outside}
         for j, trained in enumerate(self._trainable):
             if trained:
-                values, _ = self.tier.read(j)
+                values = self.tier.values(j, [n for _, n in trained])
                 for i, n in trained:
-                    out[i] = values[n].clone() if isinstance(self.tier, DiskTier) else values[n]
+                    out[i] = values[n]
         return [out[i] for i in sorted(out)]
 
     def close(self) -> None:
@@ -672,171 +444,4 @@ class StreamEngine:
                 h.remove()
             self._hooks = []
             self._worker.close()
-            if isinstance(self.tier, DiskTier):
-                self.tier.close()
-
-
-def _callers_context(device: torch.device, accel: Accelerator | None) -> Callable[[], contextlib.ExitStack]:
-    """What a new thread does not inherit from the one that calls this: its autocast state, and on
-    an accelerator its current stream (hence device). Returns a function that enters them."""
-    autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in dict.fromkeys(("cpu", device.type))
-                if torch.is_autocast_enabled(kind)]
-    stream = accel.current_stream() if accel is not None else None
-
-    def enter() -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        if stream is not None:
-            stack.enter_context(accel.using(stream))
-        for kind, dtype in autocast:
-            stack.enter_context(torch.autocast(kind, dtype=dtype))
-        return stack
-    return enter
-
-
-class _Lockstep:
-    """The probe forwards of one step, each in its own thread, advanced one block at a time.
-
-    Exactly one thread runs at any moment (the engine's, or one probe's), so the weights are never
-    read while they move. A probe thread stops at every block entry and after the last block and
-    waits for its turn; `run(r, expect)` lets probe r go and returns where it stopped next.
-    """
-
-    def __init__(self, engine: StreamEngine, closure: Callable, probes: list[int]):
-        self.engine, self.closure = engine, closure
-        self._go = {r: threading.Semaphore(0) for r in probes}
-        self._arrived: queue.Queue = queue.Queue()
-        self._aborting = False
-        self._threads = {r: threading.Thread(target=self._main, args=(r,), daemon=True, name=f"zotune-probe-{r}")
-                         for r in probes}
-        self._started = dict.fromkeys(probes, False)
-        self._finished = dict.fromkeys(probes, False)
-        self._callers = _callers_context(engine.device, engine._transfers.accel)
-
-    def _main(self, r: int) -> None:
-        self.engine._probe.lockstep, self.engine._probe.r = self, r
-        self._go[r].acquire()
-        try:
-            if self._aborting:
-                raise _Abort
-            with self._callers(), torch.inference_mode():
-                loss = self.closure()
-            self._arrived.put((r, "done", float(loss)))
-        except _Abort:
-            self._arrived.put((r, "aborted", None))
-        except BaseException as e:  # noqa: BLE001 -- raised again in the engine's thread
-            self._arrived.put((r, "error", e))
-
-    def arrive(self, r: int, where) -> None:
-        """Called in probe r's thread at a stop; returns when it is probe r's turn again."""
-        self._arrived.put((r, where, None))
-        self._go[r].acquire()
-        if self._aborting:
-            raise _Abort
-
-    def run(self, r: int, expect):
-        if not self._started[r]:
-            self._started[r] = True
-            self._threads[r].start()
-        self._go[r].release()
-        while True:
-            try:
-                who, where, value = self._arrived.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
-                break
-            except queue.Empty:
-                continue
-        if where == "error":
-            self._finished[r] = True
-            raise value
-        if where in ("done", "aborted"):
-            self._finished[r] = True
-        if who != r or where != expect:
-            got = f"block {where}" if isinstance(where, int) else where
-            want = f"block {expect}" if isinstance(expect, int) else expect
-            raise ConfigError(f"streaming: probe {r} reached {got} where {want} was expected; the closure must run "
-                              f"the model's forward exactly once, through every block in order")
-        return value
-
-    def abort(self) -> None:
-        """Stop every probe thread still inside the model (each raises at its next stop) and join them."""
-        self._aborting = True
-        for r in self._threads:
-            if self._started[r] and not self._finished[r]:
-                self._go[r].release()
-        for r, t in self._threads.items():
-            if self._started[r]:
-                t.join()
-
-
-def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "cpu", blocks_path: str | None = None,
-            at_step: int = 0, log=print, accelerator: Accelerator | None = None) -> StreamEngine:
-    """Move `model`'s transformer blocks to the tier of `cfg`, in place; returns the engine.
-
-    Everything outside the blocks goes to `device`; the blocks never do (load the model on the CPU:
-    only stand-ins of one element are made on the device). With the disk tier, `cfg.dir` is written
-    from the model's current weights, one block at a time (an existing stream folder is refused: load
-    it with `load_streamed` instead). `at_step`: how many steps the optimizer has taken on these weights.
-    `accelerator`: the stream and copy calls to use (default: those of `device`; tests pass a fake).
-    """
-    from zotune.stream.folder import write_folder
-
-    if cfg.tier == "none":
-        raise ConfigError("stream_ needs stream.tier=cpu or stream.tier=disk")
-    device = torch.device(device)
-    _, layers = find_block_list(model, blocks_path)
-    compute = next(p for p in layers[0].parameters() if p.is_floating_point()).dtype
-    storage = DTYPES[cfg.storage_dtype] if cfg.storage_dtype else compute
-    precision = Precision.resolve(storage, compute)
-    accelerator = accelerator if accelerator is not None else Accelerator.for_device(device)
-    _to_device_outside(model, layers, device)
-    if cfg.tier == "cpu":
-        pin = accelerator is not None and accelerator.pins
-        blocks = []
-        for block in layers:
-            stored = {}
-            for n, p in block.named_parameters():  # quantized values (integers) keep their dtype
-                stored[n] = _host_copy(p.data, storage if p.is_floating_point() else p.dtype, pin)
-                p.data = _hollow(p, device)
-            blocks.append(stored)
-        tier = RamTier(blocks, pin)
-        tier.states = [BlockState(at_step) for _ in blocks]
-    else:
-        write_folder(model, cfg.dir, storage, blocks_path, at_step, log=log)
-        tier = DiskTier(cfg.dir)
-        for block in layers:
-            for p in block.parameters():
-                p.data = _hollow(p, device)
-    log(f"streaming {len(layers)} blocks from {'host memory' if cfg.tier == 'cpu' else cfg.dir}: {precision.reason}")
-    return StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log, accelerator)
-
-
-def _host_copy(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """`t` in host memory as `dtype` (page-locked with `pin`): `t` itself when it already is, else one copy."""
-    if t.device.type == "cpu" and t.dtype == dtype and (t.is_pinned() or not pin):
-        return t
-    out = torch.empty(t.shape, dtype=dtype, pin_memory=pin)
-    out.copy_(t)
-    return out
-
-
-def _to_device_outside(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
-    """Parameters outside the blocks, and every buffer, to the compute device."""
-    inside = {id(p) for p in layers.parameters()}
-    with torch.no_grad():
-        for p in model.parameters():
-            if id(p) not in inside and p.device != device:
-                p.data = p.data.to(device)
-        for module in model.modules():
-            for name, b in module._buffers.items():
-                if b is not None and b.device != device:
-                    module._buffers[name] = b.to(device)
-
-
-def unstream_(model: nn.Module, engine: StreamEngine) -> None:
-    """Bring the blocks back into the model (resident on the compute device) and close the engine."""
-    engine.flush()
-    for j in range(len(engine.layers)):
-        values, _ = engine.tier.read(j)
-        for n, p in engine.params[j].items():
-            t = values[n]
-            p.data = t.to(engine.device, engine.precision.compute if t.is_floating_point() else t.dtype).clone()
-    engine.close()
+            self.tier.close()

@@ -18,7 +18,11 @@ from torch import nn
 from zotune.config import ConfigError
 from zotune.models import DTYPES, find_block_list
 from zotune.quant import dequantized, quantize_like_
-from zotune.stream.tiers import DTYPE_NAMES, BlockWriter, DiskTier
+from zotune.precision import Precision
+from zotune.stream.disk import DiskTier
+from zotune.stream.engine import StreamEngine
+from zotune.stream.format import DTYPE_NAMES, BlockWriter
+from zotune.stream.transfers import hollow
 
 
 def _block_layouts(layers: nn.ModuleList, storage: torch.dtype) -> list[list[tuple[str, tuple, torch.dtype]]]:
@@ -168,14 +172,12 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
                   prefetch: int = 1, group=None, log=print, accelerator=None):
     """(model, engine) for a stream folder: only what lies outside the blocks is loaded into memory.
 
-    With a process group (`zotune.parallel.Group`), the ranks read the blocks in slices (see `share_reads`).
+    With a process group (`zotune.parallel.Group`), the ranks read the blocks in slices and one of them writes the folder (`DiskTier.join`).
     `accelerator`: as for `stream_`.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from zotune.precision import Precision
-    from zotune.stream.engine import StreamEngine
 
     tier = DiskTier(folder)
     manifest = tier.manifest
@@ -211,7 +213,7 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
     precision = Precision.resolve(storage, compute)
     log(f"streaming {len(layers)} blocks from {folder}: {precision.reason}")
     engine = StreamEngine(model, tier, layers, device, precision, prefetch, log, accelerator)
-    engine.share_reads(group)
+    engine.join(group)
     return model, engine
 
 
@@ -219,8 +221,6 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
     """Write a streamed model as a standard, sharded HF folder (one shard per block, then the rest),
     reading one block at a time from its tier: a model larger than memory exports."""
     from safetensors.torch import save_file
-
-    from zotune.stream.engine import _hollow
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,7 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
         with torch.no_grad():
             tensors = {f"{path}.{j}.{n}": t.to(engine.precision.compute).contiguous() for n, t in dequantized(block).items()}
         for p in params.values():
-            p.data = _hollow(p, engine.device)
+            p.data = hollow(p, engine.device)
         name = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
         save_file(tensors, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))

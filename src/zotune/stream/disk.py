@@ -1,163 +1,40 @@
-"""Where streamed blocks live between visits: host memory (`RamTier`) or a folder of block files (`DiskTier`).
+"""Blocks in a folder of files between visits (`DiskTier`): the checkpoint of the blocks, larger than RAM.
 
-A tier stores, for each transformer block, its parameters by name, and a small state per block
-(how many updates it has had, and whether it holds the perturbation of an unfinished step) so that
-the engine can bring any block up to date lazily, and a disk-tier run can resume after a kill.
+The files are those of `zotune.stream.format`. A write-back goes to the slot that is not current, then
+one small record write makes it current, so a kill at any moment leaves every block whole, with its
+copy from before its last write-back for a resume that must go back one step.
 
-Trainable tensors are kept as float32 "masters" whatever the storage dtype: MeZO-sized updates
-(about 1e-7 relative) are below a 16-bit format's resolution and would round away.
-
-Disk format (`zotune-stream/1`), one folder:
-- `manifest.json`: the HF config, the blocks path, the storage dtype, a fingerprint, and for each
-  block its file and the (name, shape, dtype, offset) of every tensor;
-- `block-NNNNN.bin`: a 4 KiB header (magic, fingerprint, block index) then the tensors, 64-byte aligned;
-- `block-NNNNN.slots.bin`: for the tensors that train, float32 copies in two slots written in turn
-  (with float32 storage, slot 0 is the tensor's place in the block file itself);
-- `rest.safetensors`: everything outside the blocks (embeddings, final norm, head, buffers);
-- `block-NNNNN.state-S.safetensors`: with a method that keeps per-tensor state (momentum, Adam's
-  moments, HiZOO's Hessian, Sparse MeZO's threshold and mask of the step), that state as it was
-  when slot S was written, `<tensor name>::<key>` (numbers as 0-d tensors);
-- `state.bin`: one fixed-size record per block: the state of each slot and which one is current.
-A write-back goes to the slot that is not current (weights, then optimizer state), then one small
-record write makes it current:
-a kill at any moment leaves every block whole, and the slot before it is there for a resume that
-needs to go back one step (a kill during a step whose record never reached the log).
-Blocks are read with positional reads into reused buffers, never memory-mapped, so they count
-neither as anonymous memory nor as mapped file pages of the process.
+One writer per folder: with several ranks (`join`), every rank computes the same update of every
+block, but only one of them writes a given folder (the lowest rank that sees it; each machine's own
+copy has its own writer). The others keep in memory the record they expect the folder to hold, and
+read a block only once the writer's record says so: the two-slot protocol is correct for one writer,
+and a second one that read the record after the first one's flip would overwrite the slot that
+resume goes back to (and a sliced read could mix slots).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import struct
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
 
 from zotune.config import ConfigError
-from zotune.models import DTYPES
-
-FORMAT = "zotune-stream/1"
-MAGIC = b"ZOTUNE-BLOCK-1\0\0"
-HEADER = 4096
-ALIGN = 64
-_HEADER = struct.Struct("<16s32sq")  # magic, fingerprint (hex digest prefix), block index
-_STATE = struct.Struct("<qqqqqqq")  # per slot (version, perturbed step or -1, its seed) x 2, current slot
-
-TENSOR_DTYPES = {**DTYPES, "int8": torch.int8, "uint8": torch.uint8}  # float blocks, and quantized ones (zotune.quant)
-DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
-
-
-@dataclass
-class BlockState:
-    """How far a stored block is: `version` updates applied, plus maybe the moves of step `perturbed`."""
-
-    version: int = 0
-    perturbed: int = -1  # the step whose probe moves the stored values carry, or -1
-    seed: int = 0  # that step's seed (to take the moves back if the step never finished)
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offset: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
-
+from zotune.parallel import DivergedError
+from zotune.stream.format import (BLOCK_HEADER, FORMAT, HEADER, MAGIC, RECORD, TENSOR_DTYPES, Spec, atomic_write,
+                                  layout, views)
+from zotune.stream.tier import BlockState
 
 _UNWRITTEN = BlockState(version=-1)  # a slot that holds nothing yet: never gone back to
-
-
-def layout(named: list[tuple[str, tuple[int, ...], torch.dtype]], start: int = HEADER) -> tuple[list[Spec], int]:
-    """Specs with aligned offsets from `start`, and the end offset."""
-    specs, off = [], start
-    for name, shape, dtype in named:
-        spec = Spec(name, tuple(shape), dtype, off)
-        specs.append(spec)
-        off += (spec.nbytes + ALIGN - 1) // ALIGN * ALIGN
-    return specs, off
-
-
-def _views(buf: torch.Tensor, specs: list[Spec], base: int) -> dict[str, torch.Tensor]:
-    """Typed tensor views into a uint8 buffer that holds the bytes from file offset `base` on."""
-    out = {}
-    for s in specs:
-        raw = buf[s.offset - base: s.offset - base + s.nbytes]
-        out[s.name] = raw.view(s.dtype).view(s.shape)
-    return out
-
-
-class RamTier:
-    """Blocks in host memory (page-locked when the compute device is a GPU, so copies run async).
-
-    `blocks[j]` maps parameter name -> stored tensor. On a CPU compute device with matching dtypes
-    the stored tensors are computed on directly: fetch and write-back cost nothing.
-    """
-
-    kind = "cpu"
-
-    def __init__(self, blocks: list[dict[str, torch.Tensor]], pin: bool = False):
-        self.blocks, self.pin = blocks, pin
-        self.states = [BlockState() for _ in blocks]
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def add_masters(self, j: int, names: list[str]) -> None:
-        for name in names:
-            t = self.blocks[j][name]
-            if t.dtype != torch.float32:  # one copy, straight into page-locked memory when the tier pins
-                self.blocks[j][name] = torch.empty(t.shape, dtype=torch.float32, pin_memory=self.pin).copy_(t)
-
-    def set_master(self, j: int, name: str, value: torch.Tensor) -> None:
-        """The float32 master of a trained tensor of block j, set to `value` (after `add_masters`)."""
-        self.blocks[j][name].copy_(value)
-
-    def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """(block j's stored tensors, no pool buffers): nothing is copied."""
-        return dict(self.blocks[j]), []
-
-    def host_storage(self, j: int) -> dict[str, torch.Tensor]:
-        """Where a write-back of block j may copy its tensors directly: their stored tensors."""
-        return self.blocks[j]
-
-    def write(self, j: int, tensors: dict[str, torch.Tensor], state: BlockState, opt_state=None) -> None:
-        """Block j's trained tensors back in place (the optimizer state stays in the engine's hands)."""
-        for name, t in tensors.items():
-            stored = self.blocks[j][name]
-            if t.data_ptr() != stored.data_ptr():
-                stored.copy_(t, non_blocking=False)
-        self.states[j] = state
-
-    def get_state(self, j: int) -> BlockState:
-        return self.states[j]
-
-
-def fingerprint(config: dict, blocks: list[list[tuple[str, tuple, torch.dtype]]]) -> str:
-    """Identifies a model's architecture and tensor layout (not its values): detects foreign shards."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for j, named in enumerate(blocks):
-        for name, shape, dtype in named:
-            h.update(f"{j}:{name}:{tuple(shape)}:{DTYPE_NAMES[dtype]};".encode())
-    return h.hexdigest()
 
 
 class DiskTier:
     """Blocks in a folder of files, read into reused buffers and written back tensor by tensor."""
 
-    kind = "disk"
+    durable = True
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -181,7 +58,8 @@ class DiskTier:
         self._files = [self._open_block(j) for j in range(len(self.specs))]
         self._state_file = self._open_state()
         self.bytes_read = self.bytes_written = 0  # to and from the slow tier, by this process (block files and slots)
-        self._sliced = None
+        self._group = self._sliced = None
+        self._expected: list[tuple] | None = None  # not the folder's writer: the records it must hold, in memory
         self.slots: dict[int, list[Spec]] = {}  # block -> float32 layout of its trained tensors in the slots file
         self._slot_files: dict[int, object] = {}
         self.reload_slots()
@@ -235,7 +113,7 @@ class DiskTier:
     def _open_block(self, j: int):
         path = self._block_path(j)
         f = self._open(path, self.ends[j])
-        magic, fp, index = _HEADER.unpack(f.read(_HEADER.size))
+        magic, fp, index = BLOCK_HEADER.unpack(f.read(BLOCK_HEADER.size))
         if magic != MAGIC:
             raise ConfigError(f"{path} is not a zotune block file; prepare the folder again")
         if fp.decode() != self.fingerprint[:32] or index != j:
@@ -247,7 +125,7 @@ class DiskTier:
     def _open_state(self):
         path = self.folder / "state.bin"
         n = len(self.specs)
-        if not path.exists() or path.stat().st_size != n * _STATE.size:
+        if not path.exists() or path.stat().st_size != n * RECORD.size:
             raise ConfigError(f"{path} is missing or damaged; prepare the folder again")
         try:
             return open(path, "r+b", buffering=0)
@@ -266,7 +144,10 @@ class DiskTier:
     # -- two float32 slots for the tensors that train ------------------------------------------------
 
     def add_masters(self, j: int, names: list[str]) -> None:
-        """Give every named tensor of block j its two float32 slots (filled with its current value)."""
+        """Give every named tensor of block j its two float32 slots (filled with its current value); a
+        rank that does not write the folder finds them in `sync_ranks`."""
+        if not self.writes:
+            return
         have = [s.name for s in self.slots.get(j, [])]
         missing = [n for n in names if n not in have]
         if not missing:
@@ -287,7 +168,7 @@ class DiskTier:
             self._write_slot(j, {n: values[n] for n in all_names}, 0)
         self._write_record(j, state, _UNWRITTEN, 0)  # slot 1 is written by the first write-back
         index = {str(k): [s.name for s in v] for k, v in sorted(self.slots.items())}
-        _atomic_write(self.folder / "slots.json", json.dumps(index))
+        atomic_write(self.folder / "slots.json", json.dumps(index))
 
     # -- reading and writing ----------------------------------------------------------------------
 
@@ -302,19 +183,54 @@ class DiskTier:
             done += n
         self.bytes_read += len(view)
 
-    def share_reads(self, group) -> None:
-        """Read each block in slices across the ranks of `group` and gather the rest from the peers.
+    def join(self, group) -> None:
+        """Serve the ranks of `group` (collective): the lowest rank that sees this folder writes it, the
+        others follow; each rank reads its slice of every block and gathers the rest from its peers.
 
         Every rank needs every block; with W ranks each reads 1/W of it from the slow tier. Valid for
-        one shared folder or a copy per machine alike, since every rank writes the same updates.
-        """
-        self._sliced = _SlicedReads(group)
+        one shared folder or a copy per machine alike: each copy has its own writer."""
+        marker = self.folder / f".rank-{os.urandom(8).hex()}"  # which ranks see this very folder
+        marker.touch()
+        try:
+            names = group.all_gather_object(marker.name)
+            sharing = [r for r, name in enumerate(names) if (self.folder / name).exists()]
+            group.barrier()  # every rank has looked before any marker goes
+        finally:
+            marker.unlink(missing_ok=True)
+        self._group = group
+        if sharing[0] != group.rank:
+            self._expected = [self._on_disk(j) for j in range(len(self))]
+        self._sliced = group.sliced_reads()
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the folder (one process, or the writer of its ranks)."""
+        return self._expected is None
+
+    def sync_ranks(self) -> None:
+        """After `add_masters` on every rank: the others open the slot files the writer created."""
+        if self._group is not None:
+            self._group.barrier()
+            self.reload_slots()
+            if not self.writes:
+                self._expected = [self._on_disk(j) for j in range(len(self))]
+
+    def _await_writer(self, j: int) -> None:
+        """Until the writer has written block j as this rank expects it (its record is written last)."""
+        deadline = time.monotonic() + self._group.dims.timeout
+        while self._on_disk(j) != self._expected[j]:
+            if time.monotonic() > deadline:
+                raise DivergedError(f"rank {self._group.rank}: the writer of {self.folder} did not write block {j} "
+                                   f"within {self._group.dims.timeout:.0f}s; it stopped or hangs")
+            time.sleep(0.0005)
 
     def read(self, j: int, pool=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """(block j as tensors, trained ones from their current slot in float32; the `pool` buffers used)."""
+        if not self.writes:
+            self._await_writer(j)
         size = self.ends[j] - HEADER
         buf = pool.take(size) if pool is not None else torch.empty(size, dtype=torch.uint8)
-        out = _views(buf, self.specs[j], HEADER)
+        out = views(buf, self.specs[j], HEADER)
         reads, skip = [], []  # (file, offset, destination bytes); block-file ranges another slot provides
         if j in self.slots:
             current = self._record(j)[-1]
@@ -340,6 +256,10 @@ class DiskTier:
                 self._read_into(f, dest, offset)
         return out, ([buf] if pool is not None else [])
 
+    def values(self, j: int, names: list[str]) -> dict[str, torch.Tensor]:
+        values, _ = self.read(j)
+        return {n: values[n].clone() for n in names}  # not views that keep the whole block's buffer
+
     def host_storage(self, j: int) -> dict[str, torch.Tensor]:
         """No host tensor is the stored block: a write-back copies to host memory, then to the file."""
         return {}
@@ -350,8 +270,9 @@ class DiskTier:
         method keeps one, to the slot that is not current, then make it current."""
         *states, current = self._record(j)
         slot = 1 - current
-        self._write_slot(j, tensors, slot)
-        self._write_opt_state(j, opt_state, slot)
+        if self.writes:
+            self._write_slot(j, tensors, slot)
+            self._write_opt_state(j, opt_state, slot)
         kept = states[current]
         self._write_record(j, state if slot == 0 else kept, state if slot == 1 else kept, slot)
 
@@ -388,7 +309,7 @@ class DiskTier:
                 else:
                     numbers.append(f"{name}::{key}")
                     flat[numbers[-1]] = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per rank: ranks write the same bytes
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
             save_file(flat, str(tmp), metadata={"numbers": json.dumps(numbers)})
             os.replace(tmp, path)
@@ -419,14 +340,20 @@ class DiskTier:
                               f"again from a fresh stream folder") from None
         return out
 
+    def _on_disk(self, j: int) -> tuple:
+        return RECORD.unpack(os.pread(self._state_file.fileno(), RECORD.size, j * RECORD.size))
+
     def _record(self, j: int) -> tuple[BlockState, BlockState, int]:
-        v0, p0, s0, v1, p1, s1, current = _STATE.unpack(os.pread(self._state_file.fileno(), _STATE.size, j * _STATE.size))
+        v0, p0, s0, v1, p1, s1, current = self._on_disk(j) if self.writes else self._expected[j]
         return BlockState(v0, p0, s0), BlockState(v1, p1, s1), current
 
     def _write_record(self, j: int, slot0: BlockState, slot1: BlockState, current: int) -> None:
+        record = (slot0.version, slot0.perturbed, slot0.seed, slot1.version, slot1.perturbed, slot1.seed, current)
+        if not self.writes:
+            self._expected[j] = record
+            return
         # One small positional write: a kill leaves either the old record or the new one.
-        os.pwrite(self._state_file.fileno(), _STATE.pack(slot0.version, slot0.perturbed, slot0.seed, slot1.version,
-                                                         slot1.perturbed, slot1.seed, current), j * _STATE.size)
+        os.pwrite(self._state_file.fileno(), RECORD.pack(*record), j * RECORD.size)
 
     def previous(self, j: int) -> BlockState:
         """The state of block j's other slot: the block as it was before its last write-back."""
@@ -445,130 +372,3 @@ class DiskTier:
     def close(self) -> None:
         for f in [*self._files, *self._slot_files.values(), self._state_file]:
             f.close()
-
-
-class _SlicedReads:
-    """Reads a list of byte ranges across ranks: each rank reads 1/W of the bytes, then all-gather.
-
-    Runs in the engine's transfer thread, on its own gloo group, so its collectives never interleave
-    with the main thread's; every rank fetches the same blocks in the same order.
-    """
-
-    def __init__(self, group):
-        import torch.distributed as dist
-
-        self.rank, self.world = group.rank, group.world
-        self.pg = dist.new_group(backend="gloo")  # collective: every rank creates it at the same point
-
-    @staticmethod
-    def _pieces(reads, lo: int, hi: int):
-        """(file, file offset, destination slice) for the bytes [lo, hi) of the reads laid end to end."""
-        at = 0
-        for f, offset, dest in reads:
-            n = dest.numel()
-            a, b = max(lo, at), min(hi, at + n)
-            if a < b:
-                yield f, offset + a - at, dest[a - at: b - at]
-            at += n
-
-    def read(self, reads, read_into) -> None:
-        import torch.distributed as dist
-
-        total = sum(dest.numel() for *_, dest in reads)
-        chunk = -(-total // self.world)
-        bounds = [(q * chunk, min((q + 1) * chunk, total)) for q in range(self.world)]
-        lo, hi = bounds[self.rank]
-        mine = torch.zeros(chunk, dtype=torch.uint8)
-        at = 0
-        for f, offset, dest in self._pieces(reads, lo, hi):
-            read_into(f, dest, offset)
-            mine[at: at + dest.numel()] = dest
-            at += dest.numel()
-        gathered = [torch.empty(chunk, dtype=torch.uint8) for _ in range(self.world)]
-        dist.all_gather(gathered, mine, group=self.pg)
-        for q, (a, b) in enumerate(bounds):
-            if q == self.rank:
-                continue
-            at = 0
-            for _, _, dest in self._pieces(reads, a, b):
-                dest.copy_(gathered[q][at: at + dest.numel()])
-                at += dest.numel()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class BlockWriter:
-    """Writes a new stream folder block by block, so no more than one block is ever in memory."""
-
-    def __init__(self, folder: str | Path, config: dict, blocks_path: str,
-                 block_layouts: list[list[tuple[str, tuple, torch.dtype]]], storage_dtype: torch.dtype):
-        self.folder = Path(folder)
-        if (self.folder / "manifest.json").exists():
-            raise ConfigError(f"{self.folder} already holds a stream folder; choose a new --out or delete it first")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / ".write-test"
-            probe.write_bytes(b"x")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"cannot write to {self.folder} ({e.strerror}); choose a writable folder") from None
-        self.fingerprint = fingerprint(config, block_layouts)
-        self._digest = hashlib.blake2b(digest_size=16)  # of the values written: identifies the run's base
-        self.entries = []
-        self.config, self.blocks_path, self.storage_dtype = config, blocks_path, storage_dtype
-        self.layouts = block_layouts
-        needed = sum(layout(named)[1] for named in block_layouts)
-        free = _free_bytes(self.folder)
-        if free is not None and needed > free:
-            raise ConfigError(f"{self.folder} has {free / 2**30:.1f} GiB free but the blocks need "
-                              f"{needed / 2**30:.1f} GiB; free space or choose another folder")
-
-    def write_block(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
-        specs, end = layout(self.layouts[j])
-        name = f"block-{j:05d}.bin"
-        path = self.folder / name
-        try:
-            with open(path, "wb") as f:
-                f.write(_HEADER.pack(MAGIC, self.fingerprint[:32].encode(), j).ljust(HEADER, b"\0"))
-                for s in specs:
-                    f.seek(s.offset)
-                    t = tensors[s.name].detach().to("cpu", s.dtype).contiguous()
-                    data = memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
-                    f.write(data)
-                    self._digest.update(data)
-                f.truncate(end)
-        except OSError as e:
-            path.unlink(missing_ok=True)
-            why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
-            raise ConfigError(f"could not write {path} ({why}); free space or choose another folder") from None
-        self.entries.append({"file": name, "end": end, "tensors": [
-            {"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype], "offset": s.offset} for s in specs]})
-
-    def finish(self, rest: dict[str, torch.Tensor], at_step: int = 0) -> None:
-        """Write what lies outside the blocks, the block states (all at `at_step`), then the manifest."""
-        from safetensors.torch import save_file
-
-        rest = {k: v.detach().cpu().contiguous() for k, v in rest.items()}
-        for k in sorted(rest):
-            self._digest.update(k.encode())
-            self._digest.update(rest[k].view(-1).view(torch.uint8).numpy() if rest[k].numel() else b"")
-        save_file(rest, str(self.folder / "rest.safetensors"))
-        (self.folder / "state.bin").write_bytes(
-            b"".join(_STATE.pack(at_step, -1, 0, at_step, -1, 0, 0) for _ in self.entries))
-        _atomic_write(self.folder / "manifest.json", json.dumps({
-            "format": FORMAT, "fingerprint": self.fingerprint, "base_digest": self._digest.hexdigest(),
-            "config": self.config,
-            "blocks_path": self.blocks_path, "storage_dtype": DTYPE_NAMES[self.storage_dtype],
-            "blocks": self.entries}, indent=1))
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        st = os.statvfs(folder)
-    except (AttributeError, OSError):
-        return None
-    return st.f_bavail * st.f_frsize
