@@ -67,7 +67,7 @@ def test_the_method_and_run_defaults_follow_what_trains(tmp_path):
     """The default job is the measured probe recipe (docs/compare.md); naming blocks or an adapter
     never inherits its lr of 0.2, which would wreck 7M block values, and a method not measured on
     the final norm keeps its own lr."""
-    from zotune.train import resolve_configs
+    from zotune.resolve import resolve_configs
 
     def defaults(*overrides, config=None):
         cfgs = resolve_configs(config, overrides)
@@ -285,7 +285,7 @@ def test_bench_task_part_reports_ratios_and_tokens_per_second(tokenizer):
 
 
 def test_group_by_length_batches_similar_lengths_and_every_example_once_an_epoch():
-    from zotune.train import _batches
+    from zotune.schedule import batch_order as _batches
 
     lengths = [5 + (i * 37) % 91 for i in range(200)]
     spread = {}

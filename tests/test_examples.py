@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from zotune.train import resolve_configs
+from zotune.resolve import resolve_configs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -176,7 +176,7 @@ class _FakeCuda:
 @pytest.mark.parametrize("name, local, want", [("cuda", 0, "cuda:0"), ("cuda", 3, "cuda:3"), ("cuda:0", 2, "cuda:2"),
                                                ("cuda:4", 1, "cuda:5"), ("auto", 1, "cuda:1"), ("cpu", 3, "cpu")])
 def test_under_torchrun_every_process_has_its_own_gpu(name, local, want, monkeypatch):
-    from zotune.train import resolve_device
+    from zotune.resolve import resolve_device
 
     monkeypatch.setattr(torch, "cuda", _FakeCuda(8))
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -185,7 +185,7 @@ def test_under_torchrun_every_process_has_its_own_gpu(name, local, want, monkeyp
 
 
 def test_more_processes_than_gpus_is_refused_with_one_line(monkeypatch):
-    from zotune.train import resolve_device
+    from zotune.resolve import resolve_device
 
     monkeypatch.setattr(torch, "cuda", _FakeCuda(2))
     monkeypatch.setenv("WORLD_SIZE", "4")

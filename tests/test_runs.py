@@ -220,10 +220,10 @@ def test_replay_and_export_rebuild_the_trained_model(tiny_model_dir, data_file, 
 def test_a_run_from_before_direction_formats_replays_with_its_own(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """A run folder whose base.json names no direction format was drawn with format 1: resume, replay
     and export use format 1, so the weights are the trained ones (format 2 would give others)."""
-    import zotune.train
+    import zotune.session
 
     out = tmp_path / "run"
-    monkeypatch.setattr(zotune.train, "DIRECTIONS_FORMAT", 1)
+    monkeypatch.setattr(zotune.session, "DIRECTIONS_FORMAT", 1)
     assert main(args(tiny_model_dir, data_file, out, steps=6) + ["method.distribution=rademacher"]) == 0
     base = json.loads((out / "base.json").read_text())
     assert base.pop("directions") == 1

@@ -82,7 +82,7 @@ def test_disk_tier_run_equals_resident_run_and_resumes_exactly(resident, tiny_mo
     from transformers import AutoModelForCausalLM
 
     import zotune.stream.disk as tiers
-    import zotune.train as train_module
+    import zotune.weights as train_module
     live, most, read = [0], [0], tiers.DiskTier.read
 
     class Tracked(dict):  # a dict that can be watched by weakref

@@ -25,7 +25,8 @@ TASK_HELP = ("a suite task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, recor
 
 
 def _train(args) -> int:
-    from zotune.train import resolve_configs, train
+    from zotune.resolve import resolve_configs
+    from zotune.train import train
 
     flags: dict[str, dict] = {}
     for flag, (section, key) in FLAGS.items():
@@ -40,7 +41,8 @@ def _train(args) -> int:
 def _resume(args) -> int:
     from pathlib import Path
 
-    from zotune.train import resolve_configs, train
+    from zotune.resolve import resolve_configs
+    from zotune.train import train
 
     config = Path(args.run_dir) / "config.yaml"
     if not config.is_file():
@@ -55,7 +57,7 @@ def _resume(args) -> int:
 
 
 def _rebuild(args) -> int:
-    from zotune.train import rebuild
+    from zotune.weights import rebuild
 
     rebuild(args.run_dir, args.out, use_snapshots=args.command == "export")
     return 0

@@ -28,7 +28,8 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
     """Each run once per seed (`run.seed`: step seeds and data order); the table gives each run's mean
     and spread over the seeds and, with `target`, the forward passes each needed to reach that dev metric."""
     from zotune.methods import METHODS
-    from zotune.train import resolve_configs, train
+    from zotune.resolve import resolve_configs
+    from zotune.train import train
 
     if not runs:
         raise ConfigError("give at least one --run METHOD [section.key=value ...]")

@@ -1,16 +1,60 @@
-"""`zotune eval`: the task's metrics and loss for a model, or for a run's trained weights, without training."""
+"""Evaluation: a task's metrics and loss for a model (`evaluate`, in the training loop too), and `zotune eval`
+for a model or a run's trained weights, without training."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from zotune.config import ConfigError
-from zotune.tasks.base import METRICS
+from zotune.models import load_model
+from zotune.parallel import Group
+from zotune.precision import set_tf32
+from zotune.resolve import resolve_configs, resolve_device
+from zotune.runs import FollowerRun, RunFolder
+from zotune.tasks import make_task
+from zotune.tasks.base import METRICS, Task
+from zotune.weights import open_run_weights
 
 SPLITS = ("dev", "test", "train")
+
+
+@torch.inference_mode()
+def evaluate(model, task: Task, examples, batch_size: int, device, desc: str = "eval", group: Group | None = None) -> dict:
+    """The task's metrics (`metric` names the headline) and mean loss, batched and grouped by length.
+
+    With a process group every rank evaluates its share of the examples and the counts are summed.
+    """
+    model.eval()
+    if group is not None:
+        examples = examples[group.rank::group.world]
+    counts = task.zero_counts()
+    batches = list(task.batches(examples, batch_size, by_length=True)) if examples else []
+    lockstep = group is not None  # every rank runs as many forwards (streamed blocks are fetched together)
+    if lockstep:
+        extra = int(group.max([len(batches)])[0]) - len(batches)
+        for _ in range(extra):
+            task.evaluate_batch(model, task.collate(task.test[:1] or task.train[:1]).to(device), lockstep)
+    with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, file=sys.stderr,
+              disable=group is not None and not group.is_main) as bar:
+        for batch in batches:
+            for key, value in task.evaluate_batch(model, batch.to(device), lockstep).items():
+                counts[key] += value
+            bar.update(len(batch))
+    if group is not None:
+        counts = dict(zip(counts, group.sum(list(counts.values()))))
+    return task.metrics(counts)
+
+
+def metric_record(prefix: str, result: dict) -> dict:
+    """The metrics.jsonl fields of an evaluation: its headline metric and its loss."""
+    return {f"{prefix}_{result['metric']}": result[result["metric"]], f"{prefix}_loss": result["loss"]}
 
 
 def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), out: str | None = None,
@@ -21,10 +65,6 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
     overrides change it; it is only read (a run that is training may be evaluated). Returns and
     writes (to `out`, default RUN/eval.json for a run, else ./eval.json) one JSON object.
     """
-    from zotune.runs import FollowerRun, RunFolder
-    from zotune.tasks import make_task
-    from zotune.train import Session, evaluate, kept_records, resolve_configs, resolve_device
-
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise ConfigError(f"--split {','.join(splits)}: choose from {', '.join(SPLITS)}")
@@ -41,28 +81,19 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         disk = cfgs["stream"].tier == "disk"
         run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
         try:
-            records, problem = run.read_steps()
-            if problem:
-                log(problem)
-            records = kept_records(run, cfgs, records, log)
-            session = Session(cfgs, run, target, log)
-            session.restore(records)
+            session, records = open_run_weights(run, cfgs, target, log)
             session.start_streaming()  # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device
         finally:
             if disk:
                 run.close()
         model, tokenizer, step = session.model, session.tokenizer, len(records)
     else:
-        from zotune.models import load_model
-
         cfgs = resolve_configs(None, overrides, {"model": {"name": source}} if source else None, task=task)
         evaluated = make_task(cfgs["task"], None)
         model, tokenizer = load_model(cfgs["model"], log=log)
         model.to(target)
         session, step = None, None
     task_cfg, run_cfg = cfgs["task"], cfgs["run"]
-    from zotune.precision import set_tf32
-
     set_tf32(target, cfgs["model"].tf32)  # the products the run was trained with
     evaluated.bind(tokenizer)
     results = {}

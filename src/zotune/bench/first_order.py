@@ -31,7 +31,9 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     from zotune.models import load_model, select_trainable
     from zotune.prefix import FrozenPrefix
     from zotune.tasks import make_task
-    from zotune.train import _batches, evaluate, resolve_configs, resolve_device
+    from zotune.evaluation import evaluate
+    from zotune.resolve import resolve_configs, resolve_device
+    from zotune.schedule import batch_order
 
     cfgs = resolve_configs(None, overrides)
     model_cfg, task_cfg, run_cfg = cfgs["model"], cfgs["task"], cfgs["run"]
@@ -56,7 +58,7 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     before = evaluate(model, task, task.test, eval_size, device, "zero-shot test")
     metric = before["metric"]  # the task's own (accuracy, F1, exact match)
     dev = [(0, evaluate(model, task, task.dev, eval_size, device, "dev")[metric])] if task.dev else []
-    order = _batches(len(task.train), run_cfg.batch_size, run_cfg.seed,
+    order = batch_order(len(task.train), run_cfg.batch_size, run_cfg.seed,
                      task.lengths(task.train) if run_cfg.group_by_length else None)
     collated: dict[int, object] = {}
     train_started = time.perf_counter()

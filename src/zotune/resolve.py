@@ -1,0 +1,106 @@
+"""The configuration of a run, resolved in layers: defaults < what trains < YAML < task < overrides < flags."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from zotune.adapters import AdapterConfig
+from zotune.combinations import check as check_combinations
+from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
+from zotune.methods import MethodConfig, method_config
+from zotune.models import ModelConfig
+from zotune.parallel import ParallelDims
+from zotune.runs import RunConfig
+from zotune.stream import StreamConfig
+from zotune.tasks import SUITE, TaskConfig, load_task_file
+from zotune.tasks.base import command_line_escapes
+
+SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, "method": MethodConfig,
+            "run": RunConfig, "stream": StreamConfig, "parallel": ParallelDims}
+
+
+# Settings whose default changed, with the value a run folder that does not name them was trained with.
+_EARLIER_DEFAULTS = {"run": {"group_by_length": False}, "method": {"distribution": "gaussian"}}
+
+# Defaults that depend on what trains, as data (measured on the default task, docs/compare.md). The
+# final norm alone is a linear probe of the last hidden state: a few hundred values that train at lr
+# 0.2 (the blocks at LOZO's 2.5e-4; ZO-SGD on them diverged at 3e-3), in cheap steps since every
+# block is frozen and its output kept, so larger batches cost little. FZOO reached 0.797 there
+# (mean of 3 seeds) where ZO-SGD reached 0.785 at the same 7,200 forwards. Anything else (blocks,
+# LoRA, prefixes, scales) keeps the section defaults: LOZO, 1,200 steps of 16. A method named by the
+# user takes the lr measured for it here, or else its own default.
+TRAINABLE_DEFAULTS = {
+    "final-norm": {"method": "fzoo", "lr": {"fzoo": 0.2, "zosgd": 0.2, "lozo": 0.2},  # lozo: ZO-SGD's bits on vectors
+                   "run": {"steps": 800, "batch_size": 64, "eval_every": 400}},
+}
+
+
+def trainable_defaults(values: dict) -> dict:
+    """The `TRAINABLE_DEFAULTS` layer under merged user `values` ({} when none applies)."""
+    trainable = values.get("model", {}).get("trainable", ModelConfig.trainable)
+    if values.get("adapter", {}).get("kind", "none") != "none" or not isinstance(trainable, str):
+        return {}  # an adapter's tensors train, whatever model.trainable says
+    entry = TRAINABLE_DEFAULTS.get(trainable)
+    if entry is None:
+        return {}
+    name = values.get("method", {}).get("name", entry["method"])
+    measured = isinstance(name, str) and name in entry["lr"]  # (a bad name is refused by MethodConfig)
+    method = {"name": name, **({"lr": entry["lr"][name]} if measured else {})}
+    return {"method": method, "run": dict(entry["run"])}
+
+
+def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False, task: str | None = None) -> dict:
+    """Defaults < `TRAINABLE_DEFAULTS` < YAML file < `task` < key=value overrides < flags; every section
+    validated before step 0.
+
+    `task` is a suite task's name (`task.name`) or a task file (YAML or Python, `load_task_file`); it
+    replaces the task section of `config_file`.
+
+    With `run_folder`, `config_file` is a run's own config.yaml: settings it does not name take the
+    value they had when it was written (`_EARLIER_DEFAULTS`), so the run continues as it started.
+    """
+    layers = [_EARLIER_DEFAULTS] if run_folder else []
+    layers += [load_yaml(config_file)] if config_file else []
+    if task:  # it replaces the task a config file (or a run folder) describes
+        layers = [{k: v for k, v in layer.items() if k != "task"} for layer in layers]
+        layers.append({"task": {"name": task} if task in SUITE else load_task_file(task)})
+    command_line = merge(parse_overrides(list(overrides)), flags or {})
+    if "task" in command_line:
+        command_line["task"] = command_line_escapes(command_line["task"])
+    values = merge(*layers, command_line)
+    if not run_folder:  # a run folder names every option it was trained with
+        values = merge(trainable_defaults(values), values)
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+    cfgs = {name: build(cls, values.get(name, {}), name) for name, cls in SECTIONS.items() if name != "method"}
+    cfgs["method"] = method_config(values.get("method", {}))  # each method has its own options
+    check_combinations(cfgs)
+    return cfgs
+
+
+def resolve_device(name: str) -> torch.device:
+    """The compute device of this process, with its index.
+
+    `auto` is CUDA when there is one, else the CPU. Under torchrun every process has its own
+    accelerator: `cuda` or `cuda:K` gives the process of local rank L the device K + L.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run.device={name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    if module is None or not module.is_available():
+        raise ConfigError(f"run.device={name!r} is not available on this machine; use run.device=cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    index, count = (device.index or 0) + local, module.device_count()
+    if index >= count:
+        raise ConfigError(f"run.device={name!r}: the process of local rank {local} would use {device.type}:{index}, but "
+                          f"this machine has {count}; start at most {count - (device.index or 0)} processes per machine")
+    return torch.device(device.type, index)
