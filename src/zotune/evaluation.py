@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from zotune.config import ConfigError
 from zotune.models import load_model
-from zotune.parallel import Group
+from zotune.parallel import SOLO, Group
 from zotune.precision import set_tf32
 from zotune.resolve import resolve_configs, resolve_device
 from zotune.runs import FollowerRun, RunFolder
@@ -26,29 +26,27 @@ SPLITS = ("dev", "test", "train")
 
 
 @torch.inference_mode()
-def evaluate(model, task: Task, examples, batch_size: int, device, desc: str = "eval", group: Group | None = None) -> dict:
+def evaluate(model, task: Task, examples, batch_size: int, device, desc: str = "eval", group: Group = SOLO) -> dict:
     """The task's metrics (`metric` names the headline) and mean loss, batched and grouped by length.
 
     With a process group every rank evaluates its share of the examples and the counts are summed.
     """
     model.eval()
-    if group is not None:
-        examples = examples[group.rank::group.world]
+    examples = examples[group.rank::group.world]
     counts = task.zero_counts()
     batches = list(task.batches(examples, batch_size, by_length=True)) if examples else []
-    lockstep = group is not None  # every rank runs as many forwards (streamed blocks are fetched together)
+    lockstep = group.world > 1  # every rank runs as many forwards (streamed blocks are fetched together)
     if lockstep:
         extra = int(group.max([len(batches)])[0]) - len(batches)
         for _ in range(extra):
             task.evaluate_batch(model, task.collate(task.test[:1] or task.train[:1]).to(device), lockstep)
     with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, file=sys.stderr,
-              disable=group is not None and not group.is_main) as bar:
+              disable=not group.is_main) as bar:
         for batch in batches:
             for key, value in task.evaluate_batch(model, batch.to(device), lockstep).items():
                 counts[key] += value
             bar.update(len(batch))
-    if group is not None:
-        counts = dict(zip(counts, group.sum(list(counts.values()))))
+    counts = dict(zip(counts, group.sum(list(counts.values()))))
     return task.metrics(counts)
 
 

@@ -3,8 +3,8 @@
 Every rank holds the whole (or streamed) model and the same step seeds. A step's probes are handed
 out by perturbation rank, the batch rows by data rank; each rank runs the forwards of its probes on
 its rows, and one all-reduce of the probe losses (a few floats, whatever the model size) gives every
-rank the same projected gradient, hence the identical update. With one process there is no group
-and nothing is sent: the optimizer is the same class (`ZOSGD(..., group=None)`).
+rank the same projected gradient, hence the identical update. With one process the group is `SOLO`
+(`Solo`: the same API, and nothing is sent), so no code asks whether there is a group.
 
 Launch with torchrun (the process group comes from its environment variables; gloo on CPU, NCCL on
 GPU): `torchrun --nproc-per-node 4 -m zotune train parallel.data=2 parallel.perturb=2 ...`.
@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,12 +78,12 @@ class Group:
         self.bytes_sent = 0
 
     @classmethod
-    def from_env(cls, dims: ParallelDims, device: torch.device) -> Group | None:
-        """The group of a torchrun launch (None for a single process that asked for no parallelism)."""
+    def from_env(cls, dims: ParallelDims, device: torch.device) -> Group:
+        """The group of a torchrun launch (`SOLO` for a single process that asked for no parallelism)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         dims.validate(world)
         if world == 1:
-            return None
+            return SOLO
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -142,8 +143,9 @@ class Group:
         """Element-wise sums over all ranks (evaluation counts, stop flags)."""
         return self._all_reduce(values)
 
-    def check_same(self, what: str, digest: bytes) -> None:
-        """Stop with a clear error unless every rank passes the same digest for `what` (4 floats, one MAX)."""
+    def check_same(self, what: str, digest: Callable[[], bytes]) -> None:
+        """Stop with a clear error unless every rank's `digest()` for `what` is the same (4 floats, one MAX)."""
+        digest = digest()
         lo, hi = struct.unpack("<II", digest[:8])
         top = self._all_reduce([lo, hi, -lo, -hi], op="max")
         if top[0] != -top[2] or top[1] != -top[3]:
@@ -175,6 +177,43 @@ class Group:
 
         # NCCL's barrier must be told this rank's GPU, or it guesses one from the rank (GPU 0 for all, at worst)
         dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+class Solo(Group):
+    """The group of a single process: every probe and row is its own, every collective returns its
+    input unchanged (bit for bit), and nothing is sent."""
+
+    def __init__(self):
+        super().__init__(ParallelDims(check_every=0))
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        return list(values)
+
+    def probe_losses(self, mine: dict[int, float], n_probes: int, share: float = 1.0) -> list[float]:
+        return [mine[r] for r in range(n_probes)]
+
+    def check_same(self, what: str, digest: Callable[[], bytes]) -> None:
+        pass  # (the digest is never computed)
+
+    def broadcast(self, obj):
+        return obj
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+SOLO = Solo()
 
 
 class SlicedReads:

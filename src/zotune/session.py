@@ -20,7 +20,7 @@ from zotune.methods import METHODS, MethodConfig, StepRecord, make_optimizer
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
 from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
-from zotune.parallel import Group, weights_digest
+from zotune.parallel import SOLO, Group, weights_digest
 from zotune.precision import Masters
 from zotune.quant import QWEIGHT_KIND, quantize_
 from zotune.runs import RunFolder, entries, remove_new_entries, tensor_digest
@@ -35,7 +35,7 @@ class Session:
     tensors outside the blocks, and on resume each block catches up from its own recorded step.
     """
 
-    def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False, group: Group | None = None):
+    def __init__(self, cfgs: dict, run: RunFolder, device, log, resume: bool = False, group: Group = SOLO):
         self.engine, self._new_folder = None, None
         self._restored: Masters | None = None  # float32 values of a 16-bit RAM-tier run's restore
         try:
@@ -47,7 +47,7 @@ class Session:
                 remove_new_entries(*self._new_folder)
             raise
 
-    def _open(self, cfgs: dict, run: RunFolder, device, log, resume: bool, group: Group | None) -> None:
+    def _open(self, cfgs: dict, run: RunFolder, device, log, resume: bool, group: Group) -> None:
         self.run, self.log, self.device = run, log, device
         model_cfg, method_cfg = cfgs["model"], cfgs["method"]
         self.stream_cfg: StreamConfig = cfgs.get("stream") or StreamConfig()
@@ -69,7 +69,7 @@ class Session:
                                   f"run's weights; restore the folder, or start a new run")
             # Loaded on the CPU. Resident, the model goes to the device once it is complete (quantized,
             # adapted) below; with a tier, only what lies outside the blocks ever does (stream_).
-            writer = group is None or group.is_main  # one writer of a disk tier; the other ranks then open it
+            writer = group.is_main  # one writer of a disk tier; the other ranks then open it
             if self.stream_cfg.tier != "disk" or writer:
                 self.model, self.tokenizer = load_model(model_cfg, log=log)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
@@ -80,14 +80,13 @@ class Session:
                     self._new_folder = (Path(self.stream_cfg.dir), entries(Path(self.stream_cfg.dir)))
                     self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
                     self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
-                if group is not None:
-                    group.barrier()
-                    if writer:
-                        self.engine.join(group)
-                    else:
-                        self.model, self.engine = load_streamed(self.stream_cfg.dir, device, model_cfg.dtype,
-                                                                self.stream_cfg.prefetch, group, log)
-                        self.tokenizer = _folder_tokenizer(self.stream_cfg.dir)
+                group.barrier()  # the folder is written: the other ranks open it
+                if writer:
+                    self.engine.join(group)
+                else:
+                    self.model, self.engine = load_streamed(self.stream_cfg.dir, device, model_cfg.dtype,
+                                                            self.stream_cfg.prefetch, group, log)
+                    self.tokenizer = _folder_tokenizer(self.stream_cfg.dir)
                 base_hash = self.engine.tier.manifest["base_digest"]
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())

@@ -95,7 +95,7 @@ class _Run:
     task: Task
     session: Session
     run: RunFolder
-    group: Group | None
+    group: Group
     device: torch.device
     log: object
     best: _Best
@@ -103,7 +103,7 @@ class _Run:
 
     @property
     def main(self) -> bool:
-        return self.group is None or self.group.is_main
+        return self.group.is_main
 
     @property
     def track_dev(self) -> bool:
@@ -143,7 +143,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         torch.set_num_threads(cfgs["run"].threads)
     device = resolve_device(cfgs["run"].device)
     group = Group.from_env(cfgs["parallel"], device)
-    if group is not None and not group.is_main:
+    if not group.is_main:
         log = lambda *a, **k: None  # noqa: E731 -- rank 0 speaks for the run
     tf32 = set_tf32(device, cfgs["model"].tf32)
     if tf32:
@@ -163,16 +163,14 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     start, before, seconds_before = _catch_up(r, resume)
     outcome = _run_steps(r, start, seconds_before)
     summary = _finish(r, outcome, before, started)
-    if group is not None:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    group.close()
     return summary
 
 
-def _open_run(cfgs: dict, group: Group | None, resume: bool, log) -> RunFolder:
+def _open_run(cfgs: dict, group: Group, resume: bool, log) -> RunFolder:
     """Rank 0's run folder (new, or the one to resume); the other ranks follow it and write nothing."""
     run = None
-    if group is None or group.is_main:
+    if group.is_main:
         run = RunFolder(cfgs["run"].out, resume=resume)
         if resume:
             summary_path = run.path / "summary.json"
@@ -183,11 +181,10 @@ def _open_run(cfgs: dict, group: Group | None, resume: bool, log) -> RunFolder:
                                   f"train longer with `zotune resume {run.path} run.steps=N`")
         else:
             run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
-    if group is not None:  # the others follow rank 0's folder (same name even when it was a timestamp)
-        out = group.broadcast(str(run.path) if run is not None else None)
-        run = run or FollowerRun(out)
+    out = group.broadcast(str(run.path) if run is not None else None)  # the others follow rank 0's folder
+    run = run or FollowerRun(out)  # (the same name, even when it was a timestamp)
     log(f"run folder: {run.path}" + (f" ({group.world} processes: data {group.dims.data} x perturb "
-                                     f"{group.dims.perturb})" if group is not None else ""))
+                                     f"{group.dims.perturb})" if group.world > 1 else ""))
     return run
 
 
@@ -199,10 +196,9 @@ def _introduce(r: _Run, resume: bool) -> None:
         if resume:  # rewritten only now that the run continues (a longer run.steps, new defaults named)
             r.run.write_config(as_dicts)
         r.run.trackers = open_trackers(cfgs["run"].report_to, r.run.path, as_dicts)
-    if r.group is not None:  # the same model, config and seed on every rank, before any step
-        r.group.check_same("the model, config and seed", text_digest(
-            json.dumps({k: v for k, v in as_dicts.items() if k != "run"}, sort_keys=True, default=str)
-            + str(cfgs["run"].seed) + weights_digest(session.params if session.engine is None else []).hex()))
+    r.group.check_same("the model, config and seed", lambda: text_digest(  # the same on every rank, before any step
+        json.dumps({k: v for k, v in as_dicts.items() if k != "run"}, sort_keys=True, default=str)
+        + str(cfgs["run"].seed) + weights_digest(session.params if session.engine is None else []).hex()))
     task, params, adapter = r.task, session.params, cfgs["adapter"]
     log(f"task: {task.describe()}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
@@ -243,8 +239,8 @@ def _catch_up(r: _Run, resume: bool) -> tuple[int, dict, float]:
         for dev_step, score, loss in run.dev_scores() if r.main else []:
             r.best.record(dev_step, score, loss)
         run.protected = r.best.step if run_cfg.keep == "best" and r.best.step is not None else -1
-    if group is not None:  # decisions from rank 0's files: every rank must take part in the same evaluations
-        before, seconds_before, r.best = group.broadcast((before, seconds_before, r.best))
+    # decisions from rank 0's files: every rank must take part in the same evaluations
+    before, seconds_before, r.best = group.broadcast((before, seconds_before, r.best))
     if before is None:
         before = r.evaluate(r.task.test, "zero-shot test")
         run.log({"step": 0, **metric_record("test", before), "n": before["n"]})
@@ -254,10 +250,7 @@ def _catch_up(r: _Run, resume: bool) -> tuple[int, dict, float]:
         last_eval = start - start % run_cfg.eval_every
         if last_eval and not r.is_eval_step(last_eval):
             last_eval -= run_cfg.eval_every
-        missing = not run.has_dev(last_eval)
-        if group is not None:
-            missing = group.broadcast(missing)
-        if missing:
+        if group.broadcast(not run.has_dev(last_eval)):
             r.log_dev(last_eval)
     return start, before, seconds_before
 
@@ -285,7 +278,7 @@ def _run_steps(r: _Run, start: int, seconds_before: float) -> _Outcome:
     with _StopOnCtrlC() as ctrl_c:
         for step in range(start + 1, run_cfg.steps + 1):
             batch_id, indices = next(order)
-            rows, share = group.rows(len(indices)) if group is not None else (slice(None), 1.0)  # this rank's part
+            rows, share = group.rows(len(indices))  # this rank's part
             if batch_id not in collated and share:  # kept on the host: device memory does not grow with the data
                 collated[batch_id] = task.collate([task.train[i] for i in indices[rows]])
             batch = collated[batch_id].to(r.device) if share else None
@@ -331,8 +324,8 @@ def _after_step(r: _Run, step: int, bar) -> bool:
             return True
     if run_cfg.snapshot_every and step % run_cfg.snapshot_every == 0:
         r.session.snapshot(step)
-    if r.group is not None and r.group.dims.check_every and step % r.group.dims.check_every == 0:
-        r.group.check_same(f"the weights at step {step}", r.session.weights_digest())
+    if r.group.dims.check_every and step % r.group.dims.check_every == 0:
+        r.group.check_same(f"the weights at step {step}", r.session.weights_digest)
     return False
 
 
@@ -349,10 +342,8 @@ def _failure(e: Exception, step: int, logged: int, run: RunFolder) -> str:
     return f"step {step}: {e}; the run folder is intact: `zotune resume {run.path}`"
 
 
-def _stop_requested(ctrl_c: _StopOnCtrlC, group: Group | None) -> bool:
+def _stop_requested(ctrl_c: _StopOnCtrlC, group: Group) -> bool:
     """Ctrl-C here, or (under torchrun) on any rank: every rank stops after the same step."""
-    if group is None:
-        return ctrl_c.requested
     return group.sum([float(ctrl_c.requested)])[0] > 0
 
 

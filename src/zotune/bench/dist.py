@@ -37,7 +37,7 @@ def worker(spec: dict) -> dict:
     opt = ZOSGD(list(model.parameters()), lr=1e-7, eps=1e-3, seed=0, group=group)
     n = spec["batch"]
     ids = torch.randint(0, model.config.vocab_size, (n, spec["seq"]), generator=torch.Generator().manual_seed(0))
-    rows, share = group.rows(n) if group is not None else (slice(None), 1.0)
+    rows, share = group.rows(n)
     mine = ids[rows]
 
     def closure():
@@ -51,7 +51,7 @@ def worker(spec: dict) -> dict:
             opt.step(closure, share)
 
     step()  # warm-up
-    sent0 = group.bytes_sent if group is not None else 0
+    sent0 = group.bytes_sent
     read0 = engine.tier.bytes_read if engine is not None else 0
     times = []
     for _ in range(spec["steps"]):
@@ -59,14 +59,12 @@ def worker(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t)
     result = {"step_s": min(times),
-              "bytes_per_step": ((group.bytes_sent - sent0) if group is not None else 0) / spec["steps"],
+              "bytes_per_step": (group.bytes_sent - sent0) / spec["steps"],
               "slow_tier_bytes_per_step": ((engine.tier.bytes_read - read0) if engine is not None else 0) / spec["steps"],
               "parameters": sum(p.numel() for p in model.parameters()) if engine is None else None}
     if engine is not None:
         engine.close()
-    if group is not None:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    group.close()
     return result
 
 

@@ -55,8 +55,7 @@ class ZOConservative(ZOSGD):
             self._scaled_move(params, key, 2 * g)
             at = 1.0
             extra.append(self._loss(closure) if share > 0 else 0.0)  # L(θ + u)
-            if self.group is not None:  # every data rank ran all three on its rows
-                extra = self.group.sum([x * share for x in extra])
+            extra = self.group.sum([x * share for x in extra])  # every data rank ran all three on its rows
             self.check_finite(extra)
         except BaseException:  # back to θ before raising
             if at:

@@ -29,7 +29,7 @@ class ForwardGradient(ZOSGD):
 
     def __init__(self, params, **options):
         super().__init__(params, **options)
-        if self.group is not None:
+        if self.group.world > 1:
             raise ConfigError("forward-grad runs in one process: drop parallel.data / parallel.perturb")
 
     def moves(self):

@@ -10,6 +10,7 @@ import torch
 
 from zotune.config import ConfigError
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT, FORMATS, Directions
+from zotune.parallel import SOLO
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,7 +103,7 @@ class ZOSGD(torch.optim.Optimizer):
         # Per-tensor state by tensor index i (momentum, moments, Hessian, a step's mask): a streaming
         # engine moves tensor i's entry between the device and its tier with the block that holds it.
         self.tensor_state: dict[int, dict] = {}
-        self.group = group  # a zotune.parallel.Group, or None: with one process nothing is sent
+        self.group = SOLO if group is None else group  # a zotune.parallel.Group: with one process nothing is sent
 
     @staticmethod
     def directions_depend_on_device(options: dict) -> bool:
@@ -239,14 +240,12 @@ class ZOSGD(torch.optim.Optimizer):
                 self.move(indexed, key, k, -applied)
 
     def runs_probe(self, r: int, share: float = 1.0) -> bool:
-        """Whether this process runs probe r's forward: always without a group; with one, when r is
-        this rank's probe and this rank has rows of the batch (`share` > 0)."""
-        return self.group is None or (share > 0 and self.group.owns_probe(r))
+        """Whether this process runs probe r's forward: when r is this rank's probe and this rank has
+        rows of the batch (`share` > 0); always in one process."""
+        return share > 0 and self.group.owns_probe(r)
 
     def gather(self, mine: dict[int, float], n_probes: int, share: float = 1.0) -> list[float]:
-        """All probe losses: this process's own, or with a group every rank's (one all-reduce)."""
-        if self.group is None:
-            return [mine[r] for r in range(n_probes)]
+        """All probe losses: every rank's (one all-reduce; in one process, its own)."""
         losses = self.group.probe_losses(mine, n_probes, share)
         self.check_finite(losses)
         return losses

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from zotune.config import ConfigError
-from zotune.parallel import DivergedError
+from zotune.parallel import SOLO, DivergedError
 from zotune.stream.format import (BLOCK_HEADER, FORMAT, HEADER, MAGIC, RECORD, TENSOR_DTYPES, Spec, atomic_write,
                                   layout, views)
 from zotune.stream.tier import BlockState
@@ -58,7 +58,7 @@ class DiskTier:
         self._files = [self._open_block(j) for j in range(len(self.specs))]
         self._state_file = self._open_state()
         self.bytes_read = self.bytes_written = 0  # to and from the slow tier, by this process (block files and slots)
-        self._group = self._sliced = None
+        self._group, self._sliced = SOLO, None
         self._expected: list[tuple] | None = None  # not the folder's writer: the records it must hold, in memory
         self.slots: dict[int, list[Spec]] = {}  # block -> float32 layout of its trained tensors in the slots file
         self._slot_files: dict[int, object] = {}
@@ -209,7 +209,7 @@ class DiskTier:
 
     def sync_ranks(self) -> None:
         """After `add_masters` on every rank: the others open the slot files the writer created."""
-        if self._group is not None:
+        if self._group.world > 1:
             self._group.barrier()
             self.reload_slots()
             if not self.writes:

@@ -135,7 +135,7 @@ class StreamEngine:
     def join(self, group) -> None:
         """Serve the ranks of a process group (collective; nothing to do for one process): on the disk
         tier one rank writes the folder and each reads its slice of every block (`DiskTier.join`)."""
-        if group is not None and group.world > 1:
+        if group.world > 1:
             self.tier.join(group)
 
     def restore(self, records: list) -> None:

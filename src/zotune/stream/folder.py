@@ -18,6 +18,7 @@ from torch import nn
 from zotune.config import ConfigError
 from zotune.models import DTYPES, find_block_list
 from zotune.quant import dequantized, quantize_like_
+from zotune.parallel import SOLO, Group
 from zotune.precision import Precision
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
@@ -169,7 +170,7 @@ def is_stream_folder(path: str | Path) -> bool:
 
 
 def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype: str = "float32",
-                  prefetch: int = 1, group=None, log=print, accelerator=None):
+                  prefetch: int = 1, group: Group = SOLO, log=print, accelerator=None):
     """(model, engine) for a stream folder: only what lies outside the blocks is loaded into memory.
 
     With a process group (`zotune.parallel.Group`), the ranks read the blocks in slices and one of them writes the folder (`DiskTier.join`).
