@@ -26,7 +26,7 @@ from zotune.config import ConfigError
 from zotune.evaluation import evaluate, metric_record
 from zotune.methods import NonFiniteLossError
 from zotune.models import resolve_source
-from zotune.parallel import DivergedError, Group, text_digest, weights_digest
+from zotune.parallel import SOLO, DivergedError, Group, text_digest, weights_digest
 from zotune.precision import Masters, Precision, set_tf32
 from zotune.prefix import FrozenPrefix
 from zotune.resolve import SECTIONS, resolve_device
@@ -116,7 +116,7 @@ class _Run:
     def evaluate(self, examples, desc: str, shared: bool = True) -> dict:
         """The task's metrics on `examples`; `shared`: each rank evaluates its share (else all of them)."""
         return evaluate(self.session.model, self.task, examples, self.cfgs["run"].eval_batch_size, self.device, desc,
-                        self.group if shared else None)
+                        self.group if shared else SOLO)
 
     def log_dev(self, step: int) -> float:
         """Evaluate on dev; a new best step's weights are kept in a protected snapshot (`run.keep=best`)."""
