@@ -88,7 +88,8 @@ def test_prefix_tuning_trains_only_the_prefix_resumes_and_exports(tiny_model_dir
     prefix = ["adapter.kind=prefix", "adapter.tokens=3"]
     whole = tmp_path / "whole"
     assert main(args(tiny_model_dir, data_file, whole, *prefix)) == 0
-    assert "trainable (prefix tuning, 3 tokens per layer, real initialisation): 1 tensors, 288 values" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "trainable (prefix tuning, 3 tokens per layer, real initialisation): 1 tensors, 288 values" in said
     parts = tmp_path / "parts"
     assert main(args(tiny_model_dir, data_file, parts, *prefix, steps=3)) == 0
     assert main(["resume", str(parts), "run.steps=6"]) == 0

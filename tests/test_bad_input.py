@@ -282,7 +282,8 @@ def test_a_disk_tier_run_refused_after_loading_writes_no_stream_folder(prepared,
     """Refusals that need the loaded model (here: a trainable spec that selects nothing) come before the
     stream folder is written, and a run refused later takes away the folder it wrote."""
     w = World(tmp_path, prepared, tiny_model_dir)
-    assert main(w.train("--trainable", "re:^nothing$", "--offload", "disk", "--offload-dir", str(tmp_path / "blocks"))) == 2
+    assert main(w.train("--trainable", "re:^nothing$", "--offload", "disk", "--offload-dir",
+                        str(tmp_path / "blocks"))) == 2
     assert not (tmp_path / "blocks").exists() and not w.out.exists()
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == json.dumps(["reviews.csv"])
     # a refusal after the folder is written (a base.json of another model in --out): the folder goes again

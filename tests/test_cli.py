@@ -111,7 +111,8 @@ def test_missing_empty_and_columnless_data(tiny_model_dir, tmp_path, capsys):
     assert "has no rows" in error_of(train_args(tiny_model_dir, empty, tmp_path / "r2"), capsys)
     wrong = write_csv(tmp_path / "wrong.csv", [("a", "pos")], header="review,label")
     err = error_of(train_args(tiny_model_dir, wrong, tmp_path / "r3"), capsys)
-    assert "wrong.csv:2: task.template field {text} is not in the row (has: review, label)" in err and "task.text_column" in err
+    assert "wrong.csv:2: task.template field {text} is not in the row (has: review, label)" in err
+    assert "task.text_column" in err
 
 
 def test_label_without_verbalizer(tiny_model_dir, tmp_path, capsys):
@@ -199,7 +200,8 @@ def test_kept_prefix_outputs_give_the_same_run_as_recomputing(tiny_model_dir, da
 
 
 def test_bench_step_prints_both_ratios_as_json(capsys):
-    assert main(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1", "--json", "--no-task"]) == 0
+    assert main(["bench", "step", "--shape", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1", "--json",
+                 "--no-task"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["zotune_ratio"] > 0 and result["mezo_ratio"] > 0 and result["shape"] == "tiny"
 
@@ -241,7 +243,8 @@ def test_a_16_bit_model_trains_float32_masters_resident_as_streamed(tiny_model_d
                 "task.verbalizer={pos: great, neg: terrible}", *extra]
     assert main(args(tmp_path / "whole", 4)) == 0
     assert "trained tensors kept as float32 masters beside the model" in capsys.readouterr().out
-    tiers = {"parts": [], "ram": ["--offload", "cpu"], "disk": ["--offload", "disk", "--offload-dir", str(tmp_path / "b")]}
+    tiers = {"parts": [], "ram": ["--offload", "cpu"],
+             "disk": ["--offload", "disk", "--offload-dir", str(tmp_path / "b")]}
     for name, tier in tiers.items():  # stopped after 2 steps, resumed to 4
         assert main(args(tmp_path / name, 2, *tier)) == 0
         assert main(["resume", str(tmp_path / name), "run.steps=4"]) == 0
@@ -367,7 +370,8 @@ def test_report_to_a_tracker_copies_the_metrics(tiny_model_dir, data_file, tmp_p
     assert any("dev_accuracy" in v for _, v in logged) and sum("test_accuracy" in v for _, v in logged) == 2
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    assert main(train_args(tiny_model_dir, data_file, tmp_path / "tb", "--steps", "1", "run.report_to=tensorboard")) == 2
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "tb", "--steps", "1",
+                           "run.report_to=tensorboard")) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "x", "--steps", "1", "run.report_to=mlflow")) == 2
     assert "'mlflow' is not a tracker" in capsys.readouterr().err

@@ -25,6 +25,8 @@ def test_the_blocks_example_is_the_former_default_job():
     """docs/compare.md's block-training figures (0.720 / 0.714 / 0.702) were measured with these settings."""
     cfgs = resolve_configs(EXAMPLES / "rotten_tomatoes_blocks.yaml")
     assert cfgs["model"].trainable == "last-blocks:2"
-    assert (cfgs["task"].template, cfgs["task"].verbalizer) == ("{text} It was", {"fresh": "great", "rotten": "terrible"})
+    assert (cfgs["task"].template, cfgs["task"].verbalizer) == ("{text} It was",
+                                                                {"fresh": "great", "rotten": "terrible"})
     method, run = cfgs["method"], cfgs["run"]
-    assert (method.name, method.lr, method.rank, method.interval, run.batch_size, run.steps) == ("lozo", 2.5e-4, 2, 50, 16, 1200)
+    got = (method.name, method.lr, method.rank, method.interval, run.batch_size, run.steps)
+    assert got == ("lozo", 2.5e-4, 2, 50, 16, 1200)

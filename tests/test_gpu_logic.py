@@ -209,7 +209,8 @@ def test_the_process_group_is_bound_to_this_process_gpu(monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda **kw: calls.update(barrier=kw))
     group = Group.from_env(ParallelDims(data=2), torch.device("cuda:1"))
     group.barrier()
-    assert calls["backend"] == "nccl" and calls["device_id"] == torch.device("cuda:1") and fake.current == torch.device("cuda:1")
+    assert calls["backend"] == "nccl" and calls["device_id"] == torch.device("cuda:1")
+    assert fake.current == torch.device("cuda:1")
     assert calls["barrier"] == {"device_ids": [1]}
 
 
@@ -393,12 +394,14 @@ def test_a_cuda_sweep_takes_the_triton_kernel_and_the_eager_reference_does_not()
             return self._contiguous
 
     assert triton_sweep.available(CudaLike(torch.float32))
-    assert not triton_sweep.available(CudaLike(torch.bfloat16)) and not triton_sweep.available(CudaLike(torch.float32, False))
+    assert not triton_sweep.available(CudaLike(torch.bfloat16))
+    assert not triton_sweep.available(CudaLike(torch.float32, False))
     assert not triton_sweep.available(torch.zeros(3))  # the CPU has its own kernel
     fused, eager, gaussian = Directions("rademacher"), Directions("rademacher"), Directions("gaussian")
     eager.fused = False
     assert fused._fused_on_device(CudaLike(torch.float32))
-    assert not eager._fused_on_device(CudaLike(torch.float32)) and not gaussian._fused_on_device(CudaLike(torch.float32))
+    assert not eager._fused_on_device(CudaLike(torch.float32))
+    assert not gaussian._fused_on_device(CudaLike(torch.float32))
 
 
 

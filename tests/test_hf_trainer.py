@@ -42,7 +42,8 @@ def trainer(tmp_path, micro, accumulation, steps, method="zosgd", options=None, 
                      zo_method=method, zo_options={"eps": EPS, **(options or {})})
 
 
-@pytest.mark.parametrize("method, options, lr", [("zosgd", {}, LR), ("fzoo", {"n_directions": 3}, 1e-3), ("hizoo", {}, LR)])
+@pytest.mark.parametrize("method, options, lr",
+                         [("zosgd", {}, LR), ("fzoo", {"n_directions": 3}, 1e-3), ("hizoo", {}, LR)])
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, method, options, lr):
     """4 steps, each a window of 2 x 4 sequences, against the method on all 8 at once with the same
     seeds: the same projected gradients within float rounding (two micro-batch means instead of one

@@ -15,7 +15,8 @@ EXAMPLES = Table([{"text": f"review number {i}: {'a wonderful, moving film' if i
 
 @pytest.fixture(scope="module")
 def task(tokenizer):
-    return ClassificationTask(TaskConfig(data="inline", verbalizer={"fresh": "great", "rotten": "terrible"}, n_dev=0, n_test=8), tokenizer, EXAMPLES)
+    return ClassificationTask(TaskConfig(data="inline", verbalizer={"fresh": "great", "rotten": "terrible"}, n_dev=0,
+                                         n_test=8), tokenizer, EXAMPLES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

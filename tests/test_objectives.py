@@ -20,7 +20,8 @@ def test_metric_objectives_are_one_minus_the_metric():
     assert float(OBJECTIVES["accuracy"](logits, labels)) == pytest.approx(0.25)
     # class 0: tp 2, predicted 2, true 3 -> F1 0.8; class 1: tp 1, predicted 2, true 1 -> 2/3
     assert float(OBJECTIVES["f1"](logits, labels)) == pytest.approx(1 - (0.8 + 2 / 3) / 2)
-    assert float(OBJECTIVES["loss"](logits, labels)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
+    expected = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert float(OBJECTIVES["loss"](logits, labels)) == pytest.approx(expected)
 
 
 def test_zo_trains_a_classifier_on_its_error_rate_alone():
@@ -53,7 +54,8 @@ def test_a_run_minimises_a_user_function_from_a_file(tiny_model_dir, data_file, 
                  "task.n_test=8", f"task.objective={tmp_path / 'reward.py'}:negative_margin", "--method", "zosgd"]) == 0
     values = [json.loads(line) for line in seen.read_text().splitlines()]
     assert len(values) == 6  # ZO-SGD's two probes a step, nothing else calls it
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "step" in r]
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    losses = [r["loss"] for r in rows if "loss" in r and "step" in r]
     assert losses[:3] == pytest.approx([(values[2 * i] + values[2 * i + 1]) / 2 for i in range(3)], rel=1e-6)
 
 

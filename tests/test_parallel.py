@@ -83,7 +83,8 @@ def test_data_and_2d_parallel_equal_one_process_within_rounding(dims, single, ti
     agree to 1e-4; measured 1.2e-5 for D = 2."""
     out = tmp_path / "run"
     n = dims["data"] * dims["perturb"]
-    argv = train_args(tiny_model_dir, data_file, out, f"parallel.data={dims['data']}", f"parallel.perturb={dims['perturb']}")
+    argv = train_args(tiny_model_dir, data_file, out, f"parallel.data={dims['data']}",
+                      f"parallel.perturb={dims['perturb']}")
     assert wait_all(launch(n, argv, tmp_path)) == [0] * n
     assert step_losses(out) == pytest.approx(step_losses(single), rel=1e-4)
     a, b = final(single), final(out)
@@ -98,7 +99,8 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(tiny_model_dir, data_
                       steps=100000)
     procs = launch(2, argv, tmp_path)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "steps.log").exists() and (out / "steps.log").stat().st_size > 8 + 42 * 3):
+    log = out / "steps.log"
+    while time.time() < deadline and not (log.exists() and log.stat().st_size > 8 + 42 * 3):
         time.sleep(0.05)
     started = time.time()
     procs[1].send_signal(signal.SIGKILL)
@@ -127,7 +129,8 @@ def test_lozo_m_perturbation_parallel_equals_one_process_bit_for_bit(tiny_model_
     method = ["--method", "lozo-m", "method.interval=2", "method.n_directions=2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(train_args(tiny_model_dir, data_file, one, *method)) == 0
-    assert wait_all(launch(2, train_args(tiny_model_dir, data_file, two, "parallel.perturb=2", *method), tmp_path)) == [0, 0]
+    assert wait_all(launch(2, train_args(tiny_model_dir, data_file, two, "parallel.perturb=2", *method),
+                           tmp_path)) == [0, 0]
     assert (two / "steps.log").read_bytes() == (one / "steps.log").read_bytes()
     a, b = final(one), final(two)
     assert all(torch.equal(a[k], b[k]) for k in a)

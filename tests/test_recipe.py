@@ -64,7 +64,8 @@ def test_keep_best_ends_with_the_best_dev_step_and_export_and_eval_agree(tiny_mo
     assert main(["export", str(out), "--out", str(tmp_path / "model")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     snapshot = load_file(out / "snapshots" / f"step-{best['step']:07d}.safetensors")
-    params = [p for n, p in model.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2.", "model.norm."))]
+    trained = ("model.layers.1.", "model.layers.2.", "model.norm.")
+    params = [p for n, p in model.named_parameters() if n.startswith(trained)]
     assert len(params) == len(snapshot) and all(torch.equal(p, snapshot[f"t{i}"]) for i, p in enumerate(params))
     assert main(["eval", "--model", str(out), "--split", "test", "--out", str(tmp_path / "e.json")]) == 0
     evaluated = json.loads((tmp_path / "e.json").read_text())["splits"]["test"]

@@ -17,11 +17,14 @@ from zotune.cli import main
 from zotune.methods import StepRecord
 from zotune.runs import LOG_MAGIC, RunFolder, decode_steps, encode_step
 
-RECORD_START, RECORD = len(LOG_MAGIC), 42  # steps.log format 2: the magic, then 42 bytes a step (one direction, one group)
+# steps.log format 2: the magic, then 42 bytes a step (one direction, one group)
+RECORD_START, RECORD = len(LOG_MAGIC), 42
 
 STEPS = 24
 OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=5", "run.snapshot_every=7",
-           "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", "model.trainable=last-blocks:2"]
+           "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}",
+           "model.trainable=last-blocks:2"]
+LAST_TWO_AND_NORM = ("model.layers.1.", "model.layers.2.", "model.norm.")  # what last-blocks:2 trains
 
 
 def args(model_dir, data, out, steps=STEPS):
@@ -102,7 +105,8 @@ RESUME = ["run.steps=%d" % STEPS]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_step_log_resumes_from_the_last_good_step(damage, tiny_model_dir, data_file, tmp_path, reference, capsys):
+def test_damaged_step_log_resumes_from_the_last_good_step(damage, tiny_model_dir, data_file, tmp_path, reference,
+                                                          capsys):
     out = tmp_path / "run"
     interrupted_run(tiny_model_dir, data_file, out)
     log = out / "steps.log"
@@ -114,7 +118,8 @@ def test_damaged_step_log_resumes_from_the_last_good_step(damage, tiny_model_dir
     log.write_bytes(bytes(data))
     assert main(["resume", str(out), *RESUME]) == 0
     printed = capsys.readouterr().out
-    assert "steps.log is " + ("corrupted (checksum mismatch)" if damage == "flip" else "truncated") + " after step 9" in printed
+    problem = "corrupted (checksum mismatch)" if damage == "flip" else "truncated"
+    assert "steps.log is " + problem + " after step 9" in printed
     assert "snapshot of step 7, then 2 steps replayed" in printed
     same(outcome(out), reference)
 
@@ -206,7 +211,7 @@ def test_replay_and_export_rebuild_the_trained_model(tiny_model_dir, data_file, 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     final = reference[4]
-    trainable = [p for n, p in exported.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2.", "model.norm."))]
+    trainable = [p for n, p in exported.named_parameters() if n.startswith(LAST_TWO_AND_NORM)]
     assert len(trainable) == len(final)
     assert all(torch.equal(p, final[f"t{i}"]) for i, p in enumerate(trainable))  # export == trained, bit for bit
     for a, b in zip(replayed.state_dict().values(), exported.state_dict().values()):
@@ -236,7 +241,7 @@ def test_a_run_from_before_direction_formats_replays_with_its_own(tiny_model_dir
     from transformers import AutoModelForCausalLM
 
     replayed = AutoModelForCausalLM.from_pretrained(tmp_path / "replayed")
-    tensors = [p for n, p in replayed.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2.", "model.norm."))]
+    tensors = [p for n, p in replayed.named_parameters() if n.startswith(LAST_TWO_AND_NORM)]
     assert len(tensors) == len(trained)
     assert all(torch.equal(p, trained[f"t{i}"]) for i, p in enumerate(tensors))
 

@@ -9,7 +9,8 @@ import pytest
 from zotune.config import ConfigError
 from zotune.tasks import ClassificationTask, TaskConfig, load_rows
 
-ROWS = [{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}", "label": "pos" if i % 2 else "neg"} for i in range(12)]
+ROWS = [{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}",
+         "label": "pos" if i % 2 else "neg"} for i in range(12)]
 EXPECTED = ROWS
 
 
@@ -32,7 +33,9 @@ def test_parquet_jsonl_and_csv_give_the_same_examples(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,match", [
-    ("mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n', r"mixed.jsonl:2: label 'pos' is a str, but the label of .*mixed.jsonl:1 is a int"),
+    ("mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n', r"mixed.jsonl:2: label 'pos' is a "
+                                                                                  r"str, but the label of "
+                                                                                  r".*mixed.jsonl:1 is a int"),
     ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label"\n', r"broken.jsonl:2: not valid JSON"),
     ("nolabel.csv", "text,stars\nfine,5\n", r"nolabel.csv:2: no column 'label' \(has: text, stars\)"),
     ("empty.csv", "text,label\n", r"has no rows"),
@@ -41,14 +44,16 @@ def test_parquet_jsonl_and_csv_give_the_same_examples(tmp_path):
 def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ConfigError, match=match):
-        ClassificationTask(TaskConfig(data=str(tmp_path / name), verbalizer={"1": "yes", "pos": "good"}, n_test=1, n_dev=0),
+        ClassificationTask(TaskConfig(data=str(tmp_path / name), verbalizer={"1": "yes", "pos": "good"}, n_test=1,
+                                      n_dev=0),
                            None, load_rows(str(tmp_path / name)))
 
 
 def test_parquet_errors_name_the_row(tmp_path):
     write_parquet(tmp_path / "p.parquet", [{"text": "a", "grade": "x"}])
     with pytest.raises(ConfigError, match=r"p.parquet row 1: no column 'label' \(has: text, grade\)"):
-        ClassificationTask(TaskConfig(data="p", verbalizer={"a": "x", "b": "y"}), None, load_rows(str(tmp_path / "p.parquet")))
+        ClassificationTask(TaskConfig(data="p", verbalizer={"a": "x", "b": "y"}), None,
+                           load_rows(str(tmp_path / "p.parquet")))
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(ConfigError, match="not a readable Parquet file"):
         load_rows(str(tmp_path / "fake.parquet"))
@@ -61,7 +66,8 @@ def test_hf_datasets_on_local_files_with_class_label_names(tmp_path):
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     rows = {"text": [r["text"] for r in ROWS], "label": [1 if r["label"] == "pos" else 0 for r in ROWS]}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))
-    datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()}, features=features).to_parquet(str(folder / "test.parquet"))
+    test_rows = datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()}, features=features)
+    test_rows.to_parquet(str(folder / "test.parquet"))
     assert load_rows(f"hf:{folder}").rows == EXPECTED  # split train by default; integers become their names
     assert load_rows(f"hf:{folder}@test").rows == EXPECTED[:4]
     with pytest.raises(ConfigError, match=r"task.data=hf:.*@nope: datasets could not load it"):
@@ -75,7 +81,8 @@ def test_hf_source_without_the_datasets_package(monkeypatch):
 
 
 @pytest.mark.parametrize("name,size,labels", [("rotten_tomatoes", 12808, {"fresh", "rotten"}),
-                                              ("bbc_news", 2225, {"business", "entertainment", "politics", "sports", "tech"}),
+                                              ("bbc_news", 2225,
+                                               {"business", "entertainment", "politics", "sports", "tech"}),
                                               ("tweets", 38158, {"negative", "neutral", "positive"})])
 def test_builtin_data_sets_come_with_their_prompt(name, size, labels, tokenizer):
     examples = load_rows(name)
@@ -130,7 +137,8 @@ def test_splits_from_their_own_files_and_the_single_file_split_unchanged(tmp_pat
     verb = {"pos": "great", "neg": "terrible"}
     task = make_task(TaskConfig(train=train, dev=dev, test=test, verbalizer=verb), None)
     assert (len(task.train), len(task.dev), len(task.test)) == (40, 8, 12)
-    assert _texts(task.test) == sorted(r["text"] for r in rows[48:]) and _texts(task.dev) == sorted(r["text"] for r in rows[40:48])
+    assert _texts(task.test) == sorted(r["text"] for r in rows[48:])
+    assert _texts(task.dev) == sorted(r["text"] for r in rows[40:48])
     sampled = make_task(TaskConfig(train=train, dev=dev, test=test, verbalizer=verb, n_test=5, n_dev=0), None)
     assert len(sampled.test) == 5 and set(_texts(sampled.test)) <= set(_texts(task.test)) and len(sampled.dev) == 8
     # only a test file: dev is carved from the training rows, exactly as from a single file of them

@@ -102,7 +102,8 @@ def test_disk_tier_run_equals_resident_run_and_resumes_exactly(resident, tiny_mo
         assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
     assert 1 <= most[0] <= 2  # the block being written, and at most one the engine was holding
     shards = sorted(p.name for p in (tmp_path / "exported").glob("model-*.safetensors"))
-    assert len(shards) == 4 and (tmp_path / "exported" / "model.safetensors.index.json").is_file()  # 3 blocks + the rest
+    # 3 blocks + the rest
+    assert len(shards) == 4 and (tmp_path / "exported" / "model.safetensors.index.json").is_file()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     resident_final = load_file(sorted((resident / "snapshots").glob("step-*.safetensors"))[-1])

@@ -74,11 +74,14 @@ def test_candidates_of_different_numbers_batch_together(tokenizer):
 def test_single_token_candidates_give_the_classification_loss(tokenizer):
     """Log-softmax over the vocabulary cancels in the cross-entropy over candidates: scoring the
     verbalizer words as candidates is the classification loss."""
-    rows = [{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}", "label": "pos" if i % 2 else "neg"} for i in range(16)]
-    classify = ClassificationTask(TaskConfig(data="x", verbalizer={"pos": "great", "neg": "terrible"}, n_dev=0, n_test=2),
+    rows = [{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}",
+             "label": "pos" if i % 2 else "neg"} for i in range(16)]
+    classify = ClassificationTask(TaskConfig(data="x", verbalizer={"pos": "great", "neg": "terrible"}, n_dev=0,
+                                             n_test=2),
                                   tokenizer, Table(rows, "x"))
     choose = MultipleChoiceTask(TaskConfig(type="multiple_choice", data="x", template="{text} It was",
-                                           choices=["great", "terrible"], label_names=["pos", "neg"], n_dev=0, n_test=2),
+                                           choices=["great", "terrible"], label_names=["pos", "neg"], n_dev=0,
+                                           n_test=2),
                                 tokenizer, Table(rows, "x"))
     model = tiny_model("qwen2")
     with torch.inference_mode():
@@ -95,7 +98,8 @@ def test_teacher_forcing_and_batched_greedy_decoding_equal_references(family, to
     batch = task.collate(examples)
     with torch.inference_mode():
         loss = task.loss(model, batch)
-        expected = [x for prompt, answers in examples for x in reference_logprob(model, tokenizer, prompt, " " + answers[0] + "\n")]
+        expected = [x for prompt, answers in examples
+                    for x in reference_logprob(model, tokenizer, prompt, " " + answers[0] + "\n")]
         assert float(loss) == pytest.approx(-sum(expected) / len(expected), abs=1e-5)
         answers = task.generate(model, batch)  # left-padded, KV cache, stops early
         assert task.generate(model, batch, lockstep=True) == answers  # ranks decoding in lockstep: the same answers
@@ -162,7 +166,8 @@ def test_a_decoding_objective_trains_on_generated_answers(tokenizer):
     with torch.inference_mode():
         value = float(task.loss(model, batch))
         predictions = task.generate(model, batch)
-    assert value == pytest.approx(1 - sum(max(token_f1(p, g) for g in a) for p, (_, a) in zip(predictions, task.train[:4])) / 4)
+    assert value == pytest.approx(1 - sum(max(token_f1(p, g) for g in a) for p, (_, a) in zip(predictions,
+                                                                                              task.train[:4])) / 4)
 
 
 # -- the suite by name --------------------------------------------------------------------------------
@@ -188,9 +193,12 @@ EXPECTED = {
     "rte": ('Cats sleep.\nDoes this mean that "Cats rest." is true? Yes or No?\n', "entailment"),
     "cb": ('Suppose It rained. Can we infer that "The ground is wet."? Yes, No, or Maybe?\n', "neutral"),
     "boolq": ("Water boils at 100 C. Does water boil at 100 c?", "True"),
-    "wsc": ('Mark told Pete he was late.\nIn the previous sentence, does the pronoun "he" refer to Pete? Yes or No?\n', "False"),
-    "wic": ('Does the word "bank" have the same meaning in these two sentences? Yes, No?\nA river bank.\nA bank loan.\n', "False"),
-    "multirc": ('Tom has two dogs.\nQuestion: How many dogs?\nI found this answer "Two". Is that correct? Yes or No?\n', "True"),
+    "wsc": ('Mark told Pete he was late.\nIn the previous sentence, does the pronoun "he" refer to Pete? '
+            'Yes or No?\n', "False"),
+    "wic": ('Does the word "bank" have the same meaning in these two sentences? Yes, No?\nA river bank.\n'
+            'A bank loan.\n', "False"),
+    "multirc": ('Tom has two dogs.\nQuestion: How many dogs?\nI found this answer "Two". Is that correct? '
+                'Yes or No?\n', "True"),
     "copa": ("The man broke his toe because", ("he dropped a hammer on his foot.", "I got a hole in my sock."), (0,)),
     "record": ("Rain in Paris.\n- Paris is wet\n-", ("Paris stayed dry.", "London stayed dry."), (1,)),
     "squad": ("Title: Tower\nContext: The tower is 300 m tall.\nQuestion: How tall?\nAnswer:", ("300 m", "300 m tall")),
@@ -216,11 +224,13 @@ def test_the_suite_defaults_to_hugging_face_data_and_says_what_to_do_offline(mon
     assert TaskConfig(name="rte").data == "hf:super_glue:rte" and TaskConfig(name="squad").type == "generation"
     with pytest.raises(ConfigError, match=r"task.name='mnli' is not a suite task; choose from .*rte"):
         TaskConfig(name="mnli")
-    assert TaskConfig(name="rte", template="{premise} ? {hypothesis}").template == "{premise} ? {hypothesis}"  # yours wins
+    # yours wins
+    assert TaskConfig(name="rte", template="{premise} ? {hypothesis}").template == "{premise} ? {hypothesis}"
     with pytest.raises(ConfigError, match="task.name=copa is a multiple_choice task; drop task.type=generation"):
         TaskConfig(name="copa", type="generation")
     generation = TaskConfig(data="rotten_tomatoes", type="generation", template="{text} Verdict:", answer="label")
-    assert generation.verbalizer == {} and generation.template == "{text} Verdict:"  # the data set's prompt is for classification
+    # the data set's prompt is for classification
+    assert generation.verbalizer == {} and generation.template == "{text} Verdict:"
 
 
 # -- task files ------------------------------------------------------------------------------------------
@@ -230,7 +240,8 @@ def test_yaml_and_python_task_files(tmp_path, tokenizer):
     values = load_task_file(str(tmp_path / "t.yaml"))
     assert values["choices"] == ["{a}", "{b}"]
     (tmp_path / "t.py").write_text("def prepare(row):\n    return {**row, 'q': row['question'].upper()}\n"
-                                   "TASK = dict(type='multiple_choice', template='{q}', choices=['{a}', '{b}'], prepare=prepare)\n")
+                                   "TASK = dict(type='multiple_choice', template='{q}', choices=['{a}', "
+                                   "'{b}'], prepare=prepare)\n")
     values = load_task_file(str(tmp_path / "t.py"))
     assert values["prepare"] == f"{tmp_path / 't.py'}:prepare"
     task = MultipleChoiceTask(TaskConfig(data="x", n_test=2, n_dev=0, **values), tokenizer, Table(MC_ROWS, "x"))
@@ -242,7 +253,8 @@ def test_yaml_and_python_task_files(tmp_path, tokenizer):
     ("type: classification\nverbalizer: {pos: '', neg: bad}\n", r"label 'pos' an empty word"),
     ("type: generation\ntemplate: 'Q: {question}'\ndata: qa.jsonl\n", r"task.answer is needed for a generation task"),
     ("type: generation\ntemplate: 'Q: {question}'\nanswer: a\n", r"task.data is needed for a generation task"),
-    ("type: multiple_choice\ndata: x.csv\ntemplate: '{question}'\nchoices: ['{a}']\nverbalizer: {a: b}\n", r"task.verbalizer is not used by a multiple_choice task"),
+    ("type: multiple_choice\ndata: x.csv\ntemplate: '{question}'\nchoices: ['{a}']\nverbalizer: {a: b}\n",
+     r"task.verbalizer is not used by a multiple_choice task"),
     ("template: '{text'\nverbalizer: {a: b, c: d}\n", r"is not a valid template"),
 ])
 def test_bad_task_files_name_the_file_line_or_field(tmp_path, text, match):
@@ -256,7 +268,8 @@ def test_bad_rows_name_the_file_line_and_field(tmp_path, tokenizer):
     path.write_text('{"question": "a", "answer": "x"}\n{"question": "b"}\n')
     from zotune.tasks import load_rows
 
-    cfg = TaskConfig(type="generation", data=str(path), template="Q: {question}\nA:", answer="answer", n_test=1, n_dev=0)
+    cfg = TaskConfig(type="generation", data=str(path), template="Q: {question}\nA:", answer="answer", n_test=1,
+                     n_dev=0)
     with pytest.raises(ConfigError, match=r"qa.jsonl:2: no column 'answer' \(has: question\)"):
         GenerationTask(cfg, tokenizer, load_rows(str(path)))
     cfg = TaskConfig(type="generation", data=str(path), template="Q: {questio}\nA:", answer="answer", n_test=1, n_dev=0)
@@ -331,4 +344,5 @@ def test_two_ranks_train_and_decode_a_generation_task_like_one(tiny_model_dir, q
     one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     for split in ("before", "after"):
         assert two[split]["n"] == one[split]["n"] and two[split]["exact_match"] == one[split]["exact_match"]
-        assert two[split]["f1"] == pytest.approx(one[split]["f1"]) and two[split]["loss"] == pytest.approx(one[split]["loss"])
+        assert two[split]["f1"] == pytest.approx(one[split]["f1"])
+        assert two[split]["loss"] == pytest.approx(one[split]["loss"])

@@ -145,7 +145,7 @@ def test_fzoo_matches_its_naive_reference(wd):
         l0 = loss_at(params, loss, start)
         ls = [loss_at(params, loss, [p + eps * zk for p, zk in zip(start, zs[k])]) for k in range(n)]
         sigma = torch.tensor(ls, dtype=torch.float64).std(unbiased=False).item()
-        assert opt.last.grads == pytest.approx([(l - l0) / sigma for l in ls], rel=1e-3, abs=1e-3)
+        assert opt.last.grads == pytest.approx([(x - l0) / sigma for x in ls], rel=1e-3, abs=1e-3)
         for i, (got, theta) in enumerate(zip(params, start)):
             decay = 1 - lr * wd if theta.dim() >= 2 else 1.0
             want = theta * decay - lr / n * sum((ls[k] - l0) / sigma * zs[k][i] for k in range(n))
@@ -265,7 +265,8 @@ def test_lozo_matches_its_naive_reference(momentum, distribution):
                                 (lambda u, v: (u @ v.T).view(theta.shape))(
                                     *_lozo_factors(z, rec.seed, 4, step, 0, i, theta.shape, rank, interval)))
                  for i, theta in enumerate(start)]
-        assert rec.losses[0] == pytest.approx(float(sum(((a - t) ** 2).sum() for a, t in zip(first, targets))), rel=1e-5)
+        assert rec.losses[0] == pytest.approx(float(sum(((a - t) ** 2).sum() for a, t in zip(first,
+                                                                                             targets))), rel=1e-5)
     floats = 6 * rank + 4 * rank + 8 if momentum else 0
     assert opt.state_floats() == floats
     assert sum(t.numel() for s in opt.tensor_state.values() for t in s.values()) == floats
@@ -394,7 +395,8 @@ def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model
         assert (out / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes(), name
         got = exported(out, tmp_path / f"{name}-model")
         assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole), name
-        if folder is not None and keeps_state(make_optimizer(method[1], [torch.zeros(3, 2)])):  # the blocks' state was in their slots on disk
+        # the blocks' state was in their slots on disk
+        if folder is not None and keeps_state(make_optimizer(method[1], [torch.zeros(3, 2)])):
             assert any(folder.glob("block-*.state-*.safetensors"))
 
 
@@ -466,7 +468,8 @@ def test_sparse_mezo_fits_a_change_in_the_small_weights_and_replays_exactly():
     small = theta.abs() <= theta.abs().flatten().kthvalue(32).values
     target[small] += 0.2 * torch.randn(int(small.sum()), generator=gen)
     base = theta.clone()
-    loss = lambda: ((theta - target) ** 2).sum()
+    def loss():
+        return ((theta - target) ** 2).sum()
     start = float(loss())
     opt = make_optimizer("sparse-mezo", [theta], seed=0, lr=1e-2, sparsity=0.25)
     for _ in range(500):
@@ -485,7 +488,8 @@ def test_sparse_mezo_fits_a_change_in_the_small_weights_and_replays_exactly():
         make_optimizer("sparse-mezo", [theta], sparsity=1.0)
 
 
-@pytest.mark.parametrize("method,quantize", [*((m, None) for m in list_methods()), ("zosgd", "int8"), ("zosgd", "int4")])
+@pytest.mark.parametrize("method,quantize",
+                         [*((m, None) for m in list_methods()), ("zosgd", "int8"), ("zosgd", "int4")])
 def test_bench_memory_counts_the_state_each_method_says_it_keeps(method, quantize):
     """`zotune bench memory`'s measurement on a small shape: the state bytes it counts are the method's
     `state_per_value` floats per trainable value (the measurement itself asserts it), on a quantized

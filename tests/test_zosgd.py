@@ -94,7 +94,8 @@ def functional_step(params, loss_at, seed, lr, eps, wd):
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-@pytest.mark.parametrize("n,one_sided,wd", [(1, False, 0.0), (1, False, 0.1), (3, False, 0.0), (1, True, 0.0), (2, True, 0.1)])
+@pytest.mark.parametrize("n,one_sided,wd",
+                         [(1, False, 0.0), (1, False, 0.1), (3, False, 0.0), (1, True, 0.0), (2, True, 0.1)])
 def test_inplace_matches_reference_with_stored_z_bit_for_bit(n, one_sided, wd, distribution):
     net_a, net_b = small_net(), small_net()
     opt = ZOSGD(net_a.parameters(), lr=0.05, eps=1e-3, weight_decay=wd, n_directions=n, one_sided=one_sided, seed=7,
@@ -186,7 +187,8 @@ def test_converges_on_a_quadratic():
     target = torch.randn(20)
     theta = torch.zeros(20)
     opt = ZOSGD([theta], lr=0.02, eps=1e-3, seed=0)
-    loss = lambda: ((theta - target) ** 2).sum()
+    def loss():
+        return ((theta - target) ** 2).sum()
     start = float(loss())
     for _ in range(600):
         opt.step(loss)
@@ -319,7 +321,8 @@ def test_rademacher_signs_are_the_bits_of_the_counter_words(n, dtype):
 
 
 @pytest.mark.parametrize("n", [2 * CHUNK + 77, 1000, 31, 1])
-@pytest.mark.parametrize("terms", [(1e-3, 1.0, 0.0), (-2e-3, 1.0, 0.0), (1e-3, 0.999, -3e-4), (0.0, 1.0, 0.37), (5e-4, 1.0, -2e-4)])
+@pytest.mark.parametrize("terms", [(1e-3, 1.0, 0.0), (-2e-3, 1.0, 0.0), (1e-3, 0.999, -3e-4), (0.0, 1.0, 0.37),
+                                   (5e-4, 1.0, -2e-4)])
 def test_fused_rademacher_kernel_equals_the_eager_path_bit_for_bit(n, terms):
     """The numba kernel (one pass) against the eager draw-expand-add chunks: the same bits."""
     from zotune.methods import kernels
@@ -359,7 +362,8 @@ def test_format_1_rademacher_draws_stay_what_they_were():
     import hashlib
 
     z = Directions("rademacher", version=1).z(torch.zeros(3 * CHUNK + 77), 3, 0, 5)
-    assert hashlib.sha256((z > 0).to(torch.uint8).numpy().tobytes()).hexdigest()[:32] == "541ecf61d327c6f3f66ce9fd93a57b2d"
+    digest = hashlib.sha256((z > 0).to(torch.uint8).numpy().tobytes()).hexdigest()
+    assert digest[:32] == "541ecf61d327c6f3f66ce9fd93a57b2d"
     assert not torch.equal(z, Directions("rademacher").z(torch.zeros(3 * CHUNK + 77), 3, 0, 5))
     with pytest.raises(ConfigError, match="newer than this zotune"):
         ZOSGD([torch.zeros(3)], directions_format=3)
@@ -373,7 +377,8 @@ def test_rademacher_directions_are_signs_and_train():
     target = torch.randn(20)
     theta = torch.zeros(20)
     opt = ZOSGD([theta], lr=0.02, eps=1e-3, seed=0, distribution="rademacher")
-    loss = lambda: ((theta - target) ** 2).sum()
+    def loss():
+        return ((theta - target) ** 2).sum()
     start = float(loss())
     for _ in range(300):
         opt.step(loss)

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune (defaults: SmolLM2-135M-Instruct on Rotten Tomatoes, offline)",
-                       description="Options come from defaults, then --config FILE, then section.key=value, then flags.")
+                       description="Options come from defaults, then --config FILE, then section.key=value, "
+                                   "then flags.")
     t.add_argument("--config", help="YAML file with sections model, task, method, run")
     t.add_argument("--task", help=TASK_HELP)
     for flag, (section, key) in FLAGS.items():
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may stand between flags (`--lr 1e-3 run.steps=5 --out x`): argparse takes the
     # first run of them positionally and leaves the rest to us.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "resume", "compare")]
+    takes_overrides = args.command in ("train", "resume", "compare")
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not takes_overrides]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

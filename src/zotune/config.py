@@ -52,7 +52,8 @@ def _yaml_value(text: str, where: str | None = None) -> Any:
     except yaml.YAMLError as e:
         if where is None:
             return text
-        raise ConfigError(f"{where}={text!r} is not valid YAML ({str(e).splitlines()[0]}); quote the strings in it") from None
+        raise ConfigError(f"{where}={text!r} is not valid YAML ({str(e).splitlines()[0]}); quote the strings "
+                          f"in it") from None
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

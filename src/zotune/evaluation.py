@@ -80,7 +80,8 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
         try:
             session, records = open_run_weights(run, cfgs, target, log)
-            session.start_streaming()  # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device
+            # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device
+            session.start_streaming()
         finally:
             if disk:
                 run.close()

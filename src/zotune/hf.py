@@ -2,7 +2,8 @@
 
 `ZOTrainer` overrides only two documented hooks: `create_optimizer` (a zotune method, with the
 Trainer's learning rate, weight decay and seed) and `training_step` (the method's probe forwards of
-the micro-batch through the Trainer's own `compute_loss`, no backward: the same walk as `zotune train`). Everything else is the
+the micro-batch through the Trainer's own `compute_loss`, no backward: the same walk as `zotune train`).
+Everything else is the
 Trainer's: gradient accumulation (every micro-batch of a window is probed along the same directions
 and their losses add up as the Trainer scales them, so a window of k micro-batches gives the
 projected gradient of the whole window), the lr scheduler, logging (`report_to` TensorBoard or W&B
@@ -35,8 +36,9 @@ class WindowedZO(torch.optim.Optimizer):
 
     def __init__(self, zo: ZOSGD):
         if not zo.streamable:
-            raise ConfigError(f"{type(zo).__name__} takes forwards that are not a walk of probes ({zo.why_not_streamable}); "
-                              f"with the Trainer use a method whose step is its probes (zosgd, zoadam, fzoo, lozo, ...)")
+            raise ConfigError(f"{type(zo).__name__} takes forwards that are not a walk of probes "
+                              f"({zo.why_not_streamable}); with the Trainer use a method whose step is its probes "
+                              f"(zosgd, zoadam, fzoo, lozo, ...)")
         super().__init__([{"params": g["params"]} for g in zo.param_groups], {})
         self.zo, self.param_groups, self.state = zo, zo.param_groups, zo.state
         self._params = zo.indexed()
@@ -115,7 +117,8 @@ class ZOTrainer(Trainer):
         self.zo_method, self.zo_options = zo_method, dict(zo_options or {})
         for key in ("lr", "weight_decay", "seed"):
             if key in self.zo_options:
-                raise ConfigError(f"zo_options[{key!r}]: set it in TrainingArguments (learning_rate, weight_decay, seed)")
+                raise ConfigError(f"zo_options[{key!r}]: set it in TrainingArguments "
+                                  "(learning_rate, weight_decay, seed)")
         training_args = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if getattr(training_args, "fp16", False):
             raise ConfigError("fp16=True makes the Trainer scale a loss for backward, and ZO has no backward: use "

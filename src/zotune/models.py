@@ -54,7 +54,8 @@ class ModelConfig:
     trainable: str = "final-norm"
     blocks_path: str | None = None
     cache_dir: str | None = None
-    quantize: str = "none"  # int8 / int4: the frozen block linears held in 8 or 4 bits (zotune.quant); trainable=scales tunes their scales
+    # int8 / int4: the frozen block linears held in 8 or 4 bits (zotune.quant); trainable=scales tunes their scales
+    quantize: str = "none"
     tf32: bool = True  # on CUDA: float32 matrix products on TF32 tensor cores (zotune.precision.set_tf32)
 
     def __post_init__(self):
@@ -63,12 +64,14 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
         if not isinstance(self.tf32, bool):
-            raise ConfigError(f"model.tf32={self.tf32!r} must be true or false (on CUDA: float32 products on TF32 cores)")
+            raise ConfigError(f"model.tf32={self.tf32!r} must be true or false (on CUDA: float32 "
+                              "products on TF32 cores)")
         parse_trainable(self.trainable)  # raises with the accepted forms
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"model.quantize={self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         if self.quantize == "none" and any(kind == "scales" for kind, _ in parse_trainable(self.trainable)):
-            raise ConfigError("model.trainable=scales tunes the scales of a quantized base: add model.quantize=int8 (or int4)")
+            raise ConfigError("model.trainable=scales tunes the scales of a quantized base: add "
+                              "model.quantize=int8 (or int4)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +367,8 @@ def select_trainable(model: nn.Module, spec, blocks_path: str | None = None) -> 
                 ids = _norm_params(model)
             else:  # modules
                 classes = {c.strip() for c in arg.split(",") if c.strip()}
-                ids = {id(p) for m in model.modules() if type(m).__name__ in classes for p in m.parameters(recurse=False)}
+                ids = {id(p) for m in model.modules() if type(m).__name__ in classes
+                       for p in m.parameters(recurse=False)}
             picked = [(n, p) for n, p in named if id(p) in ids]
         have = {id(p) for _, p in chosen}
         chosen += [(n, p) for n, p in picked if id(p) not in have]

@@ -87,4 +87,6 @@ def set_tf32(device: torch.device, enabled: bool) -> str | None:
         return None
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
-    return f"float32 matrix products on {'TF32 tensor cores (model.tf32=false: full float32)' if enabled else 'full float32 (model.tf32=false)'}"
+    if enabled:
+        return "float32 matrix products on TF32 tensor cores (model.tf32=false: full float32)"
+    return "float32 matrix products on full float32 (model.tf32=false)"

@@ -51,7 +51,8 @@ def trainable_defaults(values: dict) -> dict:
     return {"method": method, "run": dict(entry["run"])}
 
 
-def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False, task: str | None = None) -> dict:
+def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool = False,
+                    task: str | None = None) -> dict:
     """Defaults < `TRAINABLE_DEFAULTS` < YAML file < `task` < key=value overrides < flags; every section
     validated before step 0.
 
@@ -101,6 +102,7 @@ def resolve_device(name: str) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     index, count = (device.index or 0) + local, module.device_count()
     if index >= count:
-        raise ConfigError(f"run.device={name!r}: the process of local rank {local} would use {device.type}:{index}, but "
-                          f"this machine has {count}; start at most {count - (device.index or 0)} processes per machine")
+        raise ConfigError(f"run.device={name!r}: the process of local rank {local} would use "
+                          f"{device.type}:{index}, but this machine has {count}; start at most "
+                          f"{count - (device.index or 0)} processes per machine")
     return torch.device(device.type, index)

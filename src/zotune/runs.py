@@ -4,7 +4,8 @@
   the format of the perturbation directions the log was drawn with.
 - `steps.log`: the checkpoint. A format header, then one binary record per step, appended and flushed
   as the step ends, each with its own CRC32: step, seed, projected gradient(s), each parameter
-  group's lr, mean probe loss (42 bytes for one direction and one group: 20,000 steps in 840 KB). Base weights + this log = the fine-tuned weights, bit for bit.
+  group's lr, mean probe loss (42 bytes for one direction and one group: 20,000 steps in 840 KB).
+  Base weights + this log = the fine-tuned weights, bit for bit.
 - `snapshots/step-NNNNNNN.safetensors`: the trainable tensors every `run.snapshot_every` steps (the
   last two kept), with a content digest, so that resuming replays at most that many steps.
 - `config.yaml`, `metrics.jsonl`, `summary.json`, `curve.png`: for people and plots.
@@ -92,19 +93,23 @@ class RunFolder:
             if not (self.path / "config.yaml").is_file():
                 raise ConfigError(f"{self.path} is not a zotune run folder (no config.yaml); pass the folder of a run")
         elif (self.path / "summary.json").exists() or any(
-                (self.path / name).exists() and (self.path / name).stat().st_size for name in ("steps.log", "metrics.jsonl")):
-            raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or `zotune resume {self.path}`")
+                (self.path / name).exists() and (self.path / name).stat().st_size
+                for name in ("steps.log", "metrics.jsonl")):
+            raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or "
+                              f"`zotune resume {self.path}`")
         # What was here before: a run refused during its setup takes away only what it wrote (`discard`).
         self._existed = entries(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = (self.path / "lock").open("a+")
         except OSError as e:
-            raise ConfigError(f"cannot write the run folder {self.path} ({e.strerror}); pass a writable --out") from None
+            raise ConfigError(f"cannot write the run folder {self.path} ({e.strerror}); pass a writable "
+                              f"--out") from None
         if not _try_lock(self._lock):
             self._lock.seek(0)
             owner = self._lock.read().strip() or "another process"
-            raise ConfigError(f"run folder {self.path} is in use by {owner}; wait for it to end or pass another --out") from None
+            raise ConfigError(f"run folder {self.path} is in use by {owner}; wait for it to end or pass another "
+                              f"--out") from None
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(f"pid {os.getpid()}\n")
@@ -258,7 +263,8 @@ class RunFolder:
         folder.mkdir(exist_ok=True)
         tensors = {f"t{i}": p.detach().contiguous().cpu() for i, p in enumerate(params)}
         name = f"step-{step:07d}.safetensors"
-        save_file(tensors, folder / f".{name}.tmp", metadata={"step": str(step), "digest": tensor_digest(tensors.values())})
+        save_file(tensors, folder / f".{name}.tmp",
+                  metadata={"step": str(step), "digest": tensor_digest(tensors.values())})
         os.replace(folder / f".{name}.tmp", folder / name)
         for old in sorted(folder.glob("step-*.safetensors"))[:-keep]:
             if old.name != f"step-{self.protected:07d}.safetensors":
@@ -425,7 +431,8 @@ def decode_steps(data: bytes) -> tuple[list[StepRecord], int, str | None]:
             elif step != len(records) + 1:
                 problem = f"out of order (step {step} after {len(records)})"
         if problem:
-            return records, pos, f"steps.log is {problem} after step {len(records)}; the run continues from step {len(records)}"
+            return records, pos, (f"steps.log is {problem} after step {len(records)}; the run continues from step "
+                                  f"{len(records)}")
         values = struct.unpack_from(f"<{n + m + 1}d", data, pos + head.size)
         grads, lrs, loss = list(values[:n]), list(values[n: n + m]), values[-1]
         records.append(StepRecord(step - 1, seed, grads, [loss], lrs))

@@ -56,11 +56,13 @@ class Session:
         folder = model_cfg.name if is_stream_folder(model_cfg.name) else (
             self.stream_cfg.dir if self.stream_cfg.tier == "disk" and is_stream_folder(self.stream_cfg.dir) else None)
         if folder:  # blocks already on disk: load only what lies outside them
-            self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch, group, log)
+            self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch,
+                                                    group, log)
             quantized = any(s.dtype in QWEIGHT_KIND for specs in self.engine.tier.specs for s in specs)
             if model_cfg.quantize != "none" and not quantized:
-                raise ConfigError(f"the stream folder {folder} holds float blocks, but model.quantize={model_cfg.quantize}; "
-                                  f"drop model.quantize, or give a new --offload-dir to write quantized blocks")
+                raise ConfigError(f"the stream folder {folder} holds float blocks, but "
+                                  f"model.quantize={model_cfg.quantize}; drop model.quantize, or give a new "
+                                  f"--offload-dir to write quantized blocks")
             self.tokenizer = _folder_tokenizer(folder)
             base_hash = self.engine.tier.manifest["base_digest"]
         else:
@@ -170,8 +172,8 @@ class Session:
             self.engine.restore(records)
             self.log(f"restored step {len(records)}: the blocks catch up from {self.engine.tier.folder} as they arrive")
             return len(records)
-        self.log(f"restored step {len(records)}: " + (f"snapshot of step {start}, then " if start else "base weights, then ")
-                 + f"{len(records) - start} steps replayed from the log")
+        origin = f"snapshot of step {start}, then " if start else "base weights, then "
+        self.log(f"restored step {len(records)}: {origin}{len(records) - start} steps replayed from the log")
         return len(records)
 
     def start_streaming(self) -> None:
@@ -266,8 +268,9 @@ def _check_directions_device(base: dict, method_cfg: MethodConfig, device: torch
         what = (f"{distribution} directions" if distribution == "gaussian" else
                 "Rademacher directions of format 1" if base["directions"] == 1 else f"{method_cfg.name} directions")
         raise ConfigError(f"this run drew its {what} on {recorded}, which this process ({here}) draws differently; "
-                          f"continue or evaluate it with run.device={recorded.split(' ')[0]} (--device) on the same kind of "
-                          f"device (the default zosgd with Rademacher directions is the same on every device)")
+                          f"continue or evaluate it with run.device={recorded.split(' ')[0]} "
+                          f"(--device) on the same kind of device (the default zosgd with Rademacher directions is "
+                          f"the same on every device)")
 
 
 def _folder_tokenizer(folder: str):

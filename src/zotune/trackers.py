@@ -41,7 +41,8 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("run.report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError("run.report_to=tensorboard needs the tensorboard package: pip install "
+                              "tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.writer.add_text("config", f"```\n{config}\n```")
 
@@ -58,7 +59,8 @@ class _WandB:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("run.report_to=wandb needs the wandb package: pip install wandb (and `wandb login`)") from None
+            raise ConfigError("run.report_to=wandb needs the wandb package: pip install wandb (and "
+                              "`wandb login`)") from None
         self.wandb = wandb
         self.run = wandb.init(project="zotune", name=run_dir.name, dir=str(run_dir), config=config, resume="allow",
                               id=run_dir.resolve().name)

@@ -285,10 +285,11 @@ def _run_steps(r: _Run, start: int, seconds_before: float) -> _Outcome:
             if r.prefix is not None and share:
                 r.prefix.capture(lambda: task.forward(model, batch), key=batch_id)
             replay = r.prefix.replaying if r.prefix is not None else contextlib.nullcontext
+            factor = lr_factor(run_cfg.lr_schedule, step, run_cfg.steps, run_cfg.warmup_steps)
             try:
                 with replay(), task.head(model, batch) if share else contextlib.nullcontext():
-                    loss, rec = r.session.step(lambda: task.head_loss(model, batch), share,  # the head: once a probe
-                                               lr_factor(run_cfg.lr_schedule, step, run_cfg.steps, run_cfg.warmup_steps))
+                    # the head: once for every probe
+                    loss, rec = r.session.step(lambda: task.head_loss(model, batch), share, factor)
                 out.step = step
                 run.append_step(step, rec, loss)  # the checkpoint: from here on, this step is never lost
                 run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],

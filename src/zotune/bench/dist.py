@@ -60,7 +60,8 @@ def worker(spec: dict) -> dict:
         times.append(time.perf_counter() - t)
     result = {"step_s": min(times),
               "bytes_per_step": (group.bytes_sent - sent0) / spec["steps"],
-              "slow_tier_bytes_per_step": ((engine.tier.bytes_read - read0) if engine is not None else 0) / spec["steps"],
+              "slow_tier_bytes_per_step":
+                  ((engine.tier.bytes_read - read0) if engine is not None else 0) / spec["steps"],
               "parameters": sum(p.numel() for p in model.parameters()) if engine is None else None}
     if engine is not None:
         engine.close()

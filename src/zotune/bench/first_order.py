@@ -83,7 +83,8 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     after = evaluate(model, task, task.test, eval_size, device, "fine-tuned test")
     result = {"method": "adamw (backprop)", "lr": lr, "steps": run_cfg.steps, "trainable": model_cfg.trainable,
               "task": task.describe(),
-              "metric": metric, "test_before": before[metric], "test_after": after[metric], "test_loss_after": after["loss"],
+              "metric": metric, "test_before": before[metric], "test_after": after[metric],
+              "test_loss_after": after["loss"],
               "dev": dev, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
               "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - started, 1)}
     log(f"test {metric} {before[metric]:.3f} -> {after[metric]:.3f} (loss {after['loss']:.4f}); dev "

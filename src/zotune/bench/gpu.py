@@ -211,7 +211,8 @@ def measure_memory(device, quick: bool) -> dict:
     for layers in ((2, 4) if quick else (4, 8)):
         config = _llama_config(64 if quick else 4096, layers, 128 if quick else 11008, 4 if quick else 32,
                                1000 if quick else 32000)
-        batch = torch.randint(0, config.vocab_size, (4, 16 if quick else 128), generator=torch.Generator().manual_seed(0))
+        batch = torch.randint(0, config.vocab_size, (4, 16 if quick else 128),
+                              generator=torch.Generator().manual_seed(0))
         step, engine = _streamed_step(config, device, batch)
         step()
         _peak_reset(device)

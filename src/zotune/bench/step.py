@@ -121,7 +121,8 @@ def run_task_bench(repeats: int = 5, log=print) -> dict:
     from zotune.tasks import TaskConfig, make_task
 
     model_cfg = ModelConfig(trainable="last-blocks:2")
-    task_cfg = TaskConfig(data="rotten_tomatoes", template="{text} It was", verbalizer={"fresh": "great", "rotten": "terrible"})
+    task_cfg = TaskConfig(data="rotten_tomatoes", template="{text} It was",
+                          verbalizer={"fresh": "great", "rotten": "terrible"})
     model, tokenizer = load_model(model_cfg, log=lambda *a: None)
     task = make_task(task_cfg, tokenizer)
     params = [p for _, p in select_trainable(model, model_cfg.trainable)]

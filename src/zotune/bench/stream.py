@@ -127,8 +127,8 @@ def measure_memory(spec: dict) -> dict:
 
 
 def _in_child(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "zotune.bench.stream", json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run([sys.executable, "-m", "zotune.bench.stream", json.dumps(spec)], capture_output=True,
+                         text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode:
         raise RuntimeError(f"benchmark child failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -231,7 +231,8 @@ def run_quant_bench(shape: str, batch: int, seq: int, repeats: int, workdir: Pat
 
 
 def run_stream_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, repeats: int = 5,
-                     depths: tuple[int, int] = (12, 48), trainable: str = "all", log=print, method: str = "zosgd") -> dict:
+                     depths: tuple[int, int] = (12, 48), trainable: str = "all", log=print,
+                     method: str = "zosgd") -> dict:
     with tempfile.TemporaryDirectory(prefix="zotune-bench-") as tmp:
         workdir = Path(tmp)
         log(f"{shape} shape, batch {batch} x {seq}, fp32, trainable {trainable}, {method}, "
@@ -260,11 +261,12 @@ def run_stream_bench(shape: str = "opt-125m", batch: int = 4, seq: int = 128, re
         a, b = memory[("disk", shallow)]["peak_anon"], memory[("disk", deep)]["peak_anon"]
         result["disk_peak_anon_mib"] = [round(a / 2**20), round(b / 2**20)]
         log(f"{'disk tier, anonymous':28}{a / 2**20:>14,.0f}{b / 2**20:>14,.0f}{b / a:>9.2f}")
-        result["streamed_peak_growth"] = round(memory[("disk", deep)]["peak_rss"] / memory[("disk", shallow)]["peak_rss"], 3)
+        result["streamed_peak_growth"] = round(
+            memory[("disk", deep)]["peak_rss"] / memory[("disk", shallow)]["peak_rss"], 3)
         result["resident_peak_growth"] = round(
             memory[("resident", deep)]["peak_rss"] / memory[("resident", shallow)]["peak_rss"], 3)
-        result["disk_vs_resident_peak"] = [round(memory[("disk", d)]["peak_rss"] / memory[("resident", d)]["peak_rss"], 3)
-                                           for d in depths]
+        result["disk_vs_resident_peak"] = [
+            round(memory[("disk", d)]["peak_rss"] / memory[("resident", d)]["peak_rss"], 3) for d in depths]
         log(f"streamed (disk tier) peak growth {result['streamed_peak_growth']:.3f}x, resident "
             f"{result['resident_peak_growth']:.3f}x ({shallow} -> {deep} layers)")
     return result
@@ -289,7 +291,8 @@ def run_scale_bench(folder: str, steps: int = 1, batch: int = 1, seq: int = 32, 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     result = {"scale_folder_gb": round(size / 1e9, 1), "scale_slots_gb": round(slots / 1e9, 1),
               "machine_ram_gb": round(ram / 1e9, 1),
-              "scale_peak_rss_mib": round(got["peak_rss"] / 2**20), "scale_peak_anon_mib": round(got["peak_anon"] / 2**20),
+              "scale_peak_rss_mib": round(got["peak_rss"] / 2**20),
+              "scale_peak_anon_mib": round(got["peak_anon"] / 2**20),
               "scale_step_s": round(got["step_s"], 1), "scale_step_times": got["step_times"],
               "scale_batch": f"{batch} x {seq}", "scale_trainable": trainable}
     log(f"scale: {result['scale_folder_gb']} GB of weights on disk ({result['machine_ram_gb']} GB of RAM; "

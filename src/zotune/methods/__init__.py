@@ -47,7 +47,8 @@ class MethodConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"method.weight_decay={self.weight_decay} must be a finite number >= 0")
         if self.distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"method.distribution={self.distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
+            raise ConfigError(f"method.distribution={self.distribution!r} is not known; use one of "
+                              f"{', '.join(DISTRIBUTIONS)}")
         if self.n_directions < 1:
             raise ConfigError(f"method.n_directions={self.n_directions} must be >= 1")
         METHODS[self.name][1].check_probes(self.n_directions, self.one_sided)  # before any work, in the method's words

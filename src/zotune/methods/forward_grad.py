@@ -25,7 +25,8 @@ class ForwardGradient(ZOSGD):
     @staticmethod
     def check_probes(n_directions: int, one_sided: bool) -> None:
         if n_directions != 1 or one_sided:
-            raise ConfigError("forward-grad takes one direction and no finite difference: drop n_directions and one_sided")
+            raise ConfigError("forward-grad takes one direction and no finite difference: drop "
+                              "n_directions and one_sided")
 
     def __init__(self, params, **options):
         super().__init__(params, **options)

@@ -36,7 +36,7 @@ class FZOO(ZOSGD):
     def estimate(self, losses: list[float]) -> list[float]:
         base, probes = losses[0], losses[1:]
         mean = sum(probes) / len(probes)
-        sigma = math.sqrt(sum((l - mean) ** 2 for l in probes) / len(probes))
+        sigma = math.sqrt(sum((x - mean) ** 2 for x in probes) / len(probes))
         if not sigma > 0:
             return [0.0] * len(probes)
-        return [(l - base) / sigma for l in probes]
+        return [(x - base) / sigma for x in probes]

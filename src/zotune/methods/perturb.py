@@ -168,7 +168,8 @@ class Directions:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution={distribution!r}; use one of {DISTRIBUTIONS}")
         if version not in FORMATS:
-            raise ValueError(f"direction format {version} is not known to this zotune (it knows {FORMATS}); upgrade zotune")
+            raise ValueError(f"direction format {version} is not known to this zotune (it knows "
+                             f"{FORMATS}); upgrade zotune")
         self.distribution = distribution
         self.version = version
         self.threads = threads or torch.get_num_threads()

@@ -6,7 +6,8 @@ the base weights to find it again; above 4M values, the quantile of every m-th v
 stays at one chunk's scale). At every step the mask
 m_i = |θ_i| ≤ τ_i is taken from the weights at rest, at the step's first move, and every move and
 the update use z ⊙ m, chunk by chunk (one chunk of scratch, as ZO-SGD). The mask is held as bits
-(1/32 of the tensor's bytes) until the update and then dropped: it cannot be recomputed on the perturbed weights, because a value within ε of τ_i
+(1/32 of the tensor's bytes) until the update and then dropped: it cannot be recomputed on the perturbed weights,
+because a value within ε of τ_i
 changes sides between the moves (about 1-2% of values at ε = 1e-3), and the moves would then not
 undo each other. That is the one departure from "recomputed on the fly": a transient bit per value,
 never a persistent mask.

@@ -53,8 +53,9 @@ class ZOSGD(torch.optim.Optimizer):
 
     Memory stays at inference level: the parameters are moved in place and z is one tensor's
     worth of scratch. `directions_format` picks how z is drawn (`perturb.FORMAT` for new runs; a
-    run folder records its own, so older runs replay with theirs). With a `group` (zotune.parallel), each rank runs the forwards of its own
-    probes on its own rows and one all-reduce of the probe losses gives every rank the same update. `opt.last` holds the StepRecord of the latest step (seed, projected
+    run folder records its own, so older runs replay with theirs). With a `group` (zotune.parallel), each
+    rank runs the forwards of its own probes on its own rows and one all-reduce of the probe losses gives
+    every rank the same update. `opt.last` holds the StepRecord of the latest step (seed, projected
     gradients, probe losses, lrs), enough to redo it bit for bit with `replay`.
 
     The method contract (docs/adding-a-method.md): a method is this class with some of four members
@@ -318,9 +319,9 @@ class ZOSGD(torch.optim.Optimizer):
         """id(parameter group) -> the lr `record` holds for it (a live step's own when it holds none)."""
         lrs = record.lrs or [g["lr"] for g in self.param_groups]
         if len(lrs) != len(self.param_groups):
-            raise ConfigError(f"step {record.step + 1} records {len(lrs)} learning rate(s) for {len(self.param_groups)} "
-                              f"parameter groups (a steps.log of format 1 keeps the first group's only); replay it "
-                              f"with the optimizer's groups as they were, or one group")
+            raise ConfigError(f"step {record.step + 1} records {len(lrs)} learning rate(s) for "
+                              f"{len(self.param_groups)} parameter groups (a steps.log of format 1 keeps the first "
+                              f"group's only); replay it with the optimizer's groups as they were, or one group")
         return {id(g): lr for g, lr in zip(self.param_groups, lrs)}
 
     def update_tensor(self, i: int, p: torch.Tensor, record: StepRecord, lr: float, wd: float, restore: float) -> None:

@@ -47,12 +47,14 @@ class DiskTier:
         except ValueError as e:
             raise ConfigError(f"{manifest_path} is damaged ({e}); prepare the folder again") from None
         if self.manifest.get("format") != FORMAT:
-            raise ConfigError(f"{manifest_path} has format {self.manifest.get('format')!r}, this zotune reads {FORMAT!r}")
+            raise ConfigError(f"{manifest_path} has format {self.manifest.get('format')!r}, this "
+                              f"zotune reads {FORMAT!r}")
         self.fingerprint = self.manifest["fingerprint"]
         self.specs: list[list[Spec]] = []
         self.ends: list[int] = []
         for j, entry in enumerate(self.manifest["blocks"]):
-            specs = [Spec(t["name"], tuple(t["shape"]), TENSOR_DTYPES[t["dtype"]], t["offset"]) for t in entry["tensors"]]
+            specs = [Spec(t["name"], tuple(t["shape"]), TENSOR_DTYPES[t["dtype"]], t["offset"])
+                     for t in entry["tensors"]]
             self.specs.append(specs)
             self.ends.append(entry["end"])
         self._files = [self._open_block(j) for j in range(len(self.specs))]
@@ -281,7 +283,8 @@ class DiskTier:
             f, offset = self._place(j, name, slot)
             data = t.detach().to("cpu", torch.float32).contiguous()
             try:
-                self.bytes_written += os.pwrite(f.fileno(), memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B"),
+                self.bytes_written += os.pwrite(f.fileno(),
+                                                memoryview(data.view(-1).view(torch.uint8).numpy()).cast("B"),
                                                 offset)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
@@ -308,7 +311,8 @@ class DiskTier:
                     flat[f"{name}::{key}"] = value.detach().cpu().contiguous()
                 else:
                     numbers.append(f"{name}::{key}")
-                    flat[numbers[-1]] = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+                    flat[numbers[-1]] = torch.tensor(value,
+                                                     dtype=torch.int64 if isinstance(value, int) else torch.float64)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             save_file(flat, str(tmp), metadata={"numbers": json.dumps(numbers)})

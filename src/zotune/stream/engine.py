@@ -99,7 +99,8 @@ class StreamEngine:
         if self._opt is opt:
             return
         if self._opt is not None:
-            raise ConfigError("this streamed model already trains with another optimizer; make one engine per optimizer")
+            raise ConfigError("this streamed model already trains with another optimizer; make one engine per "
+                              "optimizer")
         refuse_unstreamable(type(opt))
         index = {id(p): i for i, p in opt.indexed()}
         in_blocks = set()
@@ -324,7 +325,8 @@ class StreamEngine:
         rounded: list[dict[int, torch.Tensor]] = []  # a 16-bit model tensor reads its master's rounding
         for r in opt.walk(outside, key, offsets):  # the last probe can use the tensors themselves if no move follows it
             views.append(masters if r == n_probes - 1 and ends_on_probe else [m.clone() for m in masters])
-            rounded.append({i: v.to(self._compute[i].dtype) for (i, _), v in zip(outside, views[-1]) if i in self._compute})
+            rounded.append({i: v.to(self._compute[i].dtype) for (i, _), v in zip(outside, views[-1])
+                            if i in self._compute})
 
         def show(r: int) -> None:  # (at every block: made once a probe above)
             for (i, p), v in zip(outside, views[r]):

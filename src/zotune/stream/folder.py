@@ -173,7 +173,8 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
                   prefetch: int = 1, group: Group = SOLO, log=print, accelerator=None):
     """(model, engine) for a stream folder: only what lies outside the blocks is loaded into memory.
 
-    With a process group (`zotune.parallel.Group`), the ranks read the blocks in slices and one of them writes the folder (`DiskTier.join`).
+    With a process group (`zotune.parallel.Group`), the ranks read the blocks in slices and one of them
+    writes the folder (`DiskTier.join`).
     `accelerator`: as for `stream_`.
     """
     from safetensors.torch import load_file
@@ -235,7 +236,8 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
         for n, p in params.items():  # bound for a moment: a quantized linear's weight is computed from them
             p.data = values[n].to(engine.precision.compute) if values[n].is_floating_point() else values[n]
         with torch.no_grad():
-            tensors = {f"{path}.{j}.{n}": t.to(engine.precision.compute).contiguous() for n, t in dequantized(block).items()}
+            tensors = {f"{path}.{j}.{n}": t.to(engine.precision.compute).contiguous()
+                       for n, t in dequantized(block).items()}
         for p in params.values():
             p.data = hollow(p, engine.device)
         name = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"

@@ -140,7 +140,8 @@ class BlockWriter:
             why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
             raise ConfigError(f"could not write {path} ({why}); free space or choose another folder") from None
         self.entries.append({"file": name, "end": end, "tensors": [
-            {"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype], "offset": s.offset} for s in specs]})
+            {"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype],
+             "offset": s.offset} for s in specs]})
 
     def finish(self, rest: dict[str, torch.Tensor], at_step: int = 0) -> None:
         """Write what lies outside the blocks, the block states (all at `at_step`), then the manifest."""

@@ -41,15 +41,18 @@ class TaskConfig:
     above.
     """
 
-    name: str = ""  # a suite task: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, rotten_tomatoes, ...
+    # a suite task: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, rotten_tomatoes, ...
+    name: str = ""
     type: str = ""  # classification, multiple_choice or generation; "": the named task's, else classification
-    data: str = ""  # built-in name, file (.csv/.tsv/.jsonl/.json/.parquet) or hf:NAME; "": the named task's (rotten_tomatoes)
+    # built-in name, file (.csv/.tsv/.jsonl/.json/.parquet) or hf:NAME; "": the named task's (rotten_tomatoes)
+    data: str = ""
     train: str = ""  # the training rows from their own source (a file or hf:NAME[:CONFIG]@SPLIT) instead of task.data
     dev: str = ""  # the dev rows from their own source; "": carved from the training rows
     test: str = ""  # the test rows from their own source; "": carved from the training rows
     template: str = ""  # the prompt; {field}s are columns of a row; "": the named task's, else "{text} It was"
     verbalizer: dict[str, str] = field(default_factory=dict)  # classification: label -> word
-    choices: list[str] = field(default_factory=list)  # multiple choice: one template per candidate, or ["{list column}"]
+    # multiple choice: one template per candidate, or ["{list column}"]
+    choices: list[str] = field(default_factory=list)
     answer: str = ""  # generation: the column of the answer (a list column: every gold answer; a.b: a nested field)
     label_names: list[str] = field(default_factory=list)  # integer labels are indices into these names
     text_column: str = "text"  # the column a {text} field reads
@@ -64,7 +67,8 @@ class TaskConfig:
     max_new_tokens: int = 32  # generation: the longest answer decoded (and trained on)
     stop: str = "\n"  # generation: an answer ends here (trained as its last token, cut when decoding)
     metric: str = ""  # the headline: accuracy or f1 (classification), accuracy (multiple choice), f1 or exact_match
-    objective: str = "loss"  # what ZO minimises: loss, a metric (accuracy, f1, exact_match), or "module:name" / "file.py:name"
+    # what ZO minimises: loss, a metric (accuracy, f1, exact_match), or "module:name" / "file.py:name"
+    objective: str = "loss"
 
     def __post_init__(self):
         from zotune.tasks.suite import SUITE
@@ -129,10 +133,12 @@ class TaskConfig:
         elif not self.answer.strip():
             raise ConfigError("task.answer is needed for a generation task: the column holding the answer")
         if self.k_shot and self.type != "classification":
-            raise ConfigError(f"task.k_shot takes k examples of each label: a {self.type} task has none; use task.n_train")
+            raise ConfigError(f"task.k_shot takes k examples of each label: a {self.type} task has "
+                              "none; use task.n_train")
         self.metric = self.metric or METRICS[self.type][0]
         if self.metric not in METRICS[self.type]:
-            raise ConfigError(f"task.metric={self.metric!r}: a {self.type} task reports {', '.join(METRICS[self.type])}")
+            raise ConfigError(f"task.metric={self.metric!r}: a {self.type} task reports "
+                              f"{', '.join(METRICS[self.type])}")
         for name in ("n_train", "n_dev", "n_test", "k_shot"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"task.{name}={getattr(self, name)} must be >= 0")
@@ -169,7 +175,8 @@ def command_line_escapes(values: dict) -> dict:
         if isinstance(out.get(key), str) and out[key][:1] not in ("'", '"'):  # a quoted YAML scalar has its own escapes
             out[key] = unescape(out[key])
     if "verbalizer" in out:
-        out["verbalizer"] = {k: unescape(v) for k, v in _coerce(out["verbalizer"], dict[str, str], "task.verbalizer").items()}
+        verbalizer = _coerce(out["verbalizer"], dict[str, str], "task.verbalizer")
+        out["verbalizer"] = {k: unescape(v) for k, v in verbalizer.items()}
     if "choices" in out:
         out["choices"] = [unescape(c) for c in _coerce(out["choices"], list[str], "task.choices")]
     return out
@@ -184,7 +191,8 @@ def template_fields(template: str, option: str, allow_constant: bool = False) ->
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise ConfigError(f"{option}={template!r} is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+        raise ConfigError(f"{option}={template!r} is not a valid template ({e}); write literal braces as "
+                          f"{{{{ }}}}") from None
     roots = [f.split(".")[0].split("[")[0] for f in fields]
     if "" in roots:
         raise ConfigError(f"{option}={template!r} has an empty {{}} field; name a column, e.g. {{text}}")
@@ -254,7 +262,8 @@ class Task:
             sizes = " + ".join(f"n_{role}={getattr(cfg, f'n_{role}')}" for role in carved)
             raise ConfigError(f"{tables[pool_role].source} has {len(pool)} examples, too few for {sizes} and a train "
                               f"split; lower {' / '.join(f'task.n_{role}' for role in carved)}"
-                              + ("" if pool_role == "train" else ", or give the splits as files (task.train, task.dev, task.test)"))
+                              + ("" if pool_role == "train" else ", or give the splits as files "
+                                                                 "(task.train, task.dev, task.test)"))
         for role in ("test", "dev"):  # test first, then dev, then train: a size never moves an example across
             n = getattr(cfg, f"n_{role}")
             if role in examples:
@@ -275,7 +284,8 @@ class Task:
                 try:
                     row = prepare(dict(row))
                 except Exception as e:  # the user's function: any error, reported with the row it failed on
-                    raise ConfigError(f"{where}: task.prepare={self.cfg.prepare} failed ({type(e).__name__}: {e})") from None
+                    raise ConfigError(f"{where}: task.prepare={self.cfg.prepare} failed "
+                                      f"({type(e).__name__}: {e})") from None
             if self.cfg.text_column != "text" and "text" in self._fields and self.cfg.text_column in row:
                 row = {**row, "text": row[self.cfg.text_column]}
             examples.append(self.example(row, where))
@@ -311,7 +321,8 @@ class Task:
             missing = e.args[0] if isinstance(e, KeyError) else e
             fix = "set task.text_column to the column holding the text" if missing == "text" else \
                 "fix the template, or set task.prepare to add it"
-            raise ConfigError(f"{where}: {option} field {{{missing}}} is not in the row (has: {', '.join(map(str, row))}); "
+            raise ConfigError(f"{where}: {option} field {{{missing}}} is not in the row (has: "
+                              f"{', '.join(map(str, row))}); "
                               f"{fix}") from None
 
     def column(self, row: dict, name: str, where: str):

