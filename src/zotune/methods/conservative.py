@@ -42,8 +42,9 @@ class ZOConservative(ZOSGD):
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
-        key = self.begin()
-        losses = self._probe(closure, params, key, share)  # the walk of ZO-SGD's two probes
+        plan = self.start_step(share)
+        key = plan.key
+        losses = self._probe(closure, params, plan, share)  # the walk of ZO-SGD's two probes
         g = self.estimate(losses)[0]
         self.move(params, key, 0, self.eps)  # back to θ (up to rounding, as in every ZO step)
         at = 0.0  # where θ is, in multiples of u

@@ -41,6 +41,17 @@ class StepRecord:
         return StepKey(self.step, self.seed)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """A step about to be taken: its key, how many probes it has, which of them this process runs, and
+    whether its walk ends at the last probe's point (no move follows: the update restores from there)."""
+
+    key: StepKey
+    n_probes: int
+    owned: list[int]
+    ends_on_probe: bool
+
+
 class ZOSGD(torch.optim.Optimizer):
     """Zeroth-order SGD with seeded perturbations (MeZO), `loss = opt.step(closure)`.
 
@@ -195,25 +206,36 @@ class ZOSGD(torch.optim.Optimizer):
         if closure is None:
             raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
         params = self.indexed()
-        key = self.begin()
-        losses = self._probe(closure, params, key, share)
-        record = self.finish(key, losses)
+        plan = self.start_step(share)
+        losses = self._probe(closure, params, plan, share)
+        record = self.finish(plan.key, losses)
         self.update(params, record)
         return torch.tensor(sum(losses) / len(losses))
 
-    def _probe(self, closure, params, key: StepKey, share: float) -> list[float]:
+    def _probe(self, closure, params, plan: StepPlan, share: float) -> list[float]:
         """Walk the probes, running this process's forwards: every probe loss. On any error θ is restored."""
         mine: dict[int, float] = {}  # probe index -> loss, for the probes this process runs
         offsets: dict[int, float] = {}  # direction -> scale currently applied to θ
         try:
-            for r in self.walk(params, key, offsets):
-                if self.runs_probe(r, share):
+            for r in self.walk(params, plan.key, offsets):
+                if r in plan.owned:
                     mine[r] = self._loss(closure)
                     self.check_finite(list(mine.values()))
-            return self.gather(mine, self.n_probes, share)
+            return self.gather(mine, plan.n_probes, share)
         except BaseException:  # a non-finite loss, or e.g. Ctrl-C inside a forward: never leave θ perturbed
-            self.undo(params, key, offsets)
+            self.undo(params, plan.key, offsets)
             raise
+
+    def start_step(self, share: float = 1.0) -> StepPlan:
+        """The plan of the next step (its seed drawn here); `share`: this rank's share of the batch rows."""
+        key, n = self.begin(), self.n_probes
+        return StepPlan(key, n, [r for r in range(n) if self.runs_probe(r, share)], list(self.moves())[-1][2])
+
+    def end_step(self, plan: StepPlan, mine: dict[int, float], share: float = 1.0) -> StepRecord:
+        """The record of a step whose probes ran (`mine`: this process's losses by probe): every probe's
+        loss gathered and checked, and the step counts from here."""
+        self.check_finite(list(mine.values()))
+        return self.finish(plan.key, self.gather(mine, plan.n_probes, share))
 
     # The pieces of a step, shared by the whole-model step above, `replay`, the HF Trainer and the
     # streaming engine (which walks them block by block): every caller repeats the same roundings.

@@ -313,10 +313,8 @@ class StreamEngine:
         self.attach(opt)
         for j in list(self._resident):
             self._leave(j)
-        key = opt.begin()
-        step = key.step
-        n_probes, ends_on_probe = opt.n_probes, list(opt.moves())[-1][2]
-        owned = [r for r in range(n_probes) if opt.runs_probe(r, share)]  # with perturbation parallelism, a share
+        plan = opt.start_step(share)  # with perturbation parallelism, this rank runs a share of the probes
+        key, owned = plan.key, plan.owned
         outside = self.outside
         masters = [p.data for _, p in outside]
         offsets: dict[int, float] = {}
@@ -324,7 +322,7 @@ class StreamEngine:
         views: list[list[torch.Tensor]] = []
         rounded: list[dict[int, torch.Tensor]] = []  # a 16-bit model tensor reads its master's rounding
         for r in opt.walk(outside, key, offsets):  # the last probe can use the tensors themselves if no move follows it
-            views.append(masters if r == n_probes - 1 and ends_on_probe else [m.clone() for m in masters])
+            views.append(masters if r == plan.n_probes - 1 and plan.ends_on_probe else [m.clone() for m in masters])
             rounded.append({i: v.to(self._compute[i].dtype) for (i, _), v in zip(outside, views[-1])
                             if i in self._compute})
 
@@ -354,7 +352,7 @@ class StreamEngine:
                         lockstep.run(r, expect=j + 1 if j + 1 < len(self.layers) else "tail")
                 if pairs:
                     self._resident[j].changed = True
-                    self.states[j] = BlockState(self.states[j].version, step, key.seed)
+                    self.states[j] = BlockState(self.states[j].version, key.step, key.seed)
                 self._leave(j)
                 j = -1
             self._submit_fetch(0)  # the next step (or evaluation) starts with block 0
@@ -362,8 +360,7 @@ class StreamEngine:
             for r in owned:
                 show(r)
                 mine[r] = float(lockstep.run(r, expect="done"))
-                opt.check_finite(list(mine.values()))
-            losses = opt.gather(mine, n_probes, share)
+            record = opt.end_step(plan, mine, share)
         except BaseException:
             lockstep.abort()
             self._abandon(opt, key, j, block_offsets)
@@ -376,12 +373,11 @@ class StreamEngine:
             self._step = None
         for (_, p), m in zip(outside, masters):
             p.data = m
-        record = opt.finish(key, losses)
-        self.history = {step: record}
+        self.history = {key.step: record}
         opt.update(outside, record)
         self.sync_outside()
         self.version = opt.steps
-        return torch.tensor(sum(losses) / len(losses))
+        return torch.tensor(sum(record.losses) / len(record.losses))
 
     def sync_outside(self) -> None:
         """16-bit model tensors outside the blocks: rounded from their float32 masters (after a step or a
