@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_model
-from zotune import ConfigError, ZOSGD
+from zotune import ZOSGD, ConfigError
 from zotune.models import find_blocks, select_trainable
 from zotune.prefix import FrozenPrefix
 from zotune.tasks import ClassificationTask, Table, TaskConfig

@@ -177,8 +177,8 @@ def test_hf_named_splits(tmp_path):
 def test_yes_no_labels_and_a_newline_typed_on_the_command_line(tmp_path):
     """YAML 1.1 reads yes / no / on / off as booleans; zotune's options read them as the words they are.
     A template typed with \\n on a command line gets a newline."""
-    from zotune.tasks import make_task
     from zotune.resolve import resolve_configs
+    from zotune.tasks import make_task
 
     data = _csv(tmp_path / "yn.csv", [{"text": f"q{i}", "label": "yes" if i % 2 else "no"} for i in range(30)])
     cfgs = resolve_configs(None, [f"task.data={data}", "task.verbalizer={yes: ' yes', no: ' no'}",

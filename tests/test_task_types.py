@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from zotune import ZOSGD
 from zotune.cli import main
 from zotune.config import ConfigError
+from zotune.models import select_trainable
 from zotune.tasks import ClassificationTask, GenerationTask, MultipleChoiceTask, Table, TaskConfig, load_task_file
 from zotune.tasks.generation import exact_match, normalize_answer, token_f1
-from zotune import ZOSGD
-from zotune.models import select_trainable
 
 COLOURS = ["red", "green", "blue", "yellow"]
 MC_ROWS = [{"question": f"Item {i} has the colour of {c}. Its colour is", "a": c, "b": COLOURS[(i + 1) % 4],

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from zotune import ConfigError, NonFiniteLossError, ZOSGD, make_optimizer
+from zotune import ZOSGD, ConfigError, NonFiniteLossError, make_optimizer
 from zotune.methods.perturb import CHUNK, Directions, direction_seed
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from zotune.config import ConfigError
+from zotune.methods import METHODS, not_a_walk
 
 
 @dataclass(frozen=True)
@@ -26,19 +27,20 @@ def _streamed(c: dict) -> bool:
 
 
 def _method_class(c: dict):
-    from zotune.methods import METHODS
-
     return METHODS[c["method"].name][1]
+
+
+def _unstreamable(c: dict) -> str | None:
+    return not_a_walk(_method_class(c), "streamed", "stream any other method, or train it resident (no --offload)")
 
 
 RULES = [
     Rule("unstreamable method",
-         lambda c: _streamed(c) and not getattr(_method_class(c), "streamable", True),
-         lambda c: f"method {c['method'].name} cannot be streamed: {_method_class(c).why_not_streamable}; "
-                   f"stream any other method, or train it resident (no --offload)"),
-    Rule("forward-grad in several processes",
-         lambda c: c["method"].name == "forward-grad" and c["parallel"].data * c["parallel"].perturb > 1,
-         lambda c: "method forward-grad runs in one process: drop parallel.data / parallel.perturb"),
+         lambda c: _streamed(c) and bool(_unstreamable(c)),
+         lambda c: _unstreamable(c)),
+    Rule("a one-process method in several processes",
+         lambda c: _method_class(c).one_process is not None and c["parallel"].data * c["parallel"].perturb > 1,
+         lambda c: _method_class(c).one_process),
     Rule("quantized base with an adapter",
          lambda c: c["model"].quantize != "none" and c["adapter"].kind != "none",
          lambda c: f"model.quantize={c['model'].quantize} with adapter.kind={c['adapter'].kind} is not supported "

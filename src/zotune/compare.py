@@ -27,7 +27,7 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
             seeds: tuple[int, ...] = (0,), target: float | None = None) -> list[dict]:
     """Each run once per seed (`run.seed`: step seeds and data order); the table gives each run's mean
     and spread over the seeds and, with `target`, the forward passes each needed to reach that dev metric."""
-    from zotune.methods import METHODS
+    from zotune.methods import METHODS, unknown_method
     from zotune.resolve import resolve_configs
     from zotune.train import train
 
@@ -44,7 +44,7 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
     for text in runs:  # every run is checked before the first one starts
         name, overrides = _parse_run(text)
         if name not in METHODS:
-            raise ConfigError(f"--run {text!r}: {name!r} is not a method; choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"--run {text!r}: {unknown_method(name)}")
         label = " ".join([name, *overrides])
         for seed in seeds:
             cfgs = resolve_configs(None, [*shared, f"method.name={name}", *overrides, f"run.seed={seed}"])

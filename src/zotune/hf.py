@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer
 
 from zotune.config import ConfigError
-from zotune.methods import ZOSGD, make_optimizer
+from zotune.methods import ZOSGD, make_optimizer, require_walk
 
 
 class WindowedZO(torch.optim.Optimizer):
@@ -35,10 +35,8 @@ class WindowedZO(torch.optim.Optimizer):
     """
 
     def __init__(self, zo: ZOSGD):
-        if not zo.streamable:
-            raise ConfigError(f"{type(zo).__name__} takes forwards that are not a walk of probes "
-                              f"({zo.why_not_streamable}); with the Trainer use a method whose step is its probes "
-                              f"(zosgd, zoadam, fzoo, lozo, ...)")
+        require_walk(type(zo), "run by the HF Trainer", "use a method whose step is its probes (zosgd, zoadam, "
+                     "fzoo, lozo, ...)")
         super().__init__([{"params": g["params"]} for g in zo.param_groups], {})
         self.zo, self.param_groups, self.state = zo, zo.param_groups, zo.state
         self._params = zo.indexed()

@@ -111,7 +111,7 @@ class Session:
         self.masters = Masters(self.params) if resident and base["float32_masters"] and Masters.needed(self.params) \
             else None
         self.opt = make_optimizer(method_cfg.name, self.trained, seed=cfgs["run"].seed, group=group,
-                                  directions_format=base["directions"], **method_cfg.options())
+                                  directions_format=base["directions"], config=method_cfg)
         self._base_lrs = [g["lr"] for g in self.opt.param_groups]  # the schedule scales each group's own lr
         if self.engine is not None:
             self.engine.attach(self.opt)

@@ -28,12 +28,12 @@ def _detached(output):
 def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, log=print) -> dict:
     from tqdm import tqdm
 
+    from zotune.evaluation import evaluate
     from zotune.models import load_model, select_trainable
     from zotune.prefix import FrozenPrefix
-    from zotune.tasks import make_task
-    from zotune.evaluation import evaluate
     from zotune.resolve import resolve_configs, resolve_device
     from zotune.schedule import batch_order
+    from zotune.tasks import make_task
 
     cfgs = resolve_configs(None, overrides)
     model_cfg, task_cfg, run_cfg = cfgs["model"], cfgs["task"], cfgs["run"]

@@ -13,6 +13,7 @@ import torch
 from zotune.methods import ZOSGD
 from zotune.shapes import SHAPES, random_config
 
+
 def _model(shape: str):
     from transformers import AutoModelForCausalLM
 

@@ -183,8 +183,8 @@ def run_quant_bench(shape: str, batch: int, seq: int, repeats: int, workdir: Pat
                     log=print) -> dict:
     """A float base against an int4 one (the same random weights, `trainable` kept float), both on
     the disk tier, interleaved: seconds a step and bytes read from and written to the slow tier a step."""
-    from zotune.quant import quantize_
     from zotune.models import select_trainable
+    from zotune.quant import quantize_
     from zotune.stream import load_streamed, write_folder
 
     runs = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from zotune.config import ConfigError
+from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepRecord
 
 _CHOICES = (0.0, 1.0, -1.0)  # θ, θ − u, θ + u
@@ -26,6 +27,10 @@ class ZOConservative(ZOSGD):
         if n_directions != 1 or one_sided:
             raise ConfigError("zosgd-conservative uses one two-sided direction: drop n_directions and one_sided")
 
+    @staticmethod
+    def forwards(n_directions: int, one_sided: bool) -> int:
+        return 5  # ZO-SGD's 2 probes, then L(θ), L(θ − u), L(θ + u)
+
     def __init__(self, params, **options):
         super().__init__(params, **options)
         if any(g["weight_decay"] for g in self.param_groups):
@@ -39,8 +44,7 @@ class ZOConservative(ZOSGD):
 
     @torch.no_grad()
     def step(self, closure, share: float = 1.0) -> torch.Tensor:  # type: ignore[override]
-        if closure is None:
-            raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
+        self.require_closure(closure)
         params = self.indexed()
         plan = self.start_step(share)
         key = plan.key
@@ -80,3 +84,6 @@ class ZOConservative(ZOSGD):
         self._scaled_move(indexed, key, -g)
         self._scaled_move(indexed, key, 2 * g)
         self._settle(indexed, key, g, choice)
+
+
+register_method("zosgd-conservative", MethodConfig, ZOConservative)

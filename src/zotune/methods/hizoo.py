@@ -8,10 +8,26 @@ The record holds [g, d]: replay and resume redo both updates bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from zotune.config import ConfigError
+from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepRecord
+
+
+@dataclass
+class HiZOOConfig(MethodConfig):
+    hessian_smoothing: float = 1e-8
+    hessian_floor: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.hessian_smoothing <= 1:
+            raise ConfigError(f"method.hessian_smoothing={self.hessian_smoothing} must be in [0, 1] (e.g. 1e-8)")
+        if not self.hessian_floor > 0:
+            raise ConfigError(f"method.hessian_floor={self.hessian_floor} must be > 0 (e.g. 1e-8)")
 
 
 class HiZOO(ZOSGD):
@@ -24,8 +40,12 @@ class HiZOO(ZOSGD):
                               "and one_sided")
 
     def __init__(self, params, hessian_smoothing: float = 1e-8, hessian_floor: float = 1e-8, **options):
-        super().__init__(params, **options)
-        self.alpha, self.floor = hessian_smoothing, hessian_floor
+        super().__init__(params, hessian_smoothing=hessian_smoothing, hessian_floor=hessian_floor, **options)
+        self.alpha, self.floor = self.cfg.hessian_smoothing, self.cfg.hessian_floor
+
+    @staticmethod
+    def forwards(n_directions: int, one_sided: bool) -> int:
+        return 3  # L(θ), L(θ + εz), L(θ − εz)
 
     def moves(self):
         yield None, 0.0, True  # L(θ)
@@ -67,3 +87,6 @@ class HiZOO(ZOSGD):
             piece.add_(scaled, alpha=-lr * g)
             hc.mul_(1 - self.alpha).addcmul_(z, z, value=self.alpha * d).clamp_(min=self.floor)
         self._directions.apply(p, record.seed, 0, i, fused)
+
+
+register_method("hizoo", HiZOOConfig, HiZOO)

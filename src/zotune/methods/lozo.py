@@ -31,14 +31,51 @@ dimensions (theirs: by parameter name); the momentum form above is zotune's (hea
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from zotune.config import ConfigError
 from zotune.methods.perturb import CHUNK, direction_seed, step_
+from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepKey, StepRecord
 
 _LAZY = 0x4C4F5A4F  # "LOZO": keeps the seeds of V apart from every step's
+
+
+@dataclass
+class LOZOConfig(MethodConfig):
+    """LOZO: rank-r directions for matrices, V shared by `interval` steps (the paper's r = 2, ν = 50).
+    An entry of U·Vᵀ has variance r, so the step is about r times ZO-SGD's at the same lr: the default
+    lr is ZO-SGD's divided by r."""
+
+    lr: float = 2.5e-4
+    rank: int = 2
+    interval: int = 50
+    momentum: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ConfigError(f"method.rank={self.rank} must be an integer >= 1 (e.g. 2)")
+        if not (isinstance(self.interval, int) and self.interval >= 1):
+            raise ConfigError(f"method.interval={self.interval} must be an integer >= 1 (steps that share V, e.g. 50)")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.momentum={self.momentum} must be in [0, 1) (0 for lozo; lozo-m: e.g. 0.9)")
+
+
+@dataclass
+class LOZOMConfig(LOZOConfig):
+    """LOZO-M: LOZO with heavy-ball momentum kept in the rank-r space (m × r floats per matrix); lr
+    10x smaller than LOZO's, as zosgd-momentum's (a momentum of 0.9 sums about 10 steps)."""
+
+    lr: float = 2.5e-5
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.momentum == 0:
+            raise ConfigError("method.momentum=0 is plain LOZO: use method.name=lozo, or a momentum in (0, 1)")
 
 
 class LOZO(ZOSGD):
@@ -51,14 +88,8 @@ class LOZO(ZOSGD):
         return not exact or bool(options.get("momentum", 0.0))
 
     def __init__(self, params, rank: int = 2, interval: int = 50, momentum: float = 0.0, **options):
-        super().__init__(params, **options)
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ConfigError(f"rank={rank} must be an integer >= 1 (the rank of each matrix's direction, e.g. 2)")
-        if not (isinstance(interval, int) and interval >= 1):
-            raise ConfigError(f"interval={interval} must be an integer >= 1 (steps that share V, e.g. 50)")
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"momentum={momentum} must be in [0, 1) (0: LOZO; e.g. 0.9: LOZO-M)")
-        self.rank, self.interval, self.momentum = rank, interval, float(momentum)
+        super().__init__(params, rank=rank, interval=interval, momentum=momentum, **options)
+        self.rank, self.interval, self.momentum = self.cfg.rank, self.cfg.interval, float(self.cfg.momentum)
         self._factors: dict[tuple, dict[tuple, torch.Tensor]] = {}  # ("u", StepKey) / ("v", window) -> factors
         self._factors_lock = threading.Lock()
 
@@ -184,3 +215,7 @@ class LOZO(ZOSGD):
             coef.add_(self._u(p, key, k, i), alpha=g / n_dir)
         state["coefficients"] = coef
         self._add_low_rank(p, coef, v, -lr)
+
+
+register_method("lozo", LOZOConfig, LOZO)
+register_method("lozo-m", LOZOMConfig, LOZO)

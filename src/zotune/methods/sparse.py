@@ -15,11 +15,13 @@ never a persistent mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 
 from zotune.config import ConfigError
 from zotune.methods.perturb import step_
+from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepRecord
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -46,15 +48,23 @@ def unpack(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat[: like.numel()].view(like.shape)
 
 
+@dataclass
+class SparseConfig(MethodConfig):
+    sparsity: float = 0.75  # the fraction of each tensor's values left out: the largest in magnitude
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
+            raise ConfigError(f"method.sparsity={self.sparsity} must be in [0, 1): the fraction of each tensor's "
+                              f"values left out (the largest in magnitude), e.g. 0.75")
+
+
 class SparseMeZO(ZOSGD):
     replays_from_base = True  # the thresholds come from the step-0 weights, which snapshots do not hold
 
     def __init__(self, params, sparsity: float = 0.75, **options):
-        super().__init__(params, **options)
-        if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-            raise ConfigError(f"sparsity={sparsity} must be in [0, 1): the fraction of each tensor's values left "
-                              f"out (the largest in magnitude), e.g. 0.75")
-        self.sparsity = float(sparsity)
+        super().__init__(params, sparsity=sparsity, **options)
+        self.sparsity = float(self.cfg.sparsity)
         # state_of(i): "threshold" (τ_i), and a step's mask: "mask" (packed bits) for the step of "mask_seed"
 
     def _bits(self, i: int, p: torch.Tensor, seed: int) -> tuple[torch.Tensor, bool]:
@@ -116,3 +126,6 @@ class SparseMeZO(ZOSGD):
         super().load_state_dict(state_dict)
         for i, t in (thresholds or {}).items():
             self.state_of(int(i)).setdefault("threshold", float(t))
+
+
+register_method("sparse-mezo", SparseConfig, SparseMeZO)

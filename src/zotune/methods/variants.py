@@ -6,9 +6,38 @@ regenerated for one tensor at a time (one tensor's worth of scratch), and the ru
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from zotune.config import ConfigError
+from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepRecord
+
+
+@dataclass
+class MomentumConfig(MethodConfig):
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.momentum={self.momentum} must be in [0, 1) (e.g. 0.9)")
+
+
+@dataclass
+class AdamConfig(MethodConfig):
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"method.{key}={getattr(self, key)} must be in [0, 1) (e.g. 0.9, 0.999)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"method.adam_eps={self.adam_eps} must be > 0 (e.g. 1e-8)")
 
 
 class ZOMomentum(ZOSGD):
@@ -17,8 +46,8 @@ class ZOMomentum(ZOSGD):
     state_per_value = 1
 
     def __init__(self, params, momentum: float = 0.9, **options):
-        super().__init__(params, **options)
-        self.momentum = momentum
+        super().__init__(params, momentum=momentum, **options)
+        self.momentum = self.cfg.momentum
 
     def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
         ghat = self.restore_and_estimate(i, p, record, restore)
@@ -38,8 +67,8 @@ class ZOAdam(ZOSGD):
     state_per_value = 2
 
     def __init__(self, params, beta1: float = 0.9, beta2: float = 0.999, adam_eps: float = 1e-8, **options):
-        super().__init__(params, **options)
-        self.beta1, self.beta2, self.adam_eps = beta1, beta2, adam_eps
+        super().__init__(params, beta1=beta1, beta2=beta2, adam_eps=adam_eps, **options)
+        self.beta1, self.beta2, self.adam_eps = self.cfg.beta1, self.cfg.beta2, self.cfg.adam_eps
 
     def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
         ghat = self.restore_and_estimate(i, p, record, restore)
@@ -64,3 +93,8 @@ class ZOSign(ZOSGD):
         if wd:
             p.mul_(1 - lr * wd)
         p.add_(ghat.sign_(), alpha=-lr)
+
+
+register_method("zosgd-momentum", MomentumConfig, ZOMomentum)
+register_method("zosgd-sign", MethodConfig, ZOSign)
+register_method("zoadam", AdamConfig, ZOAdam)

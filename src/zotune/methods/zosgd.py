@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from zotune.config import ConfigError
-from zotune.methods.perturb import DISTRIBUTIONS, FORMAT, FORMATS, Directions
+from zotune.methods.perturb import FORMAT, FORMATS, Directions
+from zotune.methods.registry import MethodConfig, register_method
 from zotune.parallel import SOLO
 
 
@@ -78,6 +79,7 @@ class ZOSGD(torch.optim.Optimizer):
 
     state_per_value = 0  # floats of optimizer state per trainable value: memory stays at inference level
     streamable = True  # a step is a walk of `moves()` then `update`: the streaming engine can run it
+    one_process = None  # or why a method cannot split its steps over processes (zotune.combinations)
 
     @staticmethod
     def check_probes(n_directions: int, one_sided: bool) -> None:
@@ -85,18 +87,15 @@ class ZOSGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_directions: int = 1, one_sided: bool = False, seed: int = 0, distribution: str = "rademacher",
-                 group=None, directions_format: int = FORMAT):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ConfigError(f"lr={lr} must be a finite number >= 0 (e.g. 1e-6 for full fine-tuning)")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ConfigError(f"eps={eps} must be a finite number > 0 (e.g. 1e-3)")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ConfigError(f"weight_decay={weight_decay} must be a finite number >= 0")
-        if not (isinstance(n_directions, int) and n_directions >= 1):
-            raise ConfigError(f"n_directions={n_directions} must be an integer >= 1")
-        self.check_probes(n_directions, one_sided)
-        if distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"distribution={distribution!r} is not known; use one of {', '.join(DISTRIBUTIONS)}")
+                 group=None, directions_format: int = FORMAT, config: MethodConfig | None = None, **method_options):
+        # `config`: the method's options, checked (`make_optimizer`); else they are checked here, once
+        if config is None:
+            config = self.config(name=self.method_name, lr=lr, eps=eps, weight_decay=weight_decay,
+                                 n_directions=n_directions, one_sided=one_sided, distribution=distribution,
+                                 **method_options)
+        self.cfg = config
+        lr, eps, weight_decay, distribution = config.lr, config.eps, config.weight_decay, config.distribution
+        n_directions, one_sided = config.n_directions, config.one_sided
         if directions_format not in FORMATS:
             raise ConfigError(f"direction format {directions_format} is newer than this zotune (it knows "
                               f"{', '.join(map(str, FORMATS))}); upgrade zotune to read this run")
@@ -175,6 +174,11 @@ class ZOSGD(torch.optim.Optimizer):
         """Forwards of one step's probes (the losses `estimate` takes)."""
         return sum(1 for *_, probe in self.moves() if probe)
 
+    @staticmethod
+    def forwards(n_directions: int, one_sided: bool) -> int:
+        """Forward passes of one step with these options (what a run's budget counts): its probes."""
+        return n_directions + 1 if one_sided else 2 * n_directions
+
     def walk(self, indexed: list[tuple[int, torch.Tensor]], key: StepKey,
              offsets: dict[int, float] | None = None) -> Iterator[int]:
         """The one walk of a step's probes: apply the moves of `moves()` to `indexed` in order and
@@ -203,14 +207,17 @@ class ZOSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor], share: float = 1.0) -> torch.Tensor:  # type: ignore[override]
-        if closure is None:
-            raise ConfigError("ZO optimizers need a closure: opt.step(lambda: loss_fn(model, batch))")
+        self.require_closure(closure)
         params = self.indexed()
         plan = self.start_step(share)
         losses = self._probe(closure, params, plan, share)
         record = self.finish(plan.key, losses)
         self.update(params, record)
         return torch.tensor(sum(losses) / len(losses))
+
+    def require_closure(self, closure) -> None:
+        if closure is None:
+            raise ConfigError(f"{self.method_name} needs a closure: opt.step(lambda: loss_fn(model, batch))")
 
     def _probe(self, closure, params, plan: StepPlan, share: float) -> list[float]:
         """Walk the probes, running this process's forwards: every probe loss. On any error θ is restored."""
@@ -386,3 +393,6 @@ class ZOSGD(torch.optim.Optimizer):
             devices = {i: p.device for i, p in self.indexed()}
             self.tensor_state = {int(i): {k: v.to(devices[int(i)]) if torch.is_tensor(v) else v for k, v in s.items()}
                                  for i, s in zo.get("tensor_state", {}).items()}
+
+
+register_method("zosgd", MethodConfig, ZOSGD)

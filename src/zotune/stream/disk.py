@@ -24,8 +24,18 @@ import torch
 
 from zotune.config import ConfigError
 from zotune.parallel import SOLO, DivergedError
-from zotune.stream.format import (BLOCK_HEADER, FORMAT, HEADER, MAGIC, RECORD, TENSOR_DTYPES, Spec, atomic_write,
-                                  layout, views)
+from zotune.stream.format import (
+    BLOCK_HEADER,
+    FORMAT,
+    HEADER,
+    MAGIC,
+    RECORD,
+    TENSOR_DTYPES,
+    Spec,
+    atomic_write,
+    layout,
+    views,
+)
 from zotune.stream.tier import BlockState
 
 _UNWRITTEN = BlockState(version=-1)  # a slot that holds nothing yet: never gone back to

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
-from zotune.methods.zosgd import StepKey
+from zotune.methods import StepKey, require_walk
 from zotune.precision import Precision
 from zotune.stream.carry import Carry, flat_state, unflat_state
 from zotune.stream.lockstep import Lockstep
@@ -45,9 +45,7 @@ from zotune.stream.transfers import Accelerator, Pool, Transfers, Worker, hollow
 
 def refuse_unstreamable(method: type) -> None:
     """Raise, with the method's own reason, when the optimizer class `method` cannot be streamed."""
-    if not getattr(method, "streamable", True):
-        raise ConfigError(f"{method.__name__} cannot be streamed: {method.why_not_streamable}; stream any other "
-                          f"method, or train it resident")
+    require_walk(method, "streamed", "stream any other method, or train it resident")
 
 
 @dataclass

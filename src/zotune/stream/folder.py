@@ -17,9 +17,9 @@ from torch import nn
 
 from zotune.config import ConfigError
 from zotune.models import DTYPES, find_block_list
-from zotune.quant import dequantized, quantize_like_
 from zotune.parallel import SOLO, Group
 from zotune.precision import Precision
+from zotune.quant import dequantized, quantize_like_
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
 from zotune.stream.format import DTYPE_NAMES, BlockWriter
