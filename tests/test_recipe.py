@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import exported
 from zotune.cli import main
-from zotune.runs import decode_steps
 from zotune.schedule import lr_factor
+from zotune.steplog import decode_steps
 
 COMMON = ["run.batch_size=4", "task.n_dev=8", "task.n_test=8", "run.eval_every=2", "run.device=cpu",
           "--lr", "5e-2", "task.verbalizer={pos: great, neg: terrible}",

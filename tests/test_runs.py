@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from zotune.cli import main
 from zotune.methods import StepRecord
-from zotune.runs import LOG_MAGIC, RunFolder, decode_steps, encode_step
+from zotune.runs import RunFolder
+from zotune.steplog import LOG_MAGIC, decode_steps, encode_step
 
 # steps.log format 2: the magic, then 42 bytes a step (one direction, one group)
 RECORD_START, RECORD = len(LOG_MAGIC), 42

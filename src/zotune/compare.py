@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from zotune.config import ConfigError
-from zotune.runs import headline
+from zotune.report import headline
 
 
 def _parse_run(text: str) -> tuple[str, list[str]]:

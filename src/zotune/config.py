@@ -1,7 +1,7 @@
 """Filling typed config dataclasses from YAML files, `key=value` overrides and CLI flags.
 
 Each concern owns its dataclass (ModelConfig in models.py, TaskConfig in tasks, MethodConfig in
-methods, RunConfig in runs.py) and validates itself in `__post_init__`, raising ConfigError with
+methods, RunConfig in schedule.py) and validates itself in `__post_init__`, raising ConfigError with
 one sentence that names the problem and the fix.
 """
 

@@ -17,7 +17,7 @@ from zotune.models import load_model
 from zotune.parallel import SOLO, Group
 from zotune.precision import set_tf32
 from zotune.resolve import resolve_configs, resolve_device
-from zotune.runs import FollowerRun, RunFolder
+from zotune.runs import RunFolder, RunRecord
 from zotune.tasks import make_task
 from zotune.tasks.base import METRICS, Task
 from zotune.weights import open_run_weights
@@ -77,7 +77,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         cfgs = resolve_configs(run_dir / "config.yaml", overrides, run_folder=True, task=task)
         evaluated = make_task(cfgs["task"], None)  # bad data stops before the model loads
         disk = cfgs["stream"].tier == "disk"
-        run = RunFolder(run_dir, resume=True) if disk else FollowerRun(run_dir)  # a disk tier's blocks are written to
+        run = RunFolder(run_dir, resume=True) if disk else RunRecord(run_dir)  # a disk tier's blocks are written to
         try:
             session, records = open_run_weights(run, cfgs, target, log)
             # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device

@@ -12,7 +12,7 @@ from zotune.config import ConfigError, build, load_yaml, merge, parse_overrides
 from zotune.methods import MethodConfig, method_config
 from zotune.models import ModelConfig
 from zotune.parallel import ParallelDims
-from zotune.runs import RunConfig
+from zotune.schedule import RunConfig
 from zotune.stream import StreamConfig
 from zotune.tasks import SUITE, TaskConfig, load_task_file
 from zotune.tasks.base import command_line_escapes

@@ -1,5 +1,6 @@
-"""The schedule of a run: the order of its batches (`batch_order`), and the learning rate's factor on
-every parameter group's lr, step by step (`lr_factor`).
+"""How a run trains over time: its settings (`RunConfig`: steps, batches, evaluations, snapshots, where
+it goes), the order of its batches (`batch_order`), and the learning rate's factor on every parameter
+group's lr, step by step (`lr_factor`).
 
 `lr_factor(kind, step, total, warmup)` for step 1..total: a linear warm-up from lr/warmup to lr
 over the first `warmup` steps, then `constant` (1), `linear` (down to lr/(total - warmup) at the
@@ -10,10 +11,61 @@ step used is in its record of steps.log, so replay and resume never recompute it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from zotune.config import ConfigError
+from zotune.trackers import tracker_names
+
 SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class RunConfig:
+    """How long to train and where the run goes."""
+
+    out: str | None = None  # default: runs/<timestamp>
+    steps: int = 1200
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    eval_every: int = 300  # dev evaluation every N steps (0: only at the end)
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: torch's default
+    prefix_cache_mb: int = 2048  # frozen-prefix outputs kept across epochs (0: recompute every step)
+    snapshot_every: int = 200  # trainable tensors saved every N steps to bound replay on resume (0: never)
+    group_by_length: bool = True  # training batches of similar lengths (less padding), as HF's Trainer option
+    report_to: str = "none"  # also log to: tensorboard, wandb, or both comma-separated (when installed)
+    lr_schedule: str = "constant"  # constant, linear or cosine (zotune.schedule), after a linear warm-up
+    warmup_steps: int = 0
+    keep: str = "last"  # the weights a run ends with: last, or best (the step of the best dev metric)
+    patience: int = 0  # stop after this many dev evaluations without a better one (0: never stop early)
+
+    def __post_init__(self):
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"run.lr_schedule={self.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"run.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.keep not in ("last", "best"):
+            raise ConfigError(f"run.keep={self.keep!r}: use last (the final step) or best (the best dev evaluation)")
+        if self.patience < 0:
+            raise ConfigError(f"run.patience={self.patience} must be >= 0 (0: never stop early)")
+        if self.steps < 0:
+            raise ConfigError(f"run.steps={self.steps} must be >= 0")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("run.batch_size and run.eval_batch_size must be >= 1")
+        if self.eval_every < 0:
+            raise ConfigError(f"run.eval_every={self.eval_every} must be >= 0 (0 evaluates only at the end)")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            raise ConfigError(f"run.device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if self.prefix_cache_mb < 0:
+            raise ConfigError(f"run.prefix_cache_mb={self.prefix_cache_mb} must be >= 0 (0 turns the cache off)")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"run.snapshot_every={self.snapshot_every} must be >= 0 (0: the log alone)")
+        if self.threads < 0:
+            raise ConfigError(f"run.threads={self.threads} must be >= 0")
+        tracker_names(self.report_to)  # an unknown tracker stops the run here
 
 
 def lr_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError
+from zotune.files import entries, remove_new_entries, tensor_digest
 from zotune.methods import METHODS, MethodConfig, StepRecord, make_optimizer
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
@@ -23,7 +24,7 @@ from zotune.models import ModelConfig, load_model, parse_trainable, resolve_sour
 from zotune.parallel import SOLO, Group, weights_digest
 from zotune.precision import Masters
 from zotune.quant import QWEIGHT_KIND, quantize_
-from zotune.runs import RunFolder, entries, remove_new_entries, tensor_digest
+from zotune.runs import RunFolder
 from zotune.stream import StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_
 
 

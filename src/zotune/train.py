@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from zotune.combinations import check as check_combinations
 from zotune.config import ConfigError
 from zotune.evaluation import evaluate, metric_record
+from zotune.files import is_disk_full
 from zotune.methods import NonFiniteLossError
 from zotune.models import resolve_source
 from zotune.parallel import SOLO, DivergedError, Group, text_digest, weights_digest
 from zotune.precision import Masters, Precision, set_tf32
 from zotune.prefix import FrozenPrefix
 from zotune.resolve import SECTIONS, resolve_device
-from zotune.runs import FollowerRun, RunFolder, is_disk_full
+from zotune.runs import RunFolder, RunRecord
 from zotune.schedule import batch_order, lr_factor
 from zotune.session import Session
 from zotune.tasks import Task, make_task
@@ -182,7 +183,7 @@ def _open_run(cfgs: dict, group: Group, resume: bool, log) -> RunFolder:
         else:
             run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     out = group.broadcast(str(run.path) if run is not None else None)  # the others follow rank 0's folder
-    run = run or FollowerRun(out)  # (the same name, even when it was a timestamp)
+    run = run or RunRecord(out)  # (the same name, even when it was a timestamp)
     log(f"run folder: {run.path}" + (f" ({group.world} processes: data {group.dims.data} x perturb "
                                      f"{group.dims.perturb})" if group.world > 1 else ""))
     return run

@@ -1,0 +1,54 @@
+"""Small helpers for the files zotune writes: what a folder held before, locks, digests, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def entries(path: Path) -> set[str] | None:
+    """The names in folder `path` (None when there is no such folder): what `remove_new_entries` keeps."""
+    return set(os.listdir(path)) if path.is_dir() else None
+
+
+def remove_new_entries(path: Path, existed: set[str] | None) -> None:
+    """Remove from `path` what is not in `existed` (all of `path` when it did not exist)."""
+    if existed is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in set(os.listdir(path)) - existed if path.is_dir() else ():
+        target = path / name
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def tensor_digest(tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def try_lock(f) -> bool:
+    """An exclusive, non-blocking lock that the OS drops when the process dies."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
