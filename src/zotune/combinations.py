@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from zotune.config import ConfigError
 from zotune.methods import METHODS, not_a_walk
+from zotune.stream import is_stream_folder
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ def _has_dev(c: dict) -> bool:
 
 
 def _is_folder(name: str) -> bool:
-    from zotune.stream import is_stream_folder
-
     return is_stream_folder(name)
 
 

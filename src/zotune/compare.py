@@ -13,7 +13,10 @@ import shlex
 from pathlib import Path
 
 from zotune.config import ConfigError
+from zotune.methods import METHODS, unknown_method
 from zotune.report import headline
+from zotune.resolve import resolve_configs
+from zotune.train import train
 
 
 def _parse_run(text: str) -> tuple[str, list[str]]:
@@ -27,10 +30,6 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
             seeds: tuple[int, ...] = (0,), target: float | None = None) -> list[dict]:
     """Each run once per seed (`run.seed`: step seeds and data order); the table gives each run's mean
     and spread over the seeds and, with `target`, the forward passes each needed to reach that dev metric."""
-    from zotune.methods import METHODS, unknown_method
-    from zotune.resolve import resolve_configs
-    from zotune.train import train
-
     if not runs:
         raise ConfigError("give at least one --run METHOD [section.key=value ...]")
     if forwards < 1 or evals < 1:

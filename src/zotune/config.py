@@ -56,14 +56,14 @@ def _yaml_value(text: str, where: str | None = None) -> Any:
                           f"in it") from None
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _coerce(value, args[0], where)
+        return coerce(value, args[0], where)
     if origin is dict:
         value = _yaml_value(value, where) if isinstance(value, str) else value
         if not isinstance(value, dict):
@@ -106,7 +106,7 @@ def build(cls: type, values: dict[str, Any], section: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown option {section}.{unknown[0]}; known options of {section}: {', '.join(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    kwargs = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
     return cls(**kwargs)
 
 

@@ -36,6 +36,7 @@ BLOCKS_PATH_BY_MODEL_TYPE = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ("none", "int8", "int4")  # what zotune.quant holds frozen block linears in
 
 
 @dataclass
@@ -59,8 +60,6 @@ class ModelConfig:
     tf32: bool = True  # on CUDA: float32 matrix products on TF32 tensor cores (zotune.precision.set_tf32)
 
     def __post_init__(self):
-        from zotune.quant import QUANTIZE
-
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
         if not isinstance(self.tf32, bool):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
+from zotune.models import QUANTIZE, find_blocks
 
-QUANTIZE = ("none", "int8", "int4")
 GROUP = 32  # int4: inputs per scale, GGUF's Q4_0 / Q4_1 block
 
 
@@ -133,8 +133,6 @@ def dequantized(block: nn.Module) -> dict[str, torch.Tensor]:
 
 def quantize_(model: nn.Module, kind: str, keep: set[int], blocks_path: str | None = None, log=print) -> int:
     """Quantize the block linears whose weight is not in `keep` (ids); returns the bytes saved."""
-    from zotune.models import find_blocks
-
     if kind == "none":
         return 0
     if kind not in QUANTIZE:

@@ -6,9 +6,10 @@ Tasks know models only through a tokenizer and forward calls; they know no optim
 from zotune.tasks.base import Task, TaskConfig
 from zotune.tasks.choice import MultipleChoiceTask
 from zotune.tasks.classification import Batch, ClassificationTask
+from zotune.tasks.files import load_task_file
 from zotune.tasks.generation import GenerationTask
 from zotune.tasks.sources import Table, load_rows
-from zotune.tasks.suite import SUITE, load_task_file
+from zotune.tasks.suite import SUITE
 
 TASK_TYPES = {"classification": ClassificationTask, "multiple_choice": MultipleChoiceTask, "generation": GenerationTask}
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from zotune.config import ConfigError
+from zotune.config import ConfigError, coerce
 from zotune.tasks.sources import Table
+from zotune.tasks.suite import SUITE
 
 # The metrics each type reports; the first is its headline unless `task.metric` names another.
 METRICS = {"classification": ("accuracy", "f1"), "multiple_choice": ("accuracy",), "generation": ("f1", "exact_match")}
@@ -71,8 +72,6 @@ class TaskConfig:
     objective: str = "loss"
 
     def __post_init__(self):
-        from zotune.tasks.suite import SUITE
-
         if self.name and self.name not in SUITE:
             raise ConfigError(f"task.name={self.name!r} is not a suite task; choose from {', '.join(SUITE)} "
                               f"(or give task.type, task.data and task.template for your own)")
@@ -168,17 +167,15 @@ def unescape(text: str) -> str:
 def command_line_escapes(values: dict) -> dict:
     """Task options typed on a command line, with `\n` in their prompt texts read as a newline (a shell
     passes a backslash and an n). Files are read as YAML is: a newline there is written "\n" or as one."""
-    from zotune.config import _coerce
-
     out = dict(values)
     for key in ("template", "stop"):
         if isinstance(out.get(key), str) and out[key][:1] not in ("'", '"'):  # a quoted YAML scalar has its own escapes
             out[key] = unescape(out[key])
     if "verbalizer" in out:
-        verbalizer = _coerce(out["verbalizer"], dict[str, str], "task.verbalizer")
+        verbalizer = coerce(out["verbalizer"], dict[str, str], "task.verbalizer")
         out["verbalizer"] = {k: unescape(v) for k, v in verbalizer.items()}
     if "choices" in out:
-        out["choices"] = [unescape(c) for c in _coerce(out["choices"], list[str], "task.choices")]
+        out["choices"] = [unescape(c) for c in coerce(out["choices"], list[str], "task.choices")]
     return out
 
 
