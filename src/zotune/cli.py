@@ -178,7 +178,15 @@ def _shape_and_batch(parser: argparse.ArgumentParser, repeats: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models with forward passes only.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training(sub)
+    _add_evaluation(sub)
+    _add_stream(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_training(sub) -> None:
+    """train, resume, replay, export."""
     t = sub.add_parser("train", help="fine-tune (defaults: SmolLM2-135M-Instruct on Rotten Tomatoes, offline)",
                        description="Options come from defaults, then --config FILE, then section.key=value, "
                                    "then flags.")
@@ -200,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", required=True, help="a new folder for the model")
         e.set_defaults(func=_rebuild)
 
+
+def _add_evaluation(sub) -> None:
+    """eval, compare."""
     e = sub.add_parser("eval", help="the task's metrics for a model or a run folder's weights, without training",
                        description="Evaluate a model (built-in name, HF folder, .gguf file) or a run folder (its "
                                    "trained weights at the latest step, with its own task) on the task's splits.")
@@ -225,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="section.key=value")
     c.set_defaults(func=_compare)
 
+
+def _add_stream(sub) -> None:
     st = sub.add_parser("stream", help="block streaming: prepare a disk-tier folder")
     stsub = st.add_subparsers(dest="stream", required=True)
     p = stsub.add_parser("prepare", help="write a model's blocks to a stream folder, one block at a time",
@@ -239,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bsub = b.add_subparsers(dest="bench", required=True)
     s = bsub.add_parser("step", help="ZO step time / two plain forwards, zotune vs a MeZO-style step")
@@ -276,7 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.steps=300 task.name=tweets")
     s.set_defaults(func=_bench_first_order)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

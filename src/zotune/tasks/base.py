@@ -8,7 +8,6 @@ batch into the value ZO minimises (`head_loss`) and into summable evaluation cou
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -72,6 +71,13 @@ class TaskConfig:
     objective: str = "loss"
 
     def __post_init__(self):
+        self._check_sources()
+        self._take_suite_defaults()
+        self._check_prompt()
+        self._check_sizes_and_functions()
+
+    def _check_sources(self) -> None:
+        """Where the rows come from: a suite task, task.data, or task.train / dev / test."""
         if self.name and self.name not in SUITE:
             raise ConfigError(f"task.name={self.name!r} is not a suite task; choose from {', '.join(SUITE)} "
                               f"(or give task.type, task.data and task.template for your own)")
@@ -88,6 +94,9 @@ class TaskConfig:
             if self.type not in ("", "classification"):
                 raise ConfigError(f"task.data is needed for a {self.type} task: a file of its rows, or hf:NAME")
             self.data = "rotten_tomatoes"  # the default task
+
+    def _take_suite_defaults(self) -> None:
+        """The suite task's (or built-in data set's) options, where the user's are at their defaults."""
         named = SUITE.get(self.name or self.data)  # a built-in data set names its own task
         if named is not None and self.train:
             named = {k: v for k, v in named.items() if k != "data"}  # its prompt, over the user's own splits
@@ -103,6 +112,9 @@ class TaskConfig:
         self.type = self.type or "classification"
         if self.type not in METRICS:
             raise ConfigError(f"task.type={self.type!r}: choose classification, multiple_choice or generation")
+
+    def _check_prompt(self) -> None:
+        """The template and what answers it: a verbalizer, choices or an answer column."""
         if not self.template:
             if self.type != "classification":
                 raise ConfigError(f"task.template is needed for a {self.type} task: the prompt, with {{column}} fields")
@@ -131,6 +143,9 @@ class TaskConfig:
                 template_fields(choice, f"task.choices[{i}]", allow_constant=True)
         elif not self.answer.strip():
             raise ConfigError("task.answer is needed for a generation task: the column holding the answer")
+
+    def _check_sizes_and_functions(self) -> None:
+        """Split sizes, lengths, the metric, and the user's functions (found now, before any work)."""
         if self.k_shot and self.type != "classification":
             raise ConfigError(f"task.k_shot takes k examples of each label: a {self.type} task has "
                               "none; use task.n_train")
@@ -157,7 +172,6 @@ class TaskConfig:
                 raise ConfigError(f"task.objective={self.objective!r}: a {self.type} task minimises "
                                   f"{', '.join(objective_names)}, or a function as module:name or file.py:name")
             load_function(self.objective, "task.objective")
-
 
 def unescape(text: str) -> str:
     """`\n` and `\t` in `text` as a newline and a tab (`\\` for a backslash itself)."""
@@ -394,51 +408,3 @@ class Task:
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
-@dataclass
-class Scored(Movable):
-    """Sequences = prompt + answer, right-padded, with the positions whose next token is scored.
-
-    Target p is token `targets[p]`, predicted at position `cols[p]` of sequence `rows[p]`.
-    """
-
-    input_ids: torch.Tensor  # (N, T)
-    attention_mask: torch.Tensor
-    rows: torch.Tensor  # (P,)
-    cols: torch.Tensor
-    targets: torch.Tensor
-
-
-def scored_sequences(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Scored:
-    """Each prompt's ids followed by its answer's, every answer token a target."""
-    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
-    ids = torch.full((len(prompts), max(lengths)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows, cols, targets = [], [], []
-    for r, (p, a) in enumerate(zip(prompts, answers)):
-        ids[r, : lengths[r]] = torch.tensor(p + a)
-        mask[r, : lengths[r]] = 1
-        rows += [r] * len(a)
-        cols += range(len(p) - 1, len(p) + len(a) - 1)
-        targets += a
-    return Scored(ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
-                  torch.tensor(targets, dtype=torch.long))
-
-
-@contextlib.contextmanager
-def picked_positions(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
-    """Within this block the LM head sees only hidden states (rows[p], cols[p]), as one (1, P, H) row."""
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, args: (args[0][rows, cols].unsqueeze(0),) + tuple(args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def target_logprobs(model: nn.Module, batch: Scored) -> torch.Tensor:
-    """(P,) log-probability of every target token, from one forward inside `picked_positions`."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
-    return logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]

@@ -15,16 +15,8 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
-from zotune.tasks.base import (
-    Movable,
-    Scored,
-    Task,
-    TaskConfig,
-    load_function,
-    picked_positions,
-    scored_sequences,
-    target_logprobs,
-)
+from zotune.tasks.base import Movable, Task, TaskConfig, load_function
+from zotune.tasks.scoring import Scored, picked_positions, scored_sequences, target_logprobs
 from zotune.tasks.sources import Table
 
 
