@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from zotune.cli import main
+from zotune.steplog import LOG_MAGIC
 
 FAST = ["run.eval_every=0", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu", "run.steps=2",
         "model.trainable=last-blocks:2"]
@@ -214,6 +215,27 @@ CASES = [
     T("out-holds-a-run", lambda w: w.train() + ["--out", str(w.copy("run"))], "already holds a run",
       writes_nothing=False),
     T("out-is-a-file", lambda w: w.train() + ["--out", str(w.file("taken", "mine"))], "--out", writes_nothing=False),
+    T("out-is-a-users-folder", lambda w: w.train() + ["--out", str(w.tmp / "mine")],
+      "is not empty (it holds config.yaml", setup=lambda w: w.file("mine/config.yaml", "run: {steps: 5}\n"),
+      writes_nothing=False),
+    T("out-in-a-file", lambda w: w.train() + ["--out", str(w.file("taken", "mine") / "run")], "cannot write",
+      writes_nothing=False),
+    T("offload-dir-is-a-users-folder", lambda w: w.train("--offload", "disk", "--offload-dir", str(w.tmp / "mine")),
+      "is not empty (it holds notes.txt", setup=lambda w: w.file("mine/notes.txt", "keep me")),
+    T("stream-prepare-into-a-users-folder", lambda w: ["stream", "prepare", "--model", str(w.model), "--out",
+                                                       str(w.tmp / "mine")], "is not empty",
+      setup=lambda w: w.file("mine/notes.txt", "keep me")),
+    T("stream-prepare-into-a-file", lambda w: ["stream", "prepare", "--model", str(w.model), "--out",
+                                               str(w.file("taken", "mine"))], "is a file"),
+    T("export-into-a-file", lambda w: ["export", str(w.copy("run")), "--out", str(w.file("taken", "mine"))],
+      "is a file"),
+    T("replay-into-a-users-folder", lambda w: ["replay", str(w.copy("run")), "--out", str(w.tmp / "mine")],
+      "is not empty", setup=lambda w: w.file("mine/notes.txt", "keep me")),
+    T("eval-out-is-a-users-file", lambda w: ["eval", "--model", str(w.copy("run")), "--out", str(w.tmp / "r.json")],
+      "exists and zotune did not write it", setup=lambda w: w.file("r.json", '{"mine": 1}')),
+    T("eval-out-is-a-folder", lambda w: ["eval", "--model", str(w.copy("run")), "--out", str(w.tmp)], "is a folder"),
+    T("compare-out-is-a-users-folder", lambda w: ["compare", "--run", "zosgd", "--out", str(w.tmp / "mine")],
+      "is not empty", setup=lambda w: w.file("mine/notes.txt", "keep me")),
     T("resume-not-a-run", lambda w: ["resume", str(w.tmp)], "not a zotune run folder"),
     T("resume-missing", lambda w: ["resume", str(w.tmp / "gone")], "not a zotune run folder"),
     T("resume-finished", lambda w: ["resume", str(w.copy("run"))], "already finished"),
@@ -286,9 +308,25 @@ def test_a_disk_tier_run_refused_after_loading_writes_no_stream_folder(prepared,
                         str(tmp_path / "blocks"))) == 2
     assert not (tmp_path / "blocks").exists() and not w.out.exists()
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == json.dumps(["reviews.csv"])
-    # a refusal after the folder is written (a base.json of another model in --out): the folder goes again
+    # a refusal after the folder is written (--out is the folder of a run killed before its first step,
+    # whose base.json names another model): the stream folder goes again, the run folder is as it was
     w.out.mkdir()
     (w.out / "base.json").write_text(json.dumps({"model": "other", "hash": "0" * 32}))
+    (w.out / "steps.log").write_bytes(LOG_MAGIC)
+    (w.out / "lock").write_text("pid 1\n")
     assert main(w.train("--offload", "disk", "--offload-dir", str(tmp_path / "blocks"))) == 2
     assert "not the one this run started from" in capsys.readouterr().err
-    assert not (tmp_path / "blocks").exists() and sorted(p.name for p in w.out.iterdir()) == ["base.json"]
+    assert not (tmp_path / "blocks").exists()
+    assert sorted(p.name for p in w.out.iterdir()) == ["base.json", "lock", "steps.log"]
+
+
+def test_a_new_run_starts_in_the_folder_of_a_run_killed_before_its_first_step(prepared, tiny_model_dir, tmp_path):
+    """The run files of a run that took no step (here: killed while loading) are zotune's own: the same
+    command starts again there. A folder with anything else in it is refused (the table above)."""
+    w = World(tmp_path, prepared, tiny_model_dir)
+    w.out.mkdir()
+    (w.out / "steps.log").write_bytes(LOG_MAGIC)
+    (w.out / "metrics.jsonl").write_text("")
+    (w.out / "lock").write_text("pid 1\n")
+    assert main(w.train()) == 0
+    assert json.loads((w.out / "summary.json").read_text())["steps"] == 2

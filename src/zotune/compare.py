@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from zotune.config import ConfigError
+from zotune.files import check_new_folder
 from zotune.methods import METHODS, unknown_method
 from zotune.report import headline
 from zotune.resolve import resolve_configs
@@ -39,6 +40,7 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
     folder = Path(out)
     if (folder / "compare.json").exists():
         raise ConfigError(f"{folder} already holds a comparison; pass a new --out")
+    check_new_folder(folder, "--out")
     plans = []
     for text in runs:  # every run is checked before the first one starts
         name, overrides = _parse_run(text)

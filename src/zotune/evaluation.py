@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zotune.config import ConfigError
+from zotune.files import check_new_file
 from zotune.models import load_model
 from zotune.parallel import SOLO, Group
 from zotune.precision import set_tf32
@@ -68,6 +69,8 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         raise ConfigError(f"--split {','.join(splits)}: choose from {', '.join(SPLITS)}")
     changed = {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
     run_dir = Path(source) if source and (Path(source) / "config.yaml").is_file() else None
+    path = Path(out) if out else (run_dir / "eval.json" if run_dir else Path("eval.json"))
+    check_new_file(path, "--out" if out else "the output file", own=_an_evaluation)  # before any work
     target = resolve_device(device)
     started = time.perf_counter()
     if run_dir is not None:
@@ -104,7 +107,6 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
     summary = {"model": cfgs["model"].name, "run": str(run_dir) if run_dir else None, "step": step,
                "task": {k: v for k, v in dataclasses.asdict(task_cfg).items() if v not in ("", [], {})},
                "splits": results, "seconds": round(time.perf_counter() - started, 1)}
-    path = Path(out) if out else (run_dir / "eval.json" if run_dir else Path("eval.json"))
     path.write_text(json.dumps(summary, indent=2) + "\n")
     what = f"run {run_dir} at step {step}" if run_dir else cfgs["model"].name
     names = METRICS[task_cfg.type]
@@ -114,3 +116,12 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         log(f"{split:8}{r['n']:>10}" + "".join(f"{r[m]:>13.3f}" for m in names) + f"{r['loss']:>10.4f}")
     log(f"{summary['seconds']:.0f}s; wrote {path}")
     return summary
+
+
+def _an_evaluation(path: Path) -> bool:
+    """Whether `path` is the JSON of an earlier `zotune eval` (which a new one may replace)."""
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and {"model", "run", "step", "task", "splits"} <= set(written)

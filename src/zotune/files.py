@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from zotune.config import ConfigError
+
 
 def entries(path: Path) -> set[str] | None:
     """The names in folder `path` (None when there is no such folder): what `remove_new_entries` keeps."""
@@ -52,3 +54,27 @@ def try_lock(f) -> bool:
 
 def is_disk_full(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# -- what zotune may write: folders it creates, or its own (a user's files are never touched) --------------
+
+def check_new_folder(path: Path, option: str, own=None) -> None:
+    """Refuse, in one line and before any write, an output folder zotune may not write into: a file, or a
+    folder that holds anything, unless `own(path)` recognises it as zotune's own."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a folder; pass a folder that does not exist yet")
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held and not (own is not None and own(path)):
+        raise ConfigError(f"{option} {path} is not empty (it holds {held[0]}{', ...' if len(held) > 1 else ''}): "
+                          f"zotune writes only into a folder it creates; pass a new folder")
+
+
+def check_new_file(path: Path, option: str, own=None) -> None:
+    """Refuse an output file zotune may not write: a folder, or a file that exists, unless `own(path)`
+    recognises it as one zotune wrote."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; pass a file name")
+    if path.exists() and not (own is not None and own(path)):
+        raise ConfigError(f"{option} {path} exists and zotune did not write it; pass a new file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: {path.parent} is a file, not a folder")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from zotune.config import ConfigError
-from zotune.files import entries, remove_new_entries, tensor_digest, try_lock
+from zotune.files import check_new_folder, entries, remove_new_entries, tensor_digest, try_lock
 from zotune.methods import StepRecord
 from zotune.report import headline, plot
 from zotune.steplog import LOG_MAGIC, decode_steps, encode_step, log_format
@@ -150,10 +150,12 @@ class RunFolder(RunRecord):
             if not (self.path / "config.yaml").is_file():
                 raise ConfigError(f"{self.path} is not a zotune run folder (no config.yaml); pass the folder of a run")
         elif (self.path / "summary.json").exists() or any(
-                (self.path / name).exists() and (self.path / name).stat().st_size
+                (self.path / name).is_file() and (self.path / name).read_bytes() not in (b"", LOG_MAGIC)
                 for name in ("steps.log", "metrics.jsonl")):
             raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or "
                               f"`zotune resume {self.path}`")
+        else:
+            check_new_folder(self.path, "--out", own=_never_started)
         # What was here before: a run refused during its setup takes away only what it wrote (`discard`).
         self._existed = entries(self.path)
         try:
@@ -288,3 +290,16 @@ class RunFolder(RunRecord):
     def plot(self) -> Path:
         """curve.png: training loss (and its running mean) and the dev metric against steps."""
         return plot(self.path)
+
+
+# What a run folder holds (zotune.trackers add tensorboard/ and wandb/; zotune eval adds eval.json).
+RUN_ENTRIES = {"config.yaml", "base.json", "steps.log", "metrics.jsonl", "summary.json", "curve.png", "lock",
+               "snapshots", "eval.json", "tensorboard", "wandb"}
+
+
+def _never_started(path: Path) -> bool:
+    """A run folder zotune made for a run that stopped before its first step (killed while loading, say):
+    only run files, and a steps.log of this format that holds no step. A new run may start in it."""
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    log = path / "steps.log"
+    return names <= RUN_ENTRIES and log.is_file() and log.read_bytes() == LOG_MAGIC

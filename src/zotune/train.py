@@ -180,8 +180,6 @@ def _open_run(cfgs: dict, group: Group, resume: bool, log) -> RunFolder:
                 run.close()
                 raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
                                   f"train longer with `zotune resume {run.path} run.steps=N`")
-        else:
-            run.write_config({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()})
     out = group.broadcast(str(run.path) if run is not None else None)  # the others follow rank 0's folder
     run = run or RunRecord(out)  # (the same name, even when it was a timestamp)
     log(f"run folder: {run.path}" + (f" ({group.world} processes: data {group.dims.data} x perturb "
@@ -193,9 +191,8 @@ def _introduce(r: _Run, resume: bool) -> None:
     """Config and trackers written, the ranks checked against each other, what trains said once."""
     cfgs, session, log = r.cfgs, r.session, r.log
     as_dicts = {name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()}
-    if r.main:
-        if resume:  # rewritten only now that the run continues (a longer run.steps, new defaults named)
-            r.run.write_config(as_dicts)
+    if r.main:  # written only now that the run starts (or continues: a longer run.steps, new defaults named)
+        r.run.write_config(as_dicts)
         r.run.trackers = open_trackers(cfgs["run"].report_to, r.run.path, as_dicts)
     r.group.check_same("the model, config and seed", lambda: text_digest(  # the same on every rank, before any step
         json.dumps({k: v for k, v in as_dicts.items() if k != "run"}, sort_keys=True, default=str)

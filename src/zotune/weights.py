@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zotune.config import ConfigError
+from zotune.files import check_new_folder
 from zotune.methods import StepRecord
 from zotune.quant import dequantize_
 from zotune.resolve import resolve_configs, resolve_device
@@ -29,8 +29,7 @@ def open_run_weights(run: RunFolder, cfgs: dict, device, log, use_snapshots: boo
 def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
     """Write the run's fine-tuned model as a standard HF folder (base + snapshot + log, or log alone)."""
     out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()):
-        raise ConfigError(f"output folder {out} is not empty; pass a new --out")
+    check_new_folder(out_path, "--out")
     run = RunFolder(run_dir, resume=True)
     try:
         cfgs = resolve_configs(run.path / "config.yaml", run_folder=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from zotune.config import ConfigError
+from zotune.files import check_new_folder
 from zotune.models import DTYPES
 
 FORMAT = "zotune-stream/1"
@@ -103,6 +104,7 @@ class BlockWriter:
         self.folder = Path(folder)
         if (self.folder / "manifest.json").exists():
             raise ConfigError(f"{self.folder} already holds a stream folder; choose a new --out or delete it first")
+        check_new_folder(self.folder, "the stream folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             probe = self.folder / ".write-test"
