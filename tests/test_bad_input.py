@@ -87,6 +87,15 @@ def _replace(path: Path, old: str, new: str) -> None:
     path.write_text(path.read_text().replace(old, new))
 
 
+def _edit_config(run: Path, section: str, key: str, value) -> None:
+    """config.yaml of `run` edited by hand: `section.key` set to `value`."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config[section][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def _gguf_prefix(w: World) -> Path:
     from zotune.models import ModelConfig, resolve_source
 
@@ -244,6 +253,18 @@ CASES = [
       setup=lambda w: (w.copy("run") / "config.yaml").write_text("model: [oops")),
     T("resume-model-gone", lambda w: ["resume", str(w.tmp / "run"), "run.steps=4"], "does not exist",
       setup=lambda w: _replace(w.copy("run") / "config.yaml", str(w.model), str(w.tmp / "gone"))),
+    T("resume-edited-lr", lambda w: ["resume", str(w.tmp / "run"), "run.steps=4"], "method.lr is 0.5 but run",
+      setup=lambda w: _edit_config(w.copy("run"), "method", "lr", 0.5)),
+    T("resume-edited-trainable", lambda w: ["resume", str(w.tmp / "run"), "run.steps=4"], "model.trainable is 'all'",
+      setup=lambda w: _edit_config(w.copy("run"), "model", "trainable", "all")),
+    T("resume-other-batch-size", lambda w: ["resume", str(w.copy("run")), "run.steps=4", "run.batch_size=2"],
+      "run.batch_size is 2 but run"),
+    T("resume-other-seed", lambda w: ["resume", str(w.copy("run")), "run.steps=4", "parallel.data=1",
+                                      "run.seed=3"], "run.seed is 3 but run"),
+    T("export-edited-trainable", lambda w: ["export", str(w.tmp / "run"), "--out", str(w.tmp / "x")],
+      "model.trainable is 'all'", setup=lambda w: _edit_config(w.copy("run"), "model", "trainable", "all")),
+    T("eval-edited-method", lambda w: ["eval", "--model", str(w.tmp / "run")], "method.eps is 0.5 but run",
+      setup=lambda w: _edit_config(w.copy("run"), "method", "eps", 0.5)),
     T("resume-base-json-damaged", lambda w: ["resume", str(w.tmp / "run"), "run.steps=4"], "base.json",
       setup=lambda w: (w.copy("run") / "base.json").write_text("{")),
     T("export-into-non-empty", lambda w: ["export", str(w.copy("run")), "--out", str(w.copy("disk-run-blocks"))],

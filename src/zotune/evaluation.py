@@ -82,7 +82,7 @@ def evaluate_source(source: str | None, overrides=(), splits=("dev", "test"), ou
         disk = cfgs["stream"].tier == "disk"
         run = RunFolder(run_dir, resume=True) if disk else RunRecord(run_dir)  # a disk tier's blocks are written to
         try:
-            session, records = open_run_weights(run, cfgs, target, log)
+            session, records = open_run_weights(run, cfgs, target, log, also_free=("task", "run"))
             # a RAM-tier run is evaluated streamed too: only the blocks' outside on the device
             session.start_streaming()
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import torch
@@ -106,3 +108,37 @@ def resolve_device(name: str) -> torch.device:
                           f"{device.type}:{index}, but this machine has {count}; start at most "
                           f"{count - (device.index or 0)} processes per machine")
     return torch.device(device.type, index)
+
+
+# What a resumed run (or an export, a replay, an evaluation of a run) may take differently from the run as
+# it started: nothing that shapes its steps. More steps, the evaluation and snapshot cadence, trackers,
+# the device (where the directions allow: session.py checks), paths that moved (the base model and a stream
+# folder are identified by their content), and what only changes speed or fault handling.
+MAY_CHANGE = {"run": {"steps", "eval_every", "snapshot_every", "report_to", "device", "out", "threads",
+                      "eval_batch_size", "prefix_cache_mb", "patience"},
+              "model": {"name", "cache_dir"}, "stream": {"dir", "prefetch"},
+              "parallel": {"perturb", "timeout", "check_every"}}
+
+
+def recorded_options(cfgs: dict) -> dict:
+    """Every option of `cfgs` as plain JSON values: what a run records when it starts (base.json)."""
+    return json.loads(json.dumps({name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()}, default=str))
+
+
+def check_as_recorded(recorded: dict | None, cfgs: dict, run, also_free: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line, an option that differs from the run's record of it (`recorded_options` when it
+    started; a run started before records were kept is not checked). `also_free`: sections the caller may
+    change (an evaluation's own task)."""
+    if not recorded:
+        return
+    now = recorded_options(cfgs)
+    for section, values in recorded.items():
+        if section in also_free:
+            continue
+        for key, was in values.items():
+            is_now = now.get(section, {}).get(key, was)
+            if is_now != was and key not in MAY_CHANGE.get(section, ()):
+                raise ConfigError(f"{section}.{key} is {is_now!r} but run {run} was trained with {was!r}: a run "
+                                  f"continues, exports and replays as it was recorded (config.yaml was edited, or "
+                                  f"an option was given); for other settings start a new run, e.g. from "
+                                  f"`zotune export {run}`")

@@ -66,6 +66,14 @@ class RunRecord:
                 f"({recorded['model']}, hash {recorded['hash'][:16]}); use the original base model")
         return {"directions": 1, "float32_masters": False, **recorded}
 
+    def recorded_options(self) -> dict | None:
+        """Every option as the run recorded it when it started (base.json), or None (a new run, a run started
+        before records were kept; a damaged base.json is reported when the base is checked)."""
+        try:
+            return json.loads((self.path / "base.json").read_text()).get("options")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def read_steps(self, repair: bool = False) -> tuple[list[StepRecord], str | None]:
         """The valid records and, when the log is damaged, a sentence saying where (`repair`: see RunFolder)."""
         records, _, problem = decode_steps((self.path / "steps.log").read_bytes())

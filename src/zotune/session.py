@@ -24,6 +24,7 @@ from zotune.models import ModelConfig, load_model, parse_trainable, resolve_sour
 from zotune.parallel import SOLO, Group, weights_digest
 from zotune.precision import Masters
 from zotune.quant import QWEIGHT_KIND, quantize_
+from zotune.resolve import recorded_options
 from zotune.runs import RunFolder
 from zotune.stream import StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_
 
@@ -95,7 +96,7 @@ class Session:
                 base_hash = tensor_digest(self.model.state_dict().values())
         base = run.write_base({"model": model_cfg.name, "source": folder or "/".join(
             str(x) for x in resolve_source(model_cfg) if x), "hash": base_hash, "directions": DIRECTIONS_FORMAT,
-            "device": drawn_on(device), "float32_masters": True})
+            "device": drawn_on(device), "float32_masters": True, "options": recorded_options(cfgs)})
         _check_directions_device(base, method_cfg, device)
         adapter = cfgs.get("adapter") or AdapterConfig()
         if self.engine is None:  # (a disk tier's blocks were quantized before they were written)

@@ -30,7 +30,7 @@ from zotune.models import resolve_source
 from zotune.parallel import SOLO, DivergedError, Group, text_digest, weights_digest
 from zotune.precision import Masters, Precision, set_tf32
 from zotune.prefix import FrozenPrefix
-from zotune.resolve import SECTIONS, resolve_device
+from zotune.resolve import SECTIONS, check_as_recorded, resolve_device
 from zotune.runs import RunFolder, RunRecord
 from zotune.schedule import batch_order, lr_factor
 from zotune.session import Session
@@ -154,6 +154,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
     task = make_task(cfgs["task"], None)  # its rows checked here; its tokenizer comes below
     run = _open_run(cfgs, group, resume, log)
     try:
+        check_as_recorded(run.recorded_options(), cfgs, run.path)  # a resumed run is the run that was recorded
         session = Session(cfgs, run, device, log, resume, group)
         task.bind(session.tokenizer)
     except ConfigError:  # refused before step 0: a new run leaves nothing behind, a resumed one is as it was

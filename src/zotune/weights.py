@@ -8,15 +8,17 @@ from pathlib import Path
 from zotune.files import check_new_folder
 from zotune.methods import StepRecord
 from zotune.quant import dequantize_
-from zotune.resolve import resolve_configs, resolve_device
-from zotune.runs import RunFolder
+from zotune.resolve import check_as_recorded, resolve_configs, resolve_device
+from zotune.runs import RunFolder, RunRecord
 from zotune.session import Session, replay_device
 from zotune.stream import export_streamed, unstream_
 
 
-def open_run_weights(run: RunFolder, cfgs: dict, device, log, use_snapshots: bool = True
-                     ) -> tuple[Session, list[StepRecord]]:
-    """(a Session at the weights the run kept, the records of its steps up to them)."""
+def open_run_weights(run: RunRecord, cfgs: dict, device, log, use_snapshots: bool = True,
+                     also_free: tuple[str, ...] = ()) -> tuple[Session, list[StepRecord]]:
+    """(a Session at the weights the run kept, the records of its steps up to them). `also_free`: sections
+    the caller may set otherwise than the run recorded them (an evaluation's own task)."""
+    check_as_recorded(run.recorded_options(), cfgs, run.path, also_free)
     records, problem = run.read_steps()
     if problem:
         log(problem)
