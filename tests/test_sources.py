@@ -32,6 +32,12 @@ def test_parquet_jsonl_and_csv_give_the_same_examples(tmp_path):
     assert load_rows(str(tmp_path / "d.tsv")).rows == EXPECTED
 
 
+def test_a_csv_file_saved_by_excel_with_a_byte_order_mark_reads_the_same(tmp_path):
+    (tmp_path / "d.csv").write_bytes(("\ufefftext,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS))
+                                     .encode("utf-8"))
+    assert load_rows(str(tmp_path / "d.csv")).rows == EXPECTED
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n', r"mixed.jsonl:2: label 'pos' is a "
                                                                                   r"str, but the label of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from zotune.config import ConfigError, parse_overrides
@@ -293,8 +294,21 @@ def _add_bench(sub) -> None:
     s.set_defaults(func=_bench_first_order)
 
 
+def _joined_negative_numbers(argv: list[str]) -> list[str]:
+    """`--eps -1e-3` as `--eps=-1e-3`: argparse takes a value starting with "-" for an option of its own,
+    unless it reads as a plain negative integer or decimal."""
+    out = []
+    for a in argv:
+        if out and out[-1] in FLAGS and re.fullmatch(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _joined_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     # Overrides may stand between flags (`--lr 1e-3 run.steps=5 --out x`): argparse takes the
     # first run of them positionally and leaves the rest to us.
     args, extra = parser.parse_known_args(argv)

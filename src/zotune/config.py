@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -32,6 +33,18 @@ def _yaml_loader():
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
+
+    def construct_mapping(loader, node, deep=False):  # a key twice is a mistake, not "the last one wins"
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.construct_mapping = construct_mapping
     return Loader
 
 
@@ -52,8 +65,28 @@ def _yaml_value(text: str, where: str | None = None) -> Any:
     except yaml.YAMLError as e:
         if where is None:
             return text
-        raise ConfigError(f"{where}={text!r} is not valid YAML ({str(e).splitlines()[0]}); quote the strings "
-                          f"in it") from None
+        why = str(e).splitlines()[0]
+        fix = "give each key once" if "appears twice" in why else "quote the strings in it"
+        raise ConfigError(f"{where}={text!r} is not valid YAML ({why}); {fix}") from None
+
+
+def _whole_number(value: Any, where: str) -> int:
+    """`value` as an int: a whole number that fits in 64 bits (never rounded, never infinite)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r} is not a whole number")
+    try:
+        number = value if isinstance(value, int) else int(str(value).strip())
+    except ValueError:
+        try:
+            as_float = float(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} is not a int; give a whole number") from None
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise ConfigError(f"{where}={value!r} is not a whole number; give one, e.g. {where}=100")
+        number = int(as_float)
+    if not -2**63 <= number < 2**63:
+        raise ConfigError(f"{where}={value!r} is too large; give a number below 2**63")
+    return number
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
@@ -82,13 +115,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{where}={value!r} is not a boolean; use true or false")
-    if tp in (int, float):
+    if tp is int:
+        return _whole_number(value, where)
+    if tp is float:
         try:
-            if tp is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return tp(float(value)) if tp is int else tp(value)
+            return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}={value!r} is not a {tp.__name__}; give a number") from None
+            raise ConfigError(f"{where}={value!r} is not a float; give a number") from None
     if tp is str:
         if isinstance(value, str) and value[:1] in ("'", '"'):  # a quoted YAML scalar: '\n' is a newline
             parsed = _yaml_value(value)
@@ -119,6 +152,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. method.lr=1e-3)")
+        if name in out.get(section, {}):
+            raise ConfigError(f"{key} is given twice ({out[section][name]!r} and {raw!r}); give it once")
         out.setdefault(section, {})[name] = raw
     return out
 

@@ -69,7 +69,12 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
     if task:  # it replaces the task a config file (or a run folder) describes
         layers = [{k: v for k, v in layer.items() if k != "task"} for layer in layers]
         layers.append({"task": {"name": task} if task in SUITE else load_task_file(task)})
-    command_line = merge(parse_overrides(list(overrides)), flags or {})
+    given = parse_overrides(list(overrides))
+    twice = [f"{section}.{key}" for section, values in (flags or {}).items() for key in values
+             if key in given.get(section, {})]
+    if twice:
+        raise ConfigError(f"{twice[0]} is given twice, as a flag and as {twice[0]}=...; give it once")
+    command_line = merge(given, flags or {})
     if "task" in command_line:
         command_line["task"] = command_line_escapes(command_line["task"])
     values = merge(*layers, command_line)

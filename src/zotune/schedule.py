@@ -51,8 +51,9 @@ class RunConfig:
             raise ConfigError(f"run.keep={self.keep!r}: use last (the final step) or best (the best dev evaluation)")
         if self.patience < 0:
             raise ConfigError(f"run.patience={self.patience} must be >= 0 (0: never stop early)")
-        if self.steps < 0:
-            raise ConfigError(f"run.steps={self.steps} must be >= 0")
+        if not 0 <= self.steps < 2**32:
+            raise ConfigError(f"run.steps={self.steps} must be >= 0 and below 2**32 (steps.log counts steps in 32 "
+                              f"bits; at a step a second that is 136 years)")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("run.batch_size and run.eval_batch_size must be >= 1")
         if self.eval_every < 0:

@@ -119,7 +119,9 @@ class TaskConfig:
             if self.type != "classification":
                 raise ConfigError(f"task.template is needed for a {self.type} task: the prompt, with {{column}} fields")
             self.template = "{text} It was"
-        template_fields(self.template, "task.template")
+        if self.type == "classification" and self.label_column in template_fields(self.template, "task.template"):
+            raise ConfigError(f"task.template={self.template!r} reads the label column {{{self.label_column}}}: "
+                              f"the answer would be in every prompt; read only the input columns")
         given = {"verbalizer": self.verbalizer, "choices": self.choices, "answer": self.answer}
         needed = {"classification": "verbalizer", "multiple_choice": "choices", "generation": "answer"}[self.type]
         stray = next((k for k, v in given.items() if v and k != needed), None)

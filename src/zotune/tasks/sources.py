@@ -79,7 +79,7 @@ def _read_rows(path: Path) -> tuple[list[dict], int, str]:
     """Rows of a .csv / .jsonl / .json / .parquet file, the number of the first row, and what a number counts."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # (-sig: a byte-order mark, as Excel writes)
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")), 2, "line"
     if suffix == ".parquet":
         try:
