@@ -250,8 +250,6 @@ CASES = [
     T("run-steps-beyond-the-log", lambda w: w.train("--steps", "1e12"), "below 2**32"),
     T("run-batch-size-fraction", lambda w: w.train("run.batch_size=2.5"), "not a whole number"),
     T("run-seed-astronomical", lambda w: w.train("run.seed=99999999999999999999999"), "too large"),
-    T("override-twice", lambda w: w.train("method.eps=1e-3", "method.eps=1e-2"), "method.eps is given twice"),
-    T("flag-and-override", lambda w: w.train("--eps", "1e-3", "method.eps=1e-2"), "given twice, as a flag"),
     T("verbalizer-key-twice", lambda w: w.train("task.verbalizer={pos: great, pos: good, neg: bad}"),
       "the key 'pos' appears twice"),
     T("template-reads-the-label", lambda w: w.train("task.template={text} {label} It was"),

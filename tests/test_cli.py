@@ -385,3 +385,14 @@ def test_eval_of_lora_and_disk_tier_runs_equals_their_final_evaluation(setup, ti
     summary = json.loads((run / "summary.json").read_text())
     assert main(["eval", "--model", str(run), "--split", "test"]) == 0
     assert json.loads((run / "eval.json").read_text())["splits"]["test"] == summary["after"]
+
+
+def test_a_key_given_twice_is_named_once_and_the_last_one_counts(capsys):
+    from zotune.resolve import resolve_configs
+
+    cfgs = resolve_configs(None, ["method.eps=1e-3", "method.eps=1e-2"], {"method": {"lr": 0.5}},
+                           task="rotten_tomatoes")
+    assert cfgs["method"].eps == 1e-2
+    assert "method.eps is given twice ('1e-3', then '1e-2'): the last one counts" in capsys.readouterr().out
+    cfgs = resolve_configs(None, ["method.lr=0.1"], {"method": {"lr": 0.5}})
+    assert cfgs["method"].lr == 0.5 and "the flag counts" in capsys.readouterr().out

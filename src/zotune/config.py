@@ -143,17 +143,18 @@ def build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+def parse_overrides(items: list[str], notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """`section.key=value` strings -> {section: {key: value}}, values as given: `build` parses each by its
-    field's type (so a template such as `{text}` stays text, and a verbalizer `{a: b}` becomes a mapping)."""
+    field's type (so a template such as `{text}` stays text, and a verbalizer `{a: b}` becomes a mapping).
+    A key given twice takes its last value; `notes` collects a sentence saying so."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. method.lr=1e-3)")
-        if name in out.get(section, {}):
-            raise ConfigError(f"{key} is given twice ({out[section][name]!r} and {raw!r}); give it once")
+        if name in out.get(section, {}) and notes is not None and out[section][name] != raw:
+            notes.append(f"{key} is given twice ({out[section][name]!r}, then {raw!r}): the last one counts")
         out.setdefault(section, {})[name] = raw
     return out
 

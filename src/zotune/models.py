@@ -192,7 +192,7 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, cache_root: Path, log):
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         # A model loaded from GGUF refuses save_pretrained: rebuild it from a clean config.
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:  # noqa: BLE001 -- the gguf reader raises struct.error, ValueError, KeyError, ... on a bad file
+    except Exception as e:  # noqa: BLE001 -- gguf raises struct.error, ValueError, KeyError, ... on a bad file
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"[:200]
         raise ConfigError(f"model file {path} could not be read as a GGUF model ({why}); it may be truncated or "
                           f"damaged: download it again") from None

@@ -69,11 +69,13 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
     if task:  # it replaces the task a config file (or a run folder) describes
         layers = [{k: v for k, v in layer.items() if k != "task"} for layer in layers]
         layers.append({"task": {"name": task} if task in SUITE else load_task_file(task)})
-    given = parse_overrides(list(overrides))
-    twice = [f"{section}.{key}" for section, values in (flags or {}).items() for key in values
-             if key in given.get(section, {})]
-    if twice:
-        raise ConfigError(f"{twice[0]} is given twice, as a flag and as {twice[0]}=...; give it once")
+    notes: list[str] = []  # a key given twice: said once, at start-up (the last one counts, as in a shell)
+    given = parse_overrides(list(overrides), notes)
+    notes += [f"{section}.{key} is given as a flag ({value!r}) and as {section}.{key}={given[section][key]!r}: "
+              f"the flag counts" for section, values in (flags or {}).items() for key, value in values.items()
+              if key in given.get(section, {}) and str(given[section][key]) != str(value)]
+    for note in notes:
+        print(f"note: {note}")
     command_line = merge(given, flags or {})
     if "task" in command_line:
         command_line["task"] = command_line_escapes(command_line["task"])

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from zotune.config import ConfigError
-from zotune.files import check_new_folder, entries, remove_new_entries, tensor_digest, try_lock
+from zotune.files import check_new_folder, entries, remove_new_entries, try_lock
 from zotune.methods import StepRecord
 from zotune.report import headline, plot
+from zotune.snapshots import load_latest, save
 from zotune.steplog import LOG_MAGIC, decode_steps, encode_step, log_format
 
 
@@ -93,27 +94,7 @@ class RunRecord:
 
     def latest_snapshot(self, max_step: int, params: list[torch.Tensor]) -> tuple[int, str | None]:
         """Load the newest intact snapshot at or before `max_step` into `params`; (its step, a note)."""
-        from safetensors import safe_open
-
-        note = None
-        for path in sorted((self.path / "snapshots").glob("step-*.safetensors"), reverse=True):
-            try:
-                with safe_open(str(path), "pt") as f:
-                    meta = f.metadata() or {}
-                    step = int(meta["step"])
-                    if step > max_step:
-                        continue
-                    tensors = [f.get_tensor(f"t{i}") for i in range(len(params))]
-                if tensor_digest(tensors) != meta["digest"] or any(t.shape != p.shape for t, p in zip(tensors, params)):
-                    raise ValueError("digest or shapes differ")
-            except Exception as e:  # noqa: BLE001 -- any damage means: fall back to an older snapshot
-                note = f"snapshot {path.name} is damaged ({type(e).__name__}); using an older one or the base"
-                continue
-            with torch.no_grad():
-                for p, t in zip(params, tensors):
-                    p.copy_(t)
-            return step, note
-        return 0, note
+        return load_latest(self.path / "snapshots", max_step, params)
 
     # -- what the writer does (a reader leaves it to the writer) ----------------------------------
 
@@ -282,18 +263,7 @@ class RunFolder(RunRecord):
         return records, problem
 
     def write_snapshot(self, step: int, params: list[torch.Tensor], keep: int = 2) -> None:
-        from safetensors.torch import save_file
-
-        folder = self.path / "snapshots"
-        folder.mkdir(exist_ok=True)
-        tensors = {f"t{i}": p.detach().contiguous().cpu() for i, p in enumerate(params)}
-        name = f"step-{step:07d}.safetensors"
-        save_file(tensors, folder / f".{name}.tmp",
-                  metadata={"step": str(step), "digest": tensor_digest(tensors.values())})
-        os.replace(folder / f".{name}.tmp", folder / name)
-        for old in sorted(folder.glob("step-*.safetensors"))[:-keep]:
-            if old.name != f"step-{self.protected:07d}.safetensors":
-                old.unlink()
+        save(self.path / "snapshots", step, params, keep, self.protected)
 
     def plot(self) -> Path:
         """curve.png: training loss (and its running mean) and the dev metric against steps."""

@@ -108,7 +108,8 @@ def run_step_bench(repeats: int = 7, batch: int = 4, seq: int = 128, shape: str 
     log(f"{'':18}{'step s (median)':>17}{'/ two forwards (median)':>25}{'(min / min)':>13}")
     log(f"{'two forwards':18}{fwd2_med:>17.3f}")
     for name in steps:
-        log(f"{name:18}{result[f'{name}_step_s']:>17.3f}{result[f'{name}_ratio']:>25.2f}{result[f'{name}_ratio_min']:>13.2f}")
+        step_s, ratio, ratio_min = (result[f"{name}_{key}"] for key in ("step_s", "ratio", "ratio_min"))
+        log(f"{name:18}{step_s:>17.3f}{ratio:>25.2f}{ratio_min:>13.2f}")
     return result
 
 

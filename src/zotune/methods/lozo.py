@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from zotune.config import ConfigError
+from zotune.methods import kernels
 from zotune.methods.perturb import CHUNK, direction_seed, step_
 from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepKey, StepRecord
@@ -153,8 +154,6 @@ class LOZO(ZOSGD):
         m, n = self._shape(p)
         rows = p.view(m, n)
         if integers and self._fused(p):
-            from zotune.methods import kernels
-
             return kernels.low_rank_axpy(rows, u, v, scale, decay, then)
         step = max(1, CHUNK // max(1, n))
         for a in range(0, m, step):
@@ -171,8 +170,6 @@ class LOZO(ZOSGD):
         if not (self._directions.fused and self.rank in (1, 2, 4) and p.device.type == "cpu"
                 and p.dtype == torch.float32):
             return False
-        from zotune.methods import kernels
-
         return kernels.available()
 
     def add_z(self, p, key, k, i, scale, decay=1.0, then=0.0) -> None:

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from zotune.methods import kernels, triton_sweep
+
 _MASK64 = (1 << 64) - 1
 CHUNK = 1 << 20
 # Rademacher directions of format 2 are the same bits whatever the chunk: on an accelerator a sweep
@@ -256,15 +258,11 @@ class Directions:
         pass; everything else is drawn and applied chunk by chunk.
         """
         if self._fused(p):
-            from zotune.methods import kernels
-
             flat, key = p.view(-1), direction_seed(step_seed, direction, tensor_index)
             for start in range(0, flat.numel(), SLAB):  # the words of a slab: 1/32 of its bytes
                 kernels.signs_axpy(flat[start: start + SLAB], key, start // 64, scale, decay, then)
             return
         if self._fused_on_device(p):
-            from zotune.methods import triton_sweep
-
             if triton_sweep.signs_axpy(p, direction_seed(step_seed, direction, tensor_index), 0, scale, decay, then):
                 return
 
@@ -276,16 +274,12 @@ class Directions:
         if not (self.fused and self.distribution == "rademacher" and self.version == 2 and p.device.type == "cpu"
                 and p.dtype == torch.float32 and p.is_contiguous()):
             return False
-        from zotune.methods import kernels
-
         return kernels.available()
 
     def _fused_on_device(self, p: torch.Tensor) -> bool:
         """The Triton kernel of `triton_sweep` (one launch a tensor, the same bits) on a float32 CUDA tensor."""
         if not (self.fused and self.distribution == "rademacher" and self.version == 2):
             return False
-        from zotune.methods import triton_sweep
-
         return triton_sweep.available(p)
 
     def sweep(self, params: Sequence[torch.Tensor], step_seed: int, direction: int, scale: float) -> None:
