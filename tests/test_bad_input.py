@@ -157,6 +157,8 @@ CASES = [
     T("data-k-shot-too-large", lambda w: w.train("task.k_shot=50"), "task.k_shot=50"),
     T("data-split-file-missing", lambda w: w.train("task.test=" + str(w.tmp / "t.csv")), "t.csv does not exist"),
     T("data-and-train-both", lambda w: w.train("task.train=" + str(w.data)), "both name the training rows"),
+    T("data-column-twice", lambda w: w.train(data=w.file("d.csv", "text,label,text\n" + "a,pos,b\n" * 20)),
+      "the column 'text' is named twice"),
     T("data-hf-split-missing", lambda w: w.train("task.test=hf:glue"), "names no split"),
     # -- the task options ------------------------------------------------------------------------
     T("task-type", lambda w: w.train("task.type=regression"), "task.type"),

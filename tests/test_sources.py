@@ -199,3 +199,20 @@ def test_yes_no_labels_and_a_newline_typed_on_the_command_line(tmp_path):
     assert cfgs["run"].group_by_length is True
     literal = resolve_configs(None, ["task.template={text}\\\\n"])  # \\ keeps a backslash
     assert literal["task"].template == "{text}\\n"
+
+
+def test_test_rows_that_are_training_rows_too_are_counted_at_start_up(tmp_path):
+    rows = ROWS + ROWS[:6]  # six rows twice: a test row may have a twin among the training rows
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    task = ClassificationTask(TaskConfig(data=str(tmp_path / "d.csv"), verbalizer={"pos": "good", "neg": "bad"},
+                                         n_dev=0, n_test=6), None, load_rows(str(tmp_path / "d.csv")))
+    twins = sum(repr(e) in {repr(t) for t in task.train} for e in task.test)
+    assert twins and task.notes == [f"{twins} of the 6 test examples are training examples too (the same rows): "
+                                    f"their test score overstates what the model learned"]
+
+
+def test_a_training_split_of_one_label_is_named_at_start_up(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"film {i},pos\n" for i in range(30)))
+    task = ClassificationTask(TaskConfig(data=str(tmp_path / "d.csv"), verbalizer={"pos": "good", "neg": "bad"},
+                                         n_dev=0, n_test=2), None, load_rows(str(tmp_path / "d.csv")))
+    assert task.notes[0].startswith("the training examples hold one label only ('pos')")

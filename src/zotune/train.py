@@ -200,6 +200,8 @@ def _introduce(r: _Run, resume: bool) -> None:
         + str(cfgs["run"].seed) + weights_digest(session.params if session.engine is None else []).hex()))
     task, params, adapter = r.task, session.params, cfgs["adapter"]
     log(f"task: {task.describe()}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test")
+    for note in task.notes:
+        log(f"note: {note}")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     what = adapter.describe() if adapter.kind != "none" else cfgs["model"].trainable
     log(f"trainable ({what}): {len(params)} tensors, {sum(p.numel() for p in params):,} values "

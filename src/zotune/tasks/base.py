@@ -286,8 +286,21 @@ class Task:
                 setattr(self, role, pool[:n])
                 pool = pool[n:]
         self.train = self.k_shot(pool) if cfg.k_shot else pool[: cfg.n_train] if cfg.n_train else pool
+        self.notes = self.check_splits()
         if tokenizer is not None:
             self.bind(tokenizer)
+
+    def check_splits(self) -> list[str]:
+        """What to say at start-up of splits that would train or score the wrong thing. Here: dev and test
+        examples that are training examples too (the same file given twice, repeated rows)."""
+        seen, notes = {repr(e) for e in self.train}, []
+        for role in ("test", "dev"):
+            examples = getattr(self, role)
+            same = sum(repr(e) in seen for e in examples)
+            if same:
+                notes.append(f"{same} of the {len(examples)} {role} examples are training examples too (the same "
+                             f"rows): their {role} score overstates what the model learned")
+        return notes
 
     def _examples(self, table: Table, prepare) -> list:
         examples = []

@@ -66,6 +66,12 @@ class ClassificationTask(Task):
                               f"(it maps {', '.join(self.cfg.verbalizer)})")
         return self.render(self.cfg.template, row, where), label
 
+    def check_splits(self) -> list[str]:
+        labels = sorted({label for _, label in self.train})
+        one = [f"the training examples hold one label only ({labels[0]!r}): the model can learn only to answer it; "
+               f"give rows of every label ({', '.join(self.cfg.verbalizer)})"] if len(labels) == 1 else []
+        return one + super().check_splits()
+
     def k_shot(self, train: list) -> list:
         """The first k of each label in the fixed shuffled order: balanced, seeded, nested in k."""
         k = self.cfg.k_shot

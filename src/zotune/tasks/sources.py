@@ -80,7 +80,12 @@ def _read_rows(path: Path) -> tuple[list[dict], int, str]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8-sig") as f:  # (-sig: a byte-order mark, as Excel writes)
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")), 2, "line"
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            twice = sorted({c for c in reader.fieldnames or [] if reader.fieldnames.count(c) > 1})
+            if twice:
+                raise ConfigError(f"{path}:1: the column {twice[0]!r} is named twice in the header; name every "
+                                  f"column once")
+            return list(reader), 2, "line"
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
