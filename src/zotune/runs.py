@@ -138,9 +138,9 @@ class RunFolder(RunRecord):
         if resume:
             if not (self.path / "config.yaml").is_file():
                 raise ConfigError(f"{self.path} is not a zotune run folder (no config.yaml); pass the folder of a run")
-        elif (self.path / "summary.json").exists() or any(
-                (self.path / name).is_file() and (self.path / name).read_bytes() not in (b"", LOG_MAGIC)
-                for name in ("steps.log", "metrics.jsonl")):
+        elif (self.path / "summary.json").exists() or any(  # (a steps.log of only its magic holds no step)
+                (self.path / name).is_file() and (self.path / name).stat().st_size > empty
+                for name, empty in (("steps.log", len(LOG_MAGIC)), ("metrics.jsonl", 0))):
             raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or "
                               f"`zotune resume {self.path}`")
         else:
@@ -280,4 +280,5 @@ def _never_started(path: Path) -> bool:
     only run files, and a steps.log of this format that holds no step. A new run may start in it."""
     names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
     log = path / "steps.log"
-    return names <= RUN_ENTRIES and log.is_file() and log.read_bytes() == LOG_MAGIC
+    return names <= RUN_ENTRIES and log.is_file() and log.stat().st_size == len(LOG_MAGIC) and \
+        log.read_bytes() == LOG_MAGIC
