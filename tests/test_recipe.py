@@ -95,3 +95,14 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_better_one(ti
 def test_recipe_settings_that_cannot_work_are_refused(extra, match, tiny_model_dir, data_file, tmp_path, capsys):
     assert train(tiny_model_dir, data_file, tmp_path / "r", *extra) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_run_that_does_not_beat_zero_shot_on_dev_says_so_once_with_what_to_try(tiny_model_dir, data_file, tmp_path,
+                                                                                 capsys):
+    """lr 0: the weights never move, so no dev evaluation beats step 0's. Past half the run (step 4 of 8;
+    evaluations at 2, 4, 6) one line names it, once, and points at the next things to try."""
+    assert train(tiny_model_dir, data_file, tmp_path / "run", "--lr", "0", steps=8) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "has not beaten zero-shot" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: after 4 of 8 steps dev accuracy")
+    assert "--trainable final-norm" in notes[0] and "task.template" in notes[0]

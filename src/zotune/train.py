@@ -66,18 +66,26 @@ class _StopOnCtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
+STUCK_AT = 0.5  # the share of run.steps after which a dev metric that has not beaten zero-shot is named
+
+
 class _Best:
-    """The best dev evaluation so far, and whether the run has run out of patience (`run.patience`)."""
+    """The best dev evaluation so far, whether the run has run out of patience (`run.patience`), and
+    whether it is stuck: no better than zero-shot after `STUCK_AT` of its steps (said once)."""
 
     def __init__(self, patience: int):
         self.patience = patience
         self.step: int | None = None
         self.score, self.loss = float("-inf"), float("inf")
         self.since = 0  # evaluations since the best one
+        self.zero_shot: float | None = None  # the dev metric at step 0
+        self.said_stuck = False
 
     def record(self, step: int, score: float, loss: float) -> bool:
         """Count an evaluation; True when it is a new best: a higher metric, or the same with a lower
         loss (a small dev set ties often); otherwise the earlier step stays."""
+        if step == 0:
+            self.zero_shot = score
         if (score, -loss) > (self.score, -self.loss):
             self.step, self.score, self.loss, self.since = step, score, loss, 0
             return True
@@ -86,6 +94,13 @@ class _Best:
 
     def out_of_patience(self) -> bool:
         return bool(self.patience) and self.since >= self.patience
+
+    def stuck(self, step: int, total: int) -> bool:
+        """True once, at the first evaluation past `STUCK_AT` of the run when none has beaten zero-shot."""
+        if self.said_stuck or self.zero_shot is None or step < STUCK_AT * total or self.score > self.zero_shot:
+            return False
+        self.said_stuck = True
+        return True
 
 
 @dataclass
@@ -320,6 +335,8 @@ def _after_step(r: _Run, step: int, bar) -> bool:
         score = r.log_dev(step)
         if r.main:
             bar.write(f"step {step}: dev {r.cfgs['task'].metric} {score:.3f}")
+        if r.best.stuck(step, run_cfg.steps):
+            r.log(_stuck_hint(r.cfgs, step, score, r.best.zero_shot))
         if r.best.out_of_patience():
             if run_cfg.snapshot_every and step % run_cfg.snapshot_every:
                 r.session.snapshot(step)
@@ -329,6 +346,18 @@ def _after_step(r: _Run, step: int, bar) -> bool:
     if r.group.dims.check_every and step % r.group.dims.check_every == 0:
         r.group.check_same(f"the weights at step {step}", r.session.weights_digest)
     return False
+
+
+def _stuck_hint(cfgs: dict, step: int, score: float, zero_shot: float) -> str:
+    """One line: the run is not learning, and the next things to try."""
+    probe = cfgs["model"].trainable == "final-norm" and cfgs["adapter"].kind == "none"
+    other = "the last blocks (--trainable last-blocks:2)" if probe else \
+        "the final norm (--trainable final-norm) or a LoRA adapter (adapter.kind=lora)"
+    lr = cfgs["method"].lr
+    lrs = f"method.lr={lr / 3:.3g} or {lr * 3:.3g} (now {lr:g})" if lr else "a method.lr above 0"
+    return (f"note: after {step} of {cfgs['run'].steps} steps dev {cfgs['task'].metric} {score:.3f} has not beaten "
+            f"zero-shot ({zero_shot:.3f}): try training {other}, {lrs}, a longer run (run.steps), or another prompt "
+            f"(task.template)")
 
 
 def _failure(e: Exception, step: int, logged: int, run: RunFolder) -> str:
