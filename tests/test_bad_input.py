@@ -135,6 +135,8 @@ CASES = [
     T("trainable-unknown-form", lambda w: w.train("--trainable", "half"), "model.trainable"),
     T("trainable-bad-regex", lambda w: w.train("--trainable", "re:layers.(1"), "not a valid regular expression"),
     T("trainable-selects-nothing", lambda w: w.train("--trainable", "re:^nothing$"), "selects no parameter"),
+    T("trainable-more-blocks-than-the-model", lambda w: w.train("--trainable", "last-blocks:9"),
+      "the model has 3 blocks"),
     T("trainable-scales-unquantized", lambda w: w.train("--trainable", "scales"), "model.quantize"),
     T("blocks-path-wrong", lambda w: w.train("model.blocks_path=model.nope"), "model.blocks_path"),
     # -- the data --------------------------------------------------------------------------------

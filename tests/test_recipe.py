@@ -106,3 +106,8 @@ def test_a_run_that_does_not_beat_zero_shot_on_dev_says_so_once_with_what_to_try
     notes = [line for line in out.splitlines() if "has not beaten zero-shot" in line]
     assert len(notes) == 1 and notes[0].startswith("note: after 4 of 8 steps dev accuracy")
     assert "--trainable final-norm" in notes[0] and "task.template" in notes[0]
+
+
+def test_a_batch_larger_than_the_training_split_is_named_at_start_up(tiny_model_dir, data_file, tmp_path, capsys):
+    assert train(tiny_model_dir, data_file, tmp_path / "run", "run.batch_size=64", steps=1) == 0
+    assert "note: run.batch_size=64 is larger than the 24 training examples" in capsys.readouterr().out

@@ -348,7 +348,11 @@ def select_trainable(model: nn.Module, spec, blocks_path: str | None = None) -> 
     chosen: list[tuple[str, nn.Parameter]] = []  # each form's parameters in turn: the order of the direction seeds
     for kind, arg in parse_trainable(spec):
         if kind == "last-blocks":
-            tail = tuple(b + "." for b, _ in find_blocks(model, blocks_path)[-arg:])
+            blocks = find_blocks(model, blocks_path)
+            if arg > len(blocks):
+                raise ConfigError(f"model.trainable=last-blocks:{arg}, but the model has {len(blocks)} blocks; use "
+                                  f"last-blocks:{len(blocks)} or fewer, or all")
+            tail = tuple(b + "." for b, _ in blocks[-arg:])
             picked = [(n, p) for n, p in named if n.startswith(tail)] + _final_norm(model, named, blocks_path)
         elif kind == "final-norm":
             picked = _final_norm(model, named, blocks_path)

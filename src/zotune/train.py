@@ -215,7 +215,10 @@ def _introduce(r: _Run, resume: bool) -> None:
         + str(cfgs["run"].seed) + weights_digest(session.params if session.engine is None else []).hex()))
     task, params, adapter = r.task, session.params, cfgs["adapter"]
     log(f"task: {task.describe()}, {len(task.train)} train / {len(task.dev)} dev / {len(task.test)} test")
-    for note in task.notes:
+    notes = task.notes + ([f"run.batch_size={cfgs['run'].batch_size} is larger than the {len(task.train)} training "
+                           f"examples: every batch is the whole training split"]
+                          if cfgs["run"].batch_size > len(task.train) else [])
+    for note in notes:
         log(f"note: {note}")
     n_decay = sum(p.numel() for p in params if p.dim() >= 2)
     what = adapter.describe() if adapter.kind != "none" else cfgs["model"].trainable
