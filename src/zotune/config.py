@@ -80,7 +80,7 @@ def _whole_number(value: Any, where: str) -> int:
         try:
             as_float = float(str(value).strip())
         except ValueError:
-            raise ConfigError(f"{where}={value!r} is not a int; give a whole number") from None
+            raise ConfigError(f"{where}={value!r} is not a number; give a whole number") from None
         if not (math.isfinite(as_float) and as_float.is_integer()):
             raise ConfigError(f"{where}={value!r} is not a whole number; give one, e.g. {where}=100")
         number = int(as_float)
