@@ -9,12 +9,13 @@ from safetensors.torch import load_file
 
 from zotune.cli import main
 
+LORA = ("adapter.kind=lora", "adapter.r=4")
 
-def args(model, data, out, *extra, steps=6):
+
+def args(model, data, out, *extra, steps=6, adapter=LORA):
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=3", "run.snapshot_every=2",
-            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", "adapter.kind=lora",
-            "adapter.r=4", *extra]
+            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", *adapter, *extra]
 
 
 def final(run):
@@ -53,10 +54,14 @@ def test_lora_trains_only_the_adapter_resumes_streams_and_exports(tiny_model_dir
 def test_bad_adapter_settings_are_refused(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(args(tiny_model_dir, data_file, tmp_path / "a", "adapter.kind=ia3")) == 2
     assert "adapter.kind='ia3' is not known" in capsys.readouterr().err
-    assert main(args(tiny_model_dir, data_file, tmp_path / "c", "adapter.kind=prefix", "adapter.init=zeros")) == 2
+    assert main(args(tiny_model_dir, data_file, tmp_path / "c", adapter=("adapter.kind=prefix",
+                                                                          "adapter.init=zeros"))) == 2
     assert "adapter.init='zeros'" in capsys.readouterr().err
     assert main(args(tiny_model_dir, data_file, tmp_path / "b", "adapter.targets=no_such_module")) == 2
     assert "adapter.targets='no_such_module'" in capsys.readouterr().err
+    assert main(args(tiny_model_dir, data_file, tmp_path / "d", adapter=("adapter.kind=prefix", "adapter.r=4"))) == 2
+    assert "adapter.r=4 is an option of adapter.kind=lora, but adapter.kind=prefix" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2"])
@@ -87,11 +92,11 @@ def test_prefix_tuning_trains_only_the_prefix_resumes_and_exports(tiny_model_dir
 
     prefix = ["adapter.kind=prefix", "adapter.tokens=3"]
     whole = tmp_path / "whole"
-    assert main(args(tiny_model_dir, data_file, whole, *prefix)) == 0
+    assert main(args(tiny_model_dir, data_file, whole, adapter=prefix)) == 0
     said = capsys.readouterr().out
     assert "trainable (prefix tuning, 3 tokens per layer, real initialisation): 1 tensors, 288 values" in said
     parts = tmp_path / "parts"
-    assert main(args(tiny_model_dir, data_file, parts, *prefix, steps=3)) == 0
+    assert main(args(tiny_model_dir, data_file, parts, adapter=prefix, steps=3)) == 0
     assert main(["resume", str(parts), "run.steps=6"]) == 0
     assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
     summary = json.loads((whole / "summary.json").read_text())
@@ -107,16 +112,17 @@ def test_adapters_on_the_disk_tier_equal_resident_resume_and_export(kind, tiny_m
     """On the disk tier the frozen base streams from its folder and the adapter's tensors stay on the
     device (outside the blocks): the same log as resident, bit for bit, after a resume too, and the
     same exported adapter. A prepared stream folder serves any number of adapter runs unchanged."""
-    kind_args = [f"adapter.kind={kind}"] + (["--lr", "1e-2", "--eps", "1e-1"] if kind == "prefix" else [])
+    kind_args = ["--lr", "1e-2", "--eps", "1e-1"] if kind == "prefix" else []
+    adapter = ("adapter.kind=prefix",) if kind == "prefix" else LORA
     resident = tmp_path / "resident"
-    assert main(args(tiny_model_dir, data_file, resident, *kind_args)) == 0
+    assert main(args(tiny_model_dir, data_file, resident, *kind_args, adapter=adapter)) == 0
     disk = tmp_path / "disk"
     assert main(args(tiny_model_dir, data_file, disk, *kind_args, "--offload", "disk", "--offload-dir",
-                     str(tmp_path / "blocks"))) == 0
+                     str(tmp_path / "blocks"), adapter=adapter)) == 0
     assert (disk / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
     parts = tmp_path / "parts"
     assert main(args(tiny_model_dir, data_file, parts, *kind_args, "--offload", "disk", "--offload-dir",
-                     str(tmp_path / "blocks2"), steps=3)) == 0
+                     str(tmp_path / "blocks2"), steps=3, adapter=adapter)) == 0
     assert main(["resume", str(parts), "run.steps=6"]) == 0
     assert (parts / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
     for run in (resident, disk):
@@ -126,5 +132,5 @@ def test_adapters_on_the_disk_tier_equal_resident_resume_and_export(kind, tiny_m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the folder of the first disk run, as a model: its blocks never changed, so a new adapter run starts there
     again = tmp_path / "again"
-    assert main(args(tmp_path / "blocks", data_file, again, *kind_args)) == 0
+    assert main(args(tmp_path / "blocks", data_file, again, *kind_args, adapter=adapter)) == 0
     assert (again / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()

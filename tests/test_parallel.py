@@ -93,6 +93,18 @@ def test_data_and_2d_parallel_equal_one_process_within_rounding(dims, single, ti
     assert (out / "summary.json").exists() and not (tmp_path / "rank1.log").read_text().count("run folder:")
 
 
+def test_more_data_ranks_than_rows_in_a_batch_equal_one_process(tiny_model_dir, data_file, tmp_path):
+    """parallel.data=2 with run.batch_size=1: the rank with no rows runs no forward (and no frozen
+    prefix) and adds nothing to the loss, so the run is the one-process run, bit for bit."""
+    probe = ["run.batch_size=1", "--trainable", "last-blocks:1"]  # a frozen prefix below the trained block
+    alone = tmp_path / "alone"
+    assert main(train_args(tiny_model_dir, data_file, alone, *probe, steps=3)) == 0
+    out = tmp_path / "run"
+    assert wait_all(launch(2, train_args(tiny_model_dir, data_file, out, *probe, "parallel.data=2", steps=3),
+                           tmp_path)) == [0, 0]
+    assert (out / "steps.log").read_bytes() == (alone / "steps.log").read_bytes()
+
+
 def test_a_killed_rank_stops_the_others_with_a_clear_error(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
     argv = train_args(tiny_model_dir, data_file, out, "parallel.data=2", "parallel.timeout=60", "run.eval_every=0",

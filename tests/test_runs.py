@@ -125,6 +125,19 @@ def test_damaged_step_log_resumes_from_the_last_good_step(damage, tiny_model_dir
     same(outcome(out), reference)
 
 
+def test_a_finished_run_whose_log_lost_its_last_step_runs_it_again(tiny_model_dir, data_file, tmp_path, reference,
+                                                                    capsys):
+    """Not "already finished": the lost step runs again, to the same record, and the run finishes."""
+    out = tmp_path / "run"
+    assert main(args(tiny_model_dir, data_file, out)) == 0
+    log = out / "steps.log"
+    log.write_bytes(log.read_bytes()[:-5])  # the last record cut short (a copy that stopped, a full disk)
+    assert main(["resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"steps.log is truncated after step {STEPS - 1}" in printed and "already finished" not in printed
+    same(outcome(out), reference)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_snapshot_falls_back_to_an_older_one(damage, tiny_model_dir, data_file, tmp_path, reference, capsys):
     out = tmp_path / "run"

@@ -216,3 +216,42 @@ def test_a_training_split_of_one_label_is_named_at_start_up(tmp_path):
     task = ClassificationTask(TaskConfig(data=str(tmp_path / "d.csv"), verbalizer={"pos": "good", "neg": "bad"},
                                          n_dev=0, n_test=2), None, load_rows(str(tmp_path / "d.csv")))
     assert task.notes[0].startswith("the training examples hold one label only ('pos')")
+
+
+def test_a_tab_separated_file_named_csv_is_read_as_tab_separated(tmp_path):
+    (tmp_path / "d.csv").write_text("text\tlabel\n" + "".join(f"{r['text']}, really\t{r['label']}\n" for r in ROWS))
+    assert load_rows(str(tmp_path / "d.csv")).rows == [{**r, "text": r["text"] + ", really"} for r in ROWS]
+
+
+def test_line_numbers_count_the_newlines_inside_quoted_values(tmp_path):
+    (tmp_path / "d.csv").write_text('text,label\n"two\nlines",pos\n\nplain,neg\n"x",meh\n')
+    table = load_rows(str(tmp_path / "d.csv"))
+    assert [table.where(i) for i in range(3)] == [f"{tmp_path / 'd.csv'}:{n}" for n in (2, 5, 6)]
+    with pytest.raises(ConfigError, match=r"d.csv:6: label 'meh' has no verbalizer word"):
+        ClassificationTask(TaskConfig(data="d", verbalizer={"pos": "good", "neg": "bad"}), None, table)
+
+
+def test_a_json_object_holding_the_list_of_rows_is_read(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"version": "1.0", "data": ROWS}))
+    assert load_rows(str(tmp_path / "d.json")).rows == EXPECTED
+
+
+def test_empty_texts_are_counted_at_start_up(tmp_path):
+    rows = ROWS + [{"text": " ", "label": "pos"}, {"text": "", "label": "neg"}]
+    task = ClassificationTask(TaskConfig(data="d", verbalizer={"pos": "good", "neg": "bad"}, n_test=2, n_dev=2), None,
+                              load_rows_of(tmp_path, rows))
+    assert any("2 of the 14 rows of" in n and "have empty text in text" in n for n in task.notes)
+
+
+def test_a_verbalizer_word_of_several_tokens_is_named_at_start_up(tokenizer, tmp_path):
+    task = ClassificationTask(TaskConfig(data="d", verbalizer={"pos": "good", "neg": "dreadfulness"}, n_test=2,
+                                         n_dev=2), tokenizer, load_rows_of(tmp_path, ROWS))
+    words = [n for n in task.notes if "scored on the first token only" in n]
+    assert len(words) == 1 and "'dreadfulness' (" in words[0] and "'good'" not in words[0]
+    task.bind(tokenizer)  # bound again (zotune eval): said once
+    assert len([n for n in task.notes if "scored on the first token only" in n]) == 1
+
+
+def load_rows_of(tmp_path, rows):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_rows(str(tmp_path / "rows.jsonl"))

@@ -140,3 +140,27 @@ def test_disk_tier_run_killed_anywhere_resumes_exactly(method, tiny_model_dir, d
     assert (out / "steps.log").read_bytes() == (ref_out / "steps.log").read_bytes()
     a, b = exported(ref_out, tmp_path / "ref-model"), exported(out, tmp_path / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stream_folder_of_another_model_is_refused(tiny_model_dir, data_file, tokenizer, tmp_path, capsys):
+    """--offload-dir names an existing folder: its blocks train only when --model is the model it was written
+    from (the same architecture with other weights would otherwise train silently in place of --model)."""
+    from conftest import tiny_model
+    from zotune.stream import prepare_folder
+
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    folder = tmp_path / "blocks"
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "a", 2, "--offload", "disk",
+                           "--offload-dir", str(folder))) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(train_args(other, data_file, tmp_path / "c", 2, "--offload", "disk", "--offload-dir", str(folder))) == 2
+    assert f"the stream folder {folder} holds the blocks of {tiny_model_dir}, not of --model {other}" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    prepared = prepare_folder(str(tmp_path / "prepared"), checkpoint=str(tiny_model_dir))  # zotune stream prepare
+    assert main(train_args(other, data_file, tmp_path / "d", 2, "--offload", "disk", "--offload-dir",
+                           str(prepared))) == 2
+    assert "holds the blocks of" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from torch import nn
 from zotune.config import ConfigError
 
 KINDS = ("none", "lora", "prefix")
+OPTIONS = {"lora": ("r", "alpha", "targets"), "prefix": ("tokens", "init")}  # the options each kind reads
 
 
 @dataclass
@@ -45,6 +46,13 @@ class AdapterConfig:
             raise ConfigError(f"adapter.tokens={self.tokens} must be an integer >= 1 (e.g. 5)")
         if self.init not in ("real", "random"):
             raise ConfigError(f"adapter.init={self.init!r}: use real (activations of real tokens) or random")
+        defaults = AdapterConfig.__dataclass_fields__
+        for kind, options in OPTIONS.items():
+            stray = [o for o in options if getattr(self, o) != defaults[o].default]
+            if stray and self.kind != kind:
+                raise ConfigError(f"adapter.{stray[0]}={getattr(self, stray[0])} is an option of adapter.kind={kind}, "
+                                  f"but adapter.kind={self.kind}: it would have no effect; set adapter.kind={kind}, "
+                                  f"or drop adapter.{stray[0]}")
 
     def describe(self) -> str:
         if self.kind == "lora":

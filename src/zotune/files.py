@@ -37,6 +37,29 @@ def tensor_digest(tensors) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def weights_identity(folder: str, file: str | None = None) -> str:
+    """A digest that tells one model's weight files from another's without reading them whole: each file's
+    name, size, first 64 KiB (a safetensors header, say) and 16 samples of 4 KiB spread over it. A name
+    that is not a local path (a hub name) is its own identity."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return f"name:{folder}"
+    files = [root / file] if file else sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.blake2b(digest_size=16)
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 16))
+            for k in range(16):
+                f.seek(size * k // 16)
+                h.update(f.read(4096))
+    return h.hexdigest()
+
+
 def try_lock(f) -> bool:
     """An exclusive, non-blocking lock that the OS drops when the process dies."""
     try:

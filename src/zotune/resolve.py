@@ -17,7 +17,7 @@ from zotune.parallel import ParallelDims
 from zotune.schedule import RunConfig
 from zotune.stream import StreamConfig
 from zotune.tasks import SUITE, TaskConfig, load_task_file
-from zotune.tasks.base import command_line_escapes
+from zotune.tasks.prompts import command_line_escapes
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "task": TaskConfig, "method": MethodConfig,
             "run": RunConfig, "stream": StreamConfig, "parallel": ParallelDims}

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from zotune.adapters import AdapterConfig, apply_adapter
 from zotune.config import ConfigError
-from zotune.files import entries, remove_new_entries, tensor_digest
+from zotune.files import entries, remove_new_entries, tensor_digest, weights_identity
 from zotune.methods import METHODS, MethodConfig, StepRecord, make_optimizer
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
@@ -27,6 +27,7 @@ from zotune.quant import QWEIGHT_KIND, quantize_
 from zotune.resolve import recorded_options
 from zotune.runs import RunFolder
 from zotune.stream import StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_
+from zotune.stream.format import record_source, recorded_source
 
 
 class Session:
@@ -57,6 +58,8 @@ class Session:
         self.engine = None
         folder = model_cfg.name if is_stream_folder(model_cfg.name) else (
             self.stream_cfg.dir if self.stream_cfg.tier == "disk" and is_stream_folder(self.stream_cfg.dir) else None)
+        if folder and folder != model_cfg.name:  # --offload-dir of an existing folder: it must be this model's
+            _check_folder_source(folder, model_cfg, resume)
         if folder:  # blocks already on disk: load only what lies outside them
             self.model, self.engine = load_streamed(folder, device, model_cfg.dtype, self.stream_cfg.prefetch,
                                                     group, log)
@@ -84,6 +87,8 @@ class Session:
                     self._new_folder = (Path(self.stream_cfg.dir), entries(Path(self.stream_cfg.dir)))
                     self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
                     self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
+                    record_source(Path(self.stream_cfg.dir), model_cfg.name,
+                                  weights_identity(*resolve_source(model_cfg)))
                 group.barrier()  # the folder is written: the other ranks open it
                 if writer:
                     self.engine.join(group)
@@ -273,6 +278,22 @@ def _check_directions_device(base: dict, method_cfg: MethodConfig, device: torch
                           f"continue or evaluate it with run.device={recorded.split(' ')[0]} "
                           f"(--device) on the same kind of device (the default zosgd with Rademacher directions is "
                           f"the same on every device)")
+
+
+def _check_folder_source(folder: str, model_cfg: ModelConfig, resume: bool) -> None:
+    """Refuse a stream folder written from another model than --model (its blocks would train silently in
+    place of the model asked for)."""
+    source = recorded_source(Path(folder))
+    if source is None:
+        if resume:
+            return  # the run's own folder, from before sources were recorded (base.json identifies the base)
+        raise ConfigError(f"the stream folder {folder} does not record which model it was written from, so it cannot "
+                          f"be checked against --model {model_cfg.name}; train from it with --model {folder} (a "
+                          f"stream folder is a complete model source), or give a new --offload-dir")
+    if source["identity"] != weights_identity(*resolve_source(model_cfg)):
+        raise ConfigError(f"the stream folder {folder} holds the blocks of {source['model']}, not of --model "
+                          f"{model_cfg.name} (their weight files differ); give a new --offload-dir for this model, "
+                          f"or train from the folder itself with --model {folder}")
 
 
 def _folder_tokenizer(folder: str):

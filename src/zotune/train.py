@@ -192,7 +192,8 @@ def _open_run(cfgs: dict, group: Group, resume: bool, log) -> RunFolder:
         if resume:
             summary_path = run.path / "summary.json"
             done = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            if done.get("status") == "finished" and done.get("steps", 0) >= cfgs["run"].steps:
+            logged = len(run.read_steps()[0])  # (a log that lost steps since is repaired below: they run again)
+            if done.get("status") == "finished" and min(done.get("steps", 0), logged) >= cfgs["run"].steps:
                 run.close()
                 raise ConfigError(f"run {run.path} already finished its {done['steps']} steps; "
                                   f"train longer with `zotune resume {run.path} run.steps=N`")
@@ -303,7 +304,8 @@ def _run_steps(r: _Run, start: int, seconds_before: float) -> _Outcome:
             batch = collated[batch_id].to(r.device) if share else None
             if r.prefix is not None and share:
                 r.prefix.capture(lambda: task.forward(model, batch), key=batch_id)
-            replay = r.prefix.replaying if r.prefix is not None else contextlib.nullcontext
+            # (a rank with no rows of this batch, e.g. parallel.data above run.batch_size, runs no forward)
+            replay = r.prefix.replaying if r.prefix is not None and share else contextlib.nullcontext
             factor = lr_factor(run_cfg.lr_schedule, step, run_cfg.steps, run_cfg.warmup_steps)
             try:
                 with replay(), task.head(model, batch) if share else contextlib.nullcontext():

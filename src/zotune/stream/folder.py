@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
+from zotune.files import weights_identity
 from zotune.models import DTYPES, find_block_list
 from zotune.parallel import SOLO, Group
 from zotune.precision import Precision
 from zotune.quant import dequantized, quantize_like_
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
-from zotune.stream.format import DTYPE_NAMES, BlockWriter
+from zotune.stream.format import DTYPE_NAMES, BlockWriter, record_source
 from zotune.stream.transfers import hollow
 
 
@@ -111,6 +112,7 @@ def prepare_folder(folder: str, *, config=None, checkpoint: str | None = None, s
     writer.finish(_outside_state(model, path))
     if checkpoint is not None:
         _copy_tokenizer(Path(checkpoint), Path(folder))
+        record_source(Path(folder), checkpoint, weights_identity(checkpoint))
     log(f"prepared {len(layers)} blocks in {folder} ({DTYPE_NAMES[storage]})")
     return Path(folder)
 

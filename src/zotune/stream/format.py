@@ -96,6 +96,23 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def record_source(folder: Path, model: str, identity: str) -> None:
+    """Name in the manifest the model a folder was written from, and its weights' identity
+    (`zotune.files.weights_identity`), so that the folder is never taken for another model's."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    atomic_write(folder / "manifest.json", json.dumps({**manifest, "source": {"model": model, "identity": identity}},
+                                                       indent=1))
+
+
+def recorded_source(folder: Path) -> dict | None:
+    """{"model", "identity"} of the model the folder was written from, or None (not recorded, or unreadable:
+    opening the folder says why)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class BlockWriter:
     """Writes a new stream folder block by block, so no more than one block is ever in memory."""
 

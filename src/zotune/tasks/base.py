@@ -13,14 +13,13 @@ import importlib
 import importlib.util
 import os
 import random
-import re
-import string
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from zotune.config import ConfigError, coerce
+from zotune.config import ConfigError
+from zotune.tasks.prompts import is_blank, render, template_fields
 from zotune.tasks.sources import Table
 from zotune.tasks.suite import SUITE
 
@@ -175,44 +174,8 @@ class TaskConfig:
                                   f"{', '.join(objective_names)}, or a function as module:name or file.py:name")
             load_function(self.objective, "task.objective")
 
-def unescape(text: str) -> str:
-    """`\n` and `\t` in `text` as a newline and a tab (`\\` for a backslash itself)."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
-def command_line_escapes(values: dict) -> dict:
-    """Task options typed on a command line, with `\n` in their prompt texts read as a newline (a shell
-    passes a backslash and an n). Files are read as YAML is: a newline there is written "\n" or as one."""
-    out = dict(values)
-    for key in ("template", "stop"):
-        if isinstance(out.get(key), str) and out[key][:1] not in ("'", '"'):  # a quoted YAML scalar has its own escapes
-            out[key] = unescape(out[key])
-    if "verbalizer" in out:
-        verbalizer = coerce(out["verbalizer"], dict[str, str], "task.verbalizer")
-        out["verbalizer"] = {k: unescape(v) for k, v in verbalizer.items()}
-    if "choices" in out:
-        out["choices"] = [unescape(c) for c in coerce(out["choices"], list[str], "task.choices")]
-    return out
-
-
 def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def template_fields(template: str, option: str, allow_constant: bool = False) -> list[str]:
-    """The columns a template reads ({a.b} and {a[0]} read column a), or a ConfigError saying why it is bad."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise ConfigError(f"{option}={template!r} is not a valid template ({e}); write literal braces as "
-                          f"{{{{ }}}}") from None
-    roots = [f.split(".")[0].split("[")[0] for f in fields]
-    if "" in roots:
-        raise ConfigError(f"{option}={template!r} has an empty {{}} field; name a column, e.g. {{text}}")
-    if not roots and not allow_constant:
-        raise ConfigError(f"{option}={template!r} has no {{column}} field, so every prompt would be the same; "
-                          f"e.g. '{{text}} It was'")
-    return roots
 
 
 def load_function(spec: str, option: str):
@@ -266,6 +229,7 @@ class Task:
         prepare = load_function(cfg.prepare, "task.prepare") if cfg.prepare else None
         self._fields = template_fields(cfg.template, "task.template")
         tables = table if isinstance(table, dict) else {"data": table}
+        self._blank: list[str] = []  # what to say of rows whose prompt reads only empty columns
         examples = {role: self._examples(t, prepare) for role, t in tables.items()}
         pool_role = "train" if "train" in examples else "data"
         pool = self._shuffled(examples[pool_role])
@@ -286,7 +250,7 @@ class Task:
                 setattr(self, role, pool[:n])
                 pool = pool[n:]
         self.train = self.k_shot(pool) if cfg.k_shot else pool[: cfg.n_train] if cfg.n_train else pool
-        self.notes = self.check_splits()
+        self.notes = self._blank + self.check_splits()
         if tokenizer is not None:
             self.bind(tokenizer)
 
@@ -303,7 +267,7 @@ class Task:
         return notes
 
     def _examples(self, table: Table, prepare) -> list:
-        examples = []
+        examples, blank = [], 0
         for i, row in enumerate(table.rows):
             where = table.where(i)
             if prepare is not None:
@@ -315,6 +279,14 @@ class Task:
             if self.cfg.text_column != "text" and "text" in self._fields and self.cfg.text_column in row:
                 row = {**row, "text": row[self.cfg.text_column]}
             examples.append(self.example(row, where))
+            blank += is_blank(self.cfg.template, row)
+        if blank == len(examples):
+            raise ConfigError(f"every row of {table.source} has empty text in the columns task.template reads "
+                              f"({', '.join(self._fields)}): the prompts would all be the template alone; check "
+                              f"the column names (task.text_column) or the file")
+        if blank:
+            self._blank.append(f"{blank} of the {len(examples)} rows of {table.source} have empty text in "
+                               f"{', '.join(self._fields)}: their prompt is the template alone")
         return examples
 
     def _shuffled(self, examples: list) -> list:
@@ -341,15 +313,7 @@ class Task:
         raise NotImplementedError
 
     def render(self, template: str, row: dict, where: str, option: str = "task.template") -> str:
-        try:
-            return template.format_map(row)
-        except (KeyError, IndexError, AttributeError, TypeError) as e:
-            missing = e.args[0] if isinstance(e, KeyError) else e
-            fix = "set task.text_column to the column holding the text" if missing == "text" else \
-                "fix the template, or set task.prepare to add it"
-            raise ConfigError(f"{where}: {option} field {{{missing}}} is not in the row (has: "
-                              f"{', '.join(map(str, row))}); "
-                              f"{fix}") from None
+        return render(template, row, where, option)
 
     def column(self, row: dict, name: str, where: str):
         """The value of `name` in a row; "a.b" reads field b of column a (e.g. SQuAD's answers.text)."""

@@ -86,8 +86,9 @@ class ClassificationTask(Task):
         return [e for e in train if id(e) in chosen]
 
     def _verbalizer_ids(self) -> list[int]:
-        """First token of each verbalizer word as it follows the prompt (with a leading space)."""
-        ids = []
+        """First token of each verbalizer word as it follows the prompt (with a leading space); a word of
+        several tokens is named in the start-up notes."""
+        ids, longer = [], []
         for label in self.labels:
             word = self.cfg.verbalizer[label]
             spaced = word if self.cfg.template.endswith((" ", "\n")) or word.startswith(" ") else " " + word
@@ -96,6 +97,12 @@ class ClassificationTask(Task):
                 raise ConfigError(f"verbalizer word {word!r} of label {label!r} tokenizes to "
                                   "nothing; choose another word")
             ids.append(tokens[0])
+            if len(tokens) > 1:
+                longer.append(f"{word!r} ({len(tokens)} tokens)")
+        note = (f"verbalizer word{'s' if len(longer) > 1 else ''} {', '.join(longer)} scored on the first token only; "
+                f"a one-token word per label is scored exactly") if longer else None
+        if note and note not in self.notes:
+            self.notes.append(note)
         if len(set(ids)) < len(ids):
             raise ConfigError(
                 f"verbalizer words {list(self.cfg.verbalizer.values())} share a first token; choose words "

@@ -27,9 +27,10 @@ class Table:
     source: str
     first: int = 1  # the number of the first row
     unit: str = "row"  # what a number counts: line (text files), item (a JSON array), row
+    numbers: list[int] | None = None  # the number of each row, where they are not consecutive (lines)
 
     def where(self, i: int) -> str:
-        n = self.first + i
+        n = self.numbers[i] if self.numbers is not None else self.first + i
         return f"{self.source}:{n}" if self.unit == "line" else f"{self.source} {self.unit} {n}"
 
 
@@ -75,17 +76,12 @@ BUILTIN_DATA: dict[str, Callable[[], list[dict]]] = {"rotten_tomatoes": _rotten_
                                                      "tweets": _tweets}
 
 
-def _read_rows(path: Path) -> tuple[list[dict], int, str]:
-    """Rows of a .csv / .jsonl / .json / .parquet file, the number of the first row, and what a number counts."""
+def _read_rows(path: Path) -> tuple[list[dict], list[int] | int, str]:
+    """Rows of a .csv / .tsv / .jsonl / .json / .parquet file, and where each starts: the line of every row
+    (text files), or the number of the first row; and what a number counts."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8-sig") as f:  # (-sig: a byte-order mark, as Excel writes)
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            twice = sorted({c for c in reader.fieldnames or [] if reader.fieldnames.count(c) > 1})
-            if twice:
-                raise ConfigError(f"{path}:1: the column {twice[0]!r} is named twice in the header; name every "
-                                  f"column once")
-            return list(reader), 2, "line"
+        return _read_delimited(path, suffix)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -97,20 +93,73 @@ def _read_rows(path: Path) -> tuple[list[dict], int, str]:
             raise ConfigError(f"{path} is not a readable Parquet file ({e})") from None
     if suffix in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
+        if suffix == ".json":
             try:
-                return json.loads(text), 1, "item"
+                return _json_rows(path, json.loads(text)), 1, "item"
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        rows = []
+                if e.msg != "Extra data":  # (extra data: JSON Lines in a .json file, read below)
+                    raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        rows, lines = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
-        return rows, 1, "line"
+                lines.append(n)
+        return rows, lines, "line"
     raise ConfigError(f"data file {path} has an unsupported type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _read_delimited(path: Path, suffix: str) -> tuple[list[dict], list[int], str]:
+    """A CSV or TSV file's rows and the line each starts on (a quoted value may hold newlines). A header
+    with tabs and no comma is read as tab-separated, whatever the file's name says."""
+    with path.open(newline="", encoding="utf-8-sig") as f:  # (-sig: a byte-order mark, as Excel writes)
+        header_line = f.readline()
+        f.seek(0)
+        tabs = suffix == ".tsv" or ("\t" in header_line and "," not in header_line)
+        reader = csv.reader(f, delimiter="\t" if tabs else ",")
+        header = next(reader, [])
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise ConfigError(f"{path}:1: the column {twice[0]!r} is named twice in the header; name every "
+                              f"column once")
+        rows, lines, start = [], [], reader.line_num + 1
+        for values in reader:
+            if values:  # (a blank line is no row)
+                if len(values) != len(header):
+                    raise ConfigError(_ragged(path, start, len(values), header, tabs))
+                rows.append(dict(zip(header, values)))
+                lines.append(start)
+            start = reader.line_num + 1
+        return rows, lines, "line"
+
+
+def _ragged(path: Path, line: int, n: int, header: list[str], tabs: bool) -> str:
+    kind = "tab-separated" if tabs else "comma-separated"
+    if n < len(header):
+        values = f"{n} value{'' if n == 1 else 's'}"
+        return (f"{path}:{line}: a short row: {values} for the {len(header)} columns of the header "
+                f"({', '.join(header)}); give every column a value (an empty one is two separators in a row)")
+    fix = "quote a value that holds a tab" if tabs else 'quote a value that holds a comma ("a, b")'
+    return f"{path}:{line}: {n} values, more than the {len(header)} columns of the header ({kind}); {fix}"
+
+
+def _json_rows(path: Path, data) -> list:
+    """The rows of a .json file: a list of objects, or one object holding such a list under one key
+    (as many exports write: {"data": [...]})."""
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not a list of objects (one per row)")
+    lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+    if len(lists) > 1:
+        raise ConfigError(f"{path} holds one object with several lists of rows ({', '.join(map(repr, lists))}); "
+                          f"save the one to train on as a list of objects, or as JSON Lines (.jsonl)")
+    if not lists:
+        raise ConfigError(f"{path} holds one JSON object with no list of rows in it; give a list of objects "
+                          f"([{{...}}, {{...}}]), or JSON Lines (.jsonl): one object per line")
+    return data[lists[0]]
 
 
 def _hf_rows(source: str, option: str = "task.data") -> list[dict]:
@@ -161,7 +210,7 @@ def load_rows(source: str, option: str = "task.data") -> Table:
             raise ConfigError(f"{source} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
         except csv.Error as e:
             raise ConfigError(f"{source} is not a readable CSV file ({e}); check its quoting") from None
-        table = Table(rows, source, first, unit)
+        table = Table(rows, source, first, unit) if isinstance(first, int) else Table(rows, source, 1, unit, first)
     if not table.rows:
         raise ConfigError(f"data file {source} has no rows")
     for i, row in enumerate(table.rows):
