@@ -73,6 +73,33 @@ def test_keep_best_ends_with_the_best_dev_step_and_export_and_eval_agree(tiny_mo
     assert evaluated["loss"] == pytest.approx(summary["after"]["loss"], abs=1e-6)
 
 
+def test_keep_best_on_the_host_memory_tier_equals_resident(tiny_model_dir, data_file, tmp_path):
+    """--offload cpu: the tier holds the last step, so the best one is rebuilt from the base and the log;
+    the same test result and kept step as the resident run (run.keep=auto is best on both)."""
+    runs = {}
+    for name, extra in (("resident", []), ("ram", ["--offload", "cpu"])):
+        assert train(tiny_model_dir, data_file, tmp_path / name, "run.snapshot_every=3", *extra, steps=12) == 0
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["ram"]["kept_step"] == runs["resident"]["kept_step"] < 12
+    assert runs["ram"]["after"] == runs["resident"]["after"]
+    assert main(["eval", "--model", str(tmp_path / "ram"), "--split", "test", "--out", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())["splits"]["test"]
+    assert evaluated["accuracy"] == runs["ram"]["after"]["accuracy"]
+
+
+def test_the_default_keeps_the_zero_shot_weights_when_no_step_beats_them(tiny_model_dir, data_file, tmp_path,
+                                                                        capsys):
+    """lr 0: no dev evaluation beats step 0's (a tie keeps the earlier step), so the run hands back the model
+    it started from, and says why."""
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, data_file, out, "--lr", "0", steps=8) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept_step"] == 0 and summary["best"]["zero_shot"]
+    assert summary["after"]["accuracy"] == summary["before"]["accuracy"]
+    assert "keeping the zero-shot weights (step 0, run.keep=best)" in printed
+
+
 def test_early_stopping_stops_after_patience_evaluations_without_a_better_one(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
     assert train(tiny_model_dir, data_file, out, "run.patience=1", "--lr", "3", steps=40) == 0  # lr 3 diverges fast
@@ -88,7 +115,8 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_better_one(ti
 @pytest.mark.parametrize("extra,match", [
     (["run.keep=best", "run.eval_every=0"], "run.keep=best decides on dev evaluations"),
     (["run.patience=2", "task.n_dev=0"], "run.patience=2 decides on dev evaluations"),
-    (["run.keep=best", "--offload", "cpu"], "run.keep=best is not yet available with --offload"),
+    (["run.keep=best", "--offload", "disk", "--offload-dir", "blocks"],
+     "run.keep=best is not yet available with --offload disk"),
     (["run.lr_schedule=step"], "run.lr_schedule='step'"),
     (["run.keep=first"], "run.keep='first'"),
 ])

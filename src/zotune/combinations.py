@@ -27,6 +27,10 @@ def _streamed(c: dict) -> bool:
     return c["stream"].tier != "none" or _is_folder(c["model"].name)
 
 
+def _on_disk(c: dict) -> bool:
+    return c["stream"].tier == "disk" or _is_folder(c["model"].name)
+
+
 def _method_class(c: dict):
     return METHODS[c["method"].name][1]
 
@@ -58,10 +62,10 @@ RULES = [
     Rule("best weights or early stopping without dev evaluations",
          lambda c: (c["run"].keep == "best" or c["run"].patience) and not (c["run"].eval_every and _has_dev(c)),
          lambda c: f"{_dev_decider(c)} decides on dev evaluations: set run.eval_every (e.g. 100) and task.n_dev >= 1"),
-    Rule("best weights streamed",
-         lambda c: c["run"].keep == "best" and _streamed(c),
-         lambda c: "run.keep=best is not yet available with --offload (the tier holds the final weights); use "
-                   "run.keep=last, or train resident"),
+    Rule("best weights on the disk tier",
+         lambda c: c["run"].keep == "best" and _on_disk(c),
+         lambda c: "run.keep=best is not yet available with --offload disk (the blocks are trained in place, so the "
+                   "base is gone); use run.keep=last, --offload cpu, or train resident"),
     Rule("stream folder with the RAM tier",
          lambda c: c["stream"].tier == "cpu" and _is_folder(c["model"].name),
          lambda c: f"{c['model'].name} is a stream folder (disk tier); drop stream.tier=cpu to train from it"),
@@ -80,8 +84,19 @@ def _is_folder(name: str) -> bool:
     return is_stream_folder(name)
 
 
+def settle_keep(cfgs: dict) -> None:
+    """`run.keep=auto` as what this run can keep: its best dev step (zero-shot included, so the model it
+    hands back is never worse on dev than the one it started from) when it evaluates dev and its base stays
+    (resident, or host-memory streaming), else its last step. Settled before the run records its options,
+    so a resume keeps the same."""
+    run = cfgs["run"]
+    if run.keep == "auto":
+        run.keep = "best" if run.eval_every and _has_dev(cfgs) and not _on_disk(cfgs) else "last"
+
+
 def check(cfgs: dict) -> None:
-    """Raise ConfigError with the first rule the resolved configuration breaks."""
+    """Raise ConfigError with the first rule the resolved configuration breaks (`run.keep=auto` settled first)."""
+    settle_keep(cfgs)
     for rule in RULES:
         if rule.applies(cfgs):
             raise ConfigError(rule.reason(cfgs))

@@ -39,7 +39,9 @@ class RunConfig:
     report_to: str = "none"  # also log to: tensorboard, wandb, or both comma-separated (when installed)
     lr_schedule: str = "constant"  # constant, linear or cosine (zotune.schedule), after a linear warm-up
     warmup_steps: int = 0
-    keep: str = "last"  # the weights a run ends with: last, or best (the step of the best dev metric)
+    # the weights a run ends with: last, best (the step of the best dev metric, zero-shot included), or
+    # auto: best wherever the run can keep it (dev evaluations, a resident model), else last
+    keep: str = "auto"
     patience: int = 0  # stop after this many dev evaluations without a better one (0: never stop early)
 
     def __post_init__(self):
@@ -47,8 +49,9 @@ class RunConfig:
             raise ConfigError(f"run.lr_schedule={self.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"run.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.keep not in ("last", "best"):
-            raise ConfigError(f"run.keep={self.keep!r}: use last (the final step) or best (the best dev evaluation)")
+        if self.keep not in ("auto", "last", "best"):
+            raise ConfigError(f"run.keep={self.keep!r}: use last (the final step), best (the best dev evaluation) or "
+                              f"auto (best where the run can keep it)")
         if self.patience < 0:
             raise ConfigError(f"run.patience={self.patience} must be >= 0 (0: never stop early)")
         if not 0 <= self.steps < 2**32:

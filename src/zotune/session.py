@@ -7,6 +7,7 @@ brings the weights to any logged step (snapshot, then exact replay).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -248,6 +249,21 @@ class Session:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+def back_to_step(session: Session, step: int, cfgs: dict, run: RunFolder, device, group: Group) -> tuple[Session, int]:
+    """(a session at the weights of an earlier `step` of this run, the step they are at). Resident, the
+    session loads that step's snapshot in place; on the host-memory tier, whose blocks hold the last
+    step, the run is rebuilt from its base and its log up to `step`, after the tier's memory is freed."""
+    if session.engine is None:
+        return session, session.load_snapshot(step)
+    session.close()
+    session.model = session.engine = session.opt = None  # (the tier's blocks go before the base loads again)
+    gc.collect()
+    rebuilt = Session(cfgs, run, device, lambda *a, **k: None, resume=True, group=group)
+    rebuilt.restore(run.read_steps()[0][:step])
+    rebuilt.start_streaming()
+    return rebuilt, step
 
 
 def replay_device(run_dir: Path, method_cfg: MethodConfig) -> str:

@@ -33,7 +33,7 @@ from zotune.prefix import FrozenPrefix
 from zotune.resolve import SECTIONS, check_as_recorded, resolve_device
 from zotune.runs import RunFolder, RunRecord
 from zotune.schedule import batch_order, lr_factor
-from zotune.session import Session
+from zotune.session import Session, back_to_step
 from zotune.tasks import Task, make_task
 from zotune.trackers import open_trackers
 
@@ -400,10 +400,14 @@ def _finish(r: _Run, out: _Outcome, before: dict, started: float) -> dict:
             session.snapshot(step)
         kept = step
         if run_cfg.keep == "best" and best.step is not None and best.step != step:
-            kept = session.load_snapshot(best.step)  # the weights of the best dev evaluation
-            log(f"keeping step {kept} (best dev {metric} {best.score:.3f}) of {step}")
+            r.session, kept = back_to_step(session, best.step, r.cfgs, r.run, r.device, r.group)
+            session = r.session  # at the weights of the best dev evaluation
+            log(f"keeping the zero-shot weights (step 0, run.keep=best): no dev evaluation beat its {metric} "
+                f"{best.score:.3f}" if kept == 0 else
+                f"keeping step {kept} of {step} (run.keep=best): the best dev {metric}, {best.score:.3f}")
         if best.step is not None:
-            summary["best"] = {"step": best.step, f"dev_{metric}": best.score, "kept": run_cfg.keep == "best"}
+            summary["best"] = {"step": best.step, f"dev_{metric}": best.score, "kept": run_cfg.keep == "best",
+                               "zero_shot": best.step == 0}
         after = r.evaluate(r.task.test, "fine-tuned test", shared=False)
         summary["after"] = after
         summary["kept_step"] = kept
