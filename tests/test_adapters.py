@@ -15,7 +15,8 @@ LORA = ("adapter.kind=lora", "adapter.r=4")
 def args(model, data, out, *extra, steps=6, adapter=LORA):
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=3", "run.snapshot_every=2",
-            "run.keep=last", "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", *adapter, *extra]
+            "run.keep=last", "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", *adapter,
+            *extra]
 
 
 def final(run):

@@ -323,7 +323,7 @@ def test_a_run_from_before_group_by_length_resumes_with_its_own_batches(tiny_mod
 
 def test_eval_a_model_and_a_run_folder(tiny_model_dir, data_file, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(train_args(tiny_model_dir, data_file, run, "--steps", "6", "--lr", "1e-2")) == 0
+    assert main(train_args(tiny_model_dir, data_file, run, "--steps", "6", "--lr", "1e-2", "run.keep=last")) == 0
     summary = json.loads((run / "summary.json").read_text())
     capsys.readouterr()
     assert main(["eval", "--model", str(run), "--split", "test"]) == 0

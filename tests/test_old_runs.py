@@ -17,6 +17,7 @@ from conftest import exported
 from zotune.cli import main
 
 OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=2", "run.snapshot_every=2",
+           "run.keep=last",  # as the recorded runs kept (the default was then last)
            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", "--trainable",
            "last-blocks:1"]
 RECORDED = Path(__file__).parent / "data" / "runs-781d308"

@@ -198,7 +198,7 @@ def test_a_quantized_base_streams_on_both_tiers_like_resident(kind, trainable, t
     exactly, and its export (written block by block, dequantized) equals the resident run's."""
     from conftest import exported
 
-    common = ["--trainable", trainable]
+    common = ["--trainable", trainable, "run.keep=last"]  # (a disk-tier run keeps its last step)
     resident = tmp_path / "resident"
     assert main(args(tiny_model_dir, data_file, resident, *common, kind=kind)) == 0
     log = (resident / "steps.log").read_bytes()

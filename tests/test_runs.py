@@ -23,6 +23,7 @@ RECORD_START, RECORD = len(LOG_MAGIC), 42
 
 STEPS = 24
 OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=5", "run.snapshot_every=7",
+           "run.keep=last",  # these tests are about the last step's weights
            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}",
            "model.trainable=last-blocks:2"]
 LAST_TWO_AND_NORM = ("model.layers.1.", "model.layers.2.", "model.norm.")  # what last-blocks:2 trains

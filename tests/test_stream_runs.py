@@ -17,6 +17,7 @@ from zotune.stream import DiskTier
 
 STEPS = 8
 OPTIONS = ["run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.eval_every=3", "run.snapshot_every=5",
+           "run.keep=last",  # as a disk-tier run keeps (auto is best only where the base stays)
            "run.device=cpu", "--lr", "1e-2", "task.verbalizer={pos: great, neg: terrible}", "--trainable", "all"]
 
 

@@ -209,12 +209,11 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(SUITE_ROWS))
 def test_the_mezo_suite_runs_by_name_on_files_of_its_rows(name, tmp_path, tokenizer):
     path = tmp_path / f"{name}.jsonl"
-    path.write_text(json.dumps(SUITE_ROWS[name]) + "\n")
+    path.write_text((json.dumps(SUITE_ROWS[name]) + "\n") * 3)  # a train split beside the one test example
     cfg = TaskConfig(name=name, data=str(path), n_test=1, n_dev=0)
     from zotune.tasks import load_rows, make_task
 
     table = load_rows(str(path))
-    table.rows = table.rows * 3  # a train split beside the one test example
     task = make_task(cfg, tokenizer, table)
     assert task.test[0] == EXPECTED[name]
     assert len(task.collate(task.test))

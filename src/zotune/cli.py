@@ -26,16 +26,25 @@ TASK_HELP = ("a suite task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, recor
 
 
 def _train(args) -> int:
-    from zotune.resolve import resolve_configs
+    from zotune.resolve import build_configs, is_auto, settle_auto, user_values
     from zotune.train import train
+    from zotune.trial import choose_trainable, why_no_trial
 
     flags: dict[str, dict] = {}
     for flag, (section, key) in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             flags.setdefault(section, {})[key] = value
-    cfgs = resolve_configs(args.config, args.overrides, flags, task=args.task)
-    summary = train(cfgs)
+    values = user_values(args.config, args.overrides, flags, task=args.task)
+    cfgs, trial = None, None
+    if is_auto(values):  # nothing named to train: a short trial on dev chooses (zotune.trial)
+        why_not = why_no_trial(values)
+        if why_not:
+            print(f"note: model.trainable=auto trains the final norm {why_not}")
+        else:
+            cfgs, trial = choose_trainable(values)
+    cfgs = cfgs or build_configs(settle_auto(values) if is_auto(values) else values)
+    summary = train(cfgs, trial=trial)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 

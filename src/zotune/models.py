@@ -284,6 +284,9 @@ def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
     """The forms of a trainable spec as (kind, argument) pairs; raises with the accepted forms."""
     if not isinstance(spec, str):
         raise ConfigError(f"model.trainable={spec!r} must be a string; use one of: {TRAINABLE_FORMS}")
+    if spec == "auto":
+        raise ConfigError("model.trainable=auto is settled by `zotune train` (a short trial scored on dev); from "
+                          "Python name what to train (e.g. final-norm), or use zotune.trial.choose_trainable")
     out = []
     for part in _parts(spec):
         if part in ("all", "norms", "final-norm", "biases", "scales"):

@@ -63,7 +63,17 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
 
     With `run_folder`, `config_file` is a run's own config.yaml: settings it does not name take the
     value they had when it was written (`_EARLIER_DEFAULTS`), so the run continues as it started.
+    `model.trainable=auto` (or none named) is the probe here; `zotune train` settles it by a trial
+    (`zotune.trial`) from `user_values` instead.
     """
+    values = user_values(config_file, overrides, flags, run_folder, task)
+    return build_configs(settle_auto(values) if is_auto(values) else values, run_folder)
+
+
+def user_values(config_file=None, overrides=(), flags=None, run_folder: bool = False, task: str | None = None,
+                say=print) -> dict:
+    """The merged layers the user gave (file, task, overrides, flags), before any default; a key given
+    twice is said once (`say`)."""
     layers = [_EARLIER_DEFAULTS] if run_folder else []
     layers += [load_yaml(config_file)] if config_file else []
     if task:  # it replaces the task a config file (or a run folder) describes
@@ -75,11 +85,26 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
               f"the flag counts" for section, values in (flags or {}).items() for key, value in values.items()
               if key in given.get(section, {}) and str(given[section][key]) != str(value)]
     for note in notes:
-        print(f"note: {note}")
+        say(f"note: {note}")
     command_line = merge(given, flags or {})
     if "task" in command_line:
         command_line["task"] = command_line_escapes(command_line["task"])
-    values = merge(*layers, command_line)
+    return merge(*layers, command_line)
+
+
+def is_auto(values: dict) -> bool:
+    """True when the user named nothing to train (or `model.trainable=auto`) and no adapter."""
+    return values.get("adapter", {}).get("kind", "none") == "none" and \
+        values.get("model", {}).get("trainable", "auto") == "auto"
+
+
+def settle_auto(values: dict, trainable: str = "final-norm") -> dict:
+    """`values` with `model.trainable=auto` settled as `trainable` (without a trial: the probe)."""
+    return merge(values, {"model": {"trainable": trainable}})
+
+
+def build_configs(values: dict, run_folder: bool = False) -> dict:
+    """Every section built from `values` over its defaults (and `TRAINABLE_DEFAULTS`), checked together."""
     if not run_folder:  # a run folder names every option it was trained with
         values = merge(trainable_defaults(values), values)
     unknown = sorted(set(values) - set(SECTIONS))

@@ -101,6 +101,9 @@ class RunRecord:
     def write_config(self, sections: dict[str, Any]) -> None:
         pass
 
+    def write_trial(self, trial: dict[str, Any]) -> None:
+        pass
+
     def log(self, record: dict[str, Any]) -> None:
         pass
 
@@ -138,13 +141,8 @@ class RunFolder(RunRecord):
         if resume:
             if not (self.path / "config.yaml").is_file():
                 raise ConfigError(f"{self.path} is not a zotune run folder (no config.yaml); pass the folder of a run")
-        elif (self.path / "summary.json").exists() or any(  # (a steps.log of only its magic holds no step)
-                (self.path / name).is_file() and (self.path / name).stat().st_size > empty
-                for name, empty in (("steps.log", len(LOG_MAGIC)), ("metrics.jsonl", 0))):
-            raise ConfigError(f"run folder {self.path} already holds a run; pass another --out, or "
-                              f"`zotune resume {self.path}`")
         else:
-            check_new_folder(self.path, "--out", own=_never_started)
+            self.check_new(self.path)
         # What was here before: a run refused during its setup takes away only what it wrote (`discard`).
         self._existed = entries(self.path)
         try:
@@ -170,10 +168,23 @@ class RunFolder(RunRecord):
             self._steps.write(LOG_MAGIC)
             self._steps.flush()
 
+    @staticmethod
+    def check_new(path: Path) -> None:
+        """Refuse `path` for a new run unless it is new, empty, or a run folder of ours that never started."""
+        if (path / "summary.json").exists() or any(  # (a steps.log of only its magic holds no step)
+                (path / name).is_file() and (path / name).stat().st_size > empty
+                for name, empty in (("steps.log", len(LOG_MAGIC)), ("metrics.jsonl", 0))):
+            raise ConfigError(f"run folder {path} already holds a run; pass another --out, or `zotune resume {path}`")
+        check_new_folder(path, "--out", own=_never_started)
+
     def write_config(self, sections: dict[str, Any]) -> None:
         import yaml
 
         self._atomic_write("config.yaml", yaml.safe_dump(sections, sort_keys=False))
+
+    def write_trial(self, trial: dict[str, Any]) -> None:
+        """trial.json: the candidates `model.trainable=auto` tried, their dev scores and cost, and its choice."""
+        self._atomic_write("trial.json", json.dumps(trial, indent=2) + "\n")
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
@@ -272,7 +283,7 @@ class RunFolder(RunRecord):
 
 # What a run folder holds (zotune.trackers add tensorboard/ and wandb/; zotune eval adds eval.json).
 RUN_ENTRIES = {"config.yaml", "base.json", "steps.log", "metrics.jsonl", "summary.json", "curve.png", "lock",
-               "snapshots", "eval.json", "tensorboard", "wandb"}
+               "snapshots", "eval.json", "trial.json", "tensorboard", "wandb"}
 
 
 def _never_started(path: Path) -> bool:

@@ -144,7 +144,7 @@ class _Run:
         return dev[dev["metric"]]
 
 
-def train(cfgs: dict, log=print, resume: bool = False) -> dict:
+def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None, trial: dict | None = None) -> dict:
     """Fine-tune with a ZO method and return the summary written to the run folder.
 
     `cfgs` maps section names to configs (`zotune.resolve.resolve_configs`); missing sections take their
@@ -166,7 +166,7 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         log(tf32)
     # Inputs are checked before the run folder exists, so a fixed command can reuse the same --out.
     resolve_source(cfgs["model"])
-    task = make_task(cfgs["task"], None)  # its rows checked here; its tokenizer comes below
+    task = task or make_task(cfgs["task"], None)  # its rows checked here; its tokenizer comes below
     run = _open_run(cfgs, group, resume, log)
     try:
         check_as_recorded(run.recorded_options(), cfgs, run.path)  # a resumed run is the run that was recorded
@@ -176,6 +176,8 @@ def train(cfgs: dict, log=print, resume: bool = False) -> dict:
         run.close() if resume else run.discard()
         raise
     r = _Run(cfgs, task, session, run, group, device, log, _Best(cfgs["run"].patience))
+    if trial is not None and r.main:  # what `model.trainable=auto` tried, and why it chose what trains
+        run.write_trial(trial)
     _introduce(r, resume)
     start, before, seconds_before = _catch_up(r, resume)
     outcome = _run_steps(r, start, seconds_before)

@@ -1,0 +1,126 @@
+"""`model.trainable=auto`: what to train, chosen by a short trial scored on dev.
+
+When a `zotune train` names nothing to train (and no adapter), each candidate below trains for
+the same number of forward passes (`SHARE` of the shortest candidate run's) with its own measured
+recipe (method, lr, batch), in a throwaway run
+folder, and is scored on the dev split; the best dev metric (ties: the lower dev loss, then the
+earlier candidate, so the cheap probe wins a tie) is what the run then trains, from the base, with
+that candidate's whole recipe. The choice is written into config.yaml (a resume or a replay trains
+exactly that) and the trial itself into the run's trial.json: each candidate's dev score, steps,
+forward passes and seconds.
+
+The trial runs only where it can be compared fairly and cheaply: one process, a resident model, a dev
+split. Elsewhere (torchrun, --offload, no dev split) `auto` is the probe, and the run says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from zotune.config import ConfigError, merge
+from zotune.models import resolve_source
+from zotune.resolve import build_configs, settle_auto
+from zotune.runs import RunFolder
+from zotune.stream import is_stream_folder
+from zotune.tasks import make_task
+from zotune.train import train
+
+# Each candidate trains for SHARE of the forward passes of the shortest candidate run (steps x forwards a
+# step), so the three together cost at most 15% of the run that follows, whichever is chosen.
+SHARE = 0.05
+
+# name -> (the layer that makes it, defaults under the user's own values): each with its measured recipe.
+# The probe and the blocks take TRAINABLE_DEFAULTS and the section defaults (FZOO on the final norm; LOZO);
+# LoRA r = 8 takes ZO-SGD at lr 1e-3, its best in docs/compare.md ("LoRA r = 8 on PEFT's default modules").
+CANDIDATES = {
+    "final-norm": ({"model": {"trainable": "final-norm"}}, {}),
+    "last-blocks:2": ({"model": {"trainable": "last-blocks:2"}}, {}),
+    "lora": ({"model": {"trainable": "final-norm"}, "adapter": {"kind": "lora"}},
+             {"method": {"name": "zosgd", "lr": 1e-3}}),
+}
+
+
+def why_no_trial(values: dict) -> str | None:
+    """Why `auto` cannot run its trial here (it is then the probe), or None."""
+    cfgs = build_configs(settle_auto(values))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfgs["parallel"].data * cfgs["parallel"].perturb > 1:
+        return "under torchrun (the trial runs in one process)"
+    if cfgs["stream"].tier != "none" or is_stream_folder(cfgs["model"].name):
+        return "with streamed blocks (a trial would stream every candidate)"
+    if not (cfgs["task"].dev or cfgs["task"].n_dev):
+        return "without a dev split to score it (task.n_dev=0)"
+    return None
+
+
+def candidate_values(values: dict) -> dict[str, dict]:
+    """Each candidate's values: its defaults, under the user's values, under what makes it the candidate."""
+    return {name: merge(defaults if not values.get("method") else {}, values, layer)
+            for name, (layer, defaults) in CANDIDATES.items()}
+
+
+def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
+    """(the configs of the chosen candidate's run, the trial's record for trial.json)."""
+    plans = {name: build_configs(v) for name, v in candidate_values(values).items()}
+    first = next(iter(plans.values()))
+    resolve_source(first["model"])  # what is wrong with the model, the data or --out: said before any trial
+    task = make_task(first["task"], None)  # the same rows for every candidate
+    if first["run"].out:
+        RunFolder.check_new(Path(first["run"].out))
+    scored = copy.copy(task)
+    scored.test = task.dev  # each trial run's before/after evaluation is of the dev split
+    metric = task.cfg.metric
+    rows, started = [], time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="zotune-trial-")
+    try:
+        budget = SHARE * min(c["run"].steps * c["method"].forwards_per_step for c in plans.values())
+        for name, cfgs in plans.items():
+            rows.append(_try(name, cfgs, budget, scored, folder, metric, log))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    tried = [r for r in rows if r.get("dev") is not None]
+    if not tried:
+        raise ConfigError("model.trainable=auto: no candidate could be tried (" + "; ".join(
+            f"{r['candidate']}: {r['error']}" for r in rows) + "); name what to train with --trainable")
+    best = max(tried, key=lambda r: (r["dev"], -r["dev_loss"], -rows.index(r)))
+    chosen = plans[best["candidate"]]
+    seconds = round(time.perf_counter() - started, 1)
+    forwards = sum(r.get("forward_passes", 0) for r in rows)
+    run_forwards = chosen["run"].steps * chosen["method"].forwards_per_step
+    log(f"model.trainable=auto chose {best['candidate']} (dev {metric} {best['dev']:.3f}; zero-shot "
+        f"{best['zero_shot']:.3f}): a trial of {forwards:,} forward passes ({forwards / run_forwards:.0%} of the run's "
+        f"{run_forwards:,}) in {seconds:.0f}s")
+    trial = {"chosen": best["candidate"], "share": SHARE, "metric": metric, "candidates": rows,
+             "forward_passes": forwards, "run_forward_passes": run_forwards, "seconds": seconds}
+    return chosen, trial
+
+
+def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log) -> dict:
+    """One candidate, trained for `budget` forward passes in a throwaway folder, scored on dev."""
+    cfgs = copy.deepcopy(cfgs)
+    run = cfgs["run"]
+    steps = max(1, int(budget // cfgs["method"].forwards_per_step))
+    run.steps, run.eval_every, run.keep, run.patience = steps, 0, "last", 0
+    run.snapshot_every, run.report_to, run.out = 0, "none", os.path.join(folder, name.replace(":", "-"))
+    what = f"{name} ({cfgs['method'].name}, lr {cfgs['method'].lr:g}, batch {run.batch_size})"
+    log(f"trial: {what}, {steps} steps")
+    try:
+        summary = train(cfgs, log=lambda *a, **k: None, task=scored)
+    except ConfigError as e:  # a candidate this model cannot take (e.g. no LoRA modules PEFT knows)
+        if name == next(iter(CANDIDATES)):
+            raise  # the probe fits every model: its error is the run's
+        log(f"trial: {name} skipped ({e})")
+        return {"candidate": name, "error": str(e)}
+    after = summary.get("after")
+    row = {"candidate": name, "method": cfgs["method"].name, "lr": cfgs["method"].lr, "steps": summary["steps"],
+           "batch_size": run.batch_size, "forward_passes": summary["forward_passes"], "seconds": summary["seconds"],
+           "zero_shot": summary["before"][metric], "dev": after[metric] if after else None,
+           "dev_loss": after["loss"] if after else None, "status": summary["status"]}
+    if after:
+        log(f"trial: {name}: dev {metric} {after[metric]:.3f} (zero-shot {row['zero_shot']:.3f}) in "
+            f"{summary['seconds']:.0f}s")
+    return row

@@ -1,0 +1,93 @@
+"""`model.trainable=auto`: a short trial scored on dev chooses what trains; the choice is recorded, so
+the run resumes and replays as chosen; naming what to train skips it."""
+
+import json
+
+import yaml
+
+from zotune import trial
+from zotune.cli import main
+
+FAST = ["run.batch_size=4", "task.n_dev=8", "task.n_test=8", "run.eval_every=10", "run.device=cpu",
+        "task.verbalizer={pos: great, neg: terrible}"]
+
+
+def train(model, data, out, *extra, steps=40):
+    return main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(steps),
+                 *FAST, *extra])
+
+
+def test_the_trial_chooses_records_and_the_run_resumes_as_chosen(tiny_model_dir, data_file, tmp_path, capsys):
+    whole = tmp_path / "whole"
+    assert train(tiny_model_dir, data_file, whole, steps=100) == 0  # (a trial takes at least a step of each)
+    printed = capsys.readouterr().out
+    record = json.loads((whole / "trial.json").read_text())
+    assert [c["candidate"] for c in record["candidates"]] == list(trial.CANDIDATES)
+    assert all(c["dev"] is not None and c["zero_shot"] == record["candidates"][0]["zero_shot"]
+               for c in record["candidates"])  # every candidate scored on the same dev split, from the same base
+    best = max(record["candidates"], key=lambda c: (c["dev"], -c["dev_loss"]))
+    assert record["chosen"] == best["candidate"]
+    assert record["forward_passes"] <= 0.15 * record["run_forward_passes"]  # the stated share, at most
+    assert {c["forward_passes"] for c in record["candidates"]} <= set(range(9, 11))  # the same budget each (10)
+    config = yaml.safe_load((whole / "config.yaml").read_text())
+    chosen = ("lora" if config["adapter"]["kind"] == "lora" else config["model"]["trainable"])
+    assert chosen == record["chosen"] and f"model.trainable=auto chose {chosen}" in printed
+    # config.yaml names what trains: a resume continues exactly that, without a new trial, and equals a run
+    # of that config.yaml (no trial either: it names what to train) taken in one go
+    parts = tmp_path / "parts"
+    assert train(tiny_model_dir, data_file, parts, steps=20) == 0
+    capsys.readouterr()
+    assert main(["resume", str(parts), "run.steps=40"]) == 0
+    assert "trial:" not in capsys.readouterr().out
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(parts / "config.yaml"), "--out", str(again), "--steps", "40"]) == 0
+    assert "trial:" not in capsys.readouterr().out and not (again / "trial.json").exists()
+    assert (parts / "steps.log").read_bytes() == (again / "steps.log").read_bytes()
+
+
+def test_naming_what_to_train_or_an_adapter_skips_the_trial(tiny_model_dir, data_file, tmp_path, capsys):
+    assert train(tiny_model_dir, data_file, tmp_path / "a", "--trainable", "last-blocks:1", steps=4) == 0
+    assert train(tiny_model_dir, data_file, tmp_path / "b", "adapter.kind=lora", steps=4) == 0
+    assert "trial:" not in capsys.readouterr().out
+    assert not (tmp_path / "a" / "trial.json").exists() and not (tmp_path / "b" / "trial.json").exists()
+
+
+def test_where_no_trial_can_run_auto_is_the_probe_and_says_why(tiny_model_dir, data_file, tmp_path, capsys):
+    assert train(tiny_model_dir, data_file, tmp_path / "a", "--offload", "cpu", steps=4) == 0
+    said = capsys.readouterr().out
+    assert "note: model.trainable=auto trains the final norm with streamed blocks" in said
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["model"]["trainable"] == "final-norm"
+    assert train(tiny_model_dir, data_file, tmp_path / "b", "task.n_dev=0", "run.keep=last", steps=4) == 0
+    assert "without a dev split" in capsys.readouterr().out
+
+
+def test_a_bad_input_is_refused_before_any_trial(tiny_model_dir, data_file, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert train(tiny_model_dir, data_file, mine) == 2
+    out, err = capsys.readouterr()
+    assert "trial:" not in out and "is not empty" in err
+    assert train(tiny_model_dir, tmp_path / "nope.csv", tmp_path / "r") == 2
+    out, err = capsys.readouterr()
+    assert "trial:" not in out and "nope.csv does not exist" in err and not (tmp_path / "r").exists()
+
+
+def test_the_choice_is_the_best_dev_score_then_the_lower_loss_then_the_earlier(monkeypatch, tiny_model_dir,
+                                                                               data_file):
+    scores = {"final-norm": (0.60, 0.50), "last-blocks:2": (0.70, 0.60), "lora": (0.70, 0.40)}
+
+    def fake_try(name, cfgs, budget, scored, folder, metric, log):
+        dev, loss = scores[name]
+        return {"candidate": name, "dev": dev, "dev_loss": loss, "zero_shot": 0.5, "forward_passes": 1}
+
+    monkeypatch.setattr(trial, "_try", fake_try)
+    values = {"model": {"name": str(tiny_model_dir)}, "task": {"data": str(data_file), "n_dev": 8, "n_test": 8,
+                                                               "verbalizer": {"pos": "great", "neg": "terrible"}}}
+    cfgs, record = trial.choose_trainable(values, log=lambda *a: None)
+    assert record["chosen"] == "lora" and cfgs["adapter"].kind == "lora"  # a tie on dev: the lower loss
+    scores["lora"] = (0.70, 0.60)
+    assert trial.choose_trainable(values, log=lambda *a: None)[1]["chosen"] == "last-blocks:2"  # then the earlier
+    scores.update({"last-blocks:2": (0.5, 0.1), "lora": (0.5, 0.1)})
+    cfgs, record = trial.choose_trainable(values, log=lambda *a: None)
+    assert record["chosen"] == "final-norm" and cfgs["method"].name == "fzoo" and cfgs["method"].lr == 0.2
