@@ -1,8 +1,10 @@
-"""The GPU check: `PYTHONPATH=src python benchmarks/gpu_check.py [--quick] [--device cuda:0]`.
+"""The GPU check: `PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=src python3
+benchmarks/gpu_check.py --budget 500 --out gpu-check.jsonl` (about 8 minutes on one H100).
 
 The same as `zotune bench gpu`, for a machine where zotune is not installed (its own torch,
-transformers and accelerate; nothing to install). Prints one JSON object; exit code 0 when the
-bitwise checks pass. See src/zotune/bench/gpu.py for what it checks and measures.
+transformers and accelerate; nothing to install). Each part runs in its own process under a watchdog
+and appends one JSON line to --out the moment it ends; exit code 0 all good, 1 a bitwise check
+failed, 2 a part errored, timed out or was skipped. See src/zotune/bench/gpu.py for the parts.
 """
 
 import sys

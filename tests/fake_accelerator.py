@@ -69,8 +69,9 @@ class FakeAccelerator:
 
     pins = False
 
-    def __init__(self, forget_waits: bool = False):
-        self.forget_waits = forget_waits
+    def __init__(self, forget_waits: bool = False, pins: bool = False):
+        self.forget_waits, self.pins = forget_waits, pins
+        self.pinned_bytes, self.buffers, self.released = 0, 0, False  # what host_buffer handed out
         self.compute = FakeStream(self, "compute")
         self._local = threading.local()
         self.copies = 0
@@ -106,3 +107,12 @@ class FakeAccelerator:
 
     def record_stream(self, t: torch.Tensor, stream: FakeStream) -> None:
         pass
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """Plain host memory standing in for an exact page-locked buffer, counted."""
+        self.pinned_bytes += nbytes
+        self.buffers += 1
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release_host_buffers(self) -> None:
+        self.released = True

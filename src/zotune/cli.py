@@ -159,11 +159,20 @@ def _bench_memory(args) -> int:
 
 
 def _bench_gpu(args) -> int:
-    from zotune.bench.gpu import run_gpu_check
+    import time
+    from pathlib import Path
 
-    result = run_gpu_check(args.device, args.quick, args.repeats, log=lambda *a: print(*a, file=sys.stderr))
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0 if result["passed"] else 1
+    from zotune.bench.gpu_parts import PARTS, run_parts
+    from zotune.files import check_new_file
+
+    parts = [p.strip() for p in args.parts.split(",")] if args.parts else None
+    unknown = [p for p in parts or [] if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"--parts: {unknown[0]!r} is not a part; choose from {', '.join(PARTS)}")
+    out = Path(args.out or f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    check_new_file(out, "--out")
+    print(f"one JSON line per part, appended to {out} as each part ends", file=sys.stderr)
+    return run_parts(args.device, args.quick, args.repeats, args.budget, out, parts, part_timeout=args.part_timeout)
 
 
 def _bench_first_order(args) -> int:
@@ -291,7 +300,11 @@ def _add_bench(sub) -> None:
     s.add_argument("--device", default="cuda")
     s.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, on any device)")
     s.add_argument("--repeats", type=int, default=5)
-    s.add_argument("--json", action="store_true", help="the JSON object on one line")
+    s.add_argument("--budget", type=float, default=540, help="seconds for all parts; a part whose estimate does "
+                   "not fit what is left is skipped (default 540: 9 minutes)")
+    s.add_argument("--out", help="the JSON-lines file (new; default gpu-check-<time>.jsonl)")
+    s.add_argument("--parts", help="comma-separated parts to run (default: all, in order)")
+    s.add_argument("--part-timeout", type=float, help="seconds a part may run (default: 3x its estimate + 30)")
     s.set_defaults(func=_bench_gpu)
     s = bsub.add_parser("first-order", help="the backprop reference: AdamW on the same task, tensors and batches",
                         description="Trains what `zotune train` with the same section.key=value options would "

@@ -85,8 +85,9 @@ def set_tf32(device: torch.device, enabled: bool) -> str | None:
     projected gradients. `model.tf32=false` keeps full float32 products."""
     if torch.device(device).type != "cuda":
         return None
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    # Through the one API that torch keeps: setting the legacy allow_tf32 flags as well breaks when both are
+    # used in a process (torch 2.9+ refuses to read a precision set through the other API).
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
     if enabled:
         return "float32 matrix products on TF32 tensor cores (model.tf32=false: full float32)"
     return "float32 matrix products on full float32 (model.tf32=false)"

@@ -134,11 +134,16 @@ def resolve_device(name: str) -> torch.device:
     if module is None or not module.is_available():
         raise ConfigError(f"run.device={name!r} is not available on this machine; use run.device=cpu")
     local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if device.type == "cuda" and len(visible) == 1:
+        local = 0  # a scheduler gave this process one GPU of its own: it is cuda:0 here, whatever the rank
     index, count = (device.index or 0) + local, module.device_count()
     if index >= count:
         raise ConfigError(f"run.device={name!r}: the process of local rank {local} would use "
                           f"{device.type}:{index}, but this machine has {count}; start at most "
                           f"{count - (device.index or 0)} processes per machine")
+    if device.type == "cuda":
+        module.set_device(index)  # what launches without a device of their own (Triton's) run on
     return torch.device(device.type, index)
 
 

@@ -1,22 +1,26 @@
 """`zotune bench gpu` (or `benchmarks/gpu_check.py`): the streaming promise checked on an accelerator.
 
-One command, one JSON object. It checks what only a GPU can show and measures the targets of
-docs/performance.md, side by side in one process:
+Its parts run one process each (`zotune.bench.gpu_parts`: a watchdog, one JSON line per part as it
+ends, a time budget). They check what only a GPU can show and measure the targets of
+docs/performance.md, side by side in one process each:
 
 - `directions`: Rademacher directions swept on the device (the Triton kernel on CUDA, and the eager
-  kernel sequence) == the CPU's fused kernel, bit for bit;
+  kernel sequence) == the CPU's fused kernel, bit for bit; which kernel ran;
 - `streamed_equals_resident`: streamed (both tiers) == resident on the device, bit for bit in float32,
-  for zosgd, zoadam and n_directions=2 (losses, projected gradients, final weights);
-- `memory`: peak device memory of a streamed step at two depths (flat) against resident (grows);
-- `step_time`: a streamed step / a resident step, and a resident ZO step / two plain forwards;
-- `tf32`: the same ZO steps with full float32 and with TF32 products (`model.tf32`, on by default on
-  CUDA): the projected gradients' relative change and the step-time ratio;
-- `scale`: a Llama-7B-shaped model (random weights in host memory), all parameters trained (float32 masters),
-  streamed: peak device memory, seconds a step, and the host-to-device bandwidth reached as a share
-  of the measured pinned-copy peak.
+  for zosgd, zoadam, n_directions=2 and lozo (losses, projected gradients, final weights);
+- `memory`: peak device memory (allocated above what was in use before, and reserved) of a streamed
+  step at two depths (flat) against resident (grows), every model gone before the next is built;
+- `step_time`: a streamed step / a resident step, and a resident ZO step / two plain forwards, with
+  full float32 and with TF32 products (`zotune train`'s default on CUDA), the precision recorded;
+  streamed steps end when the engine's transfers have (`engine.wait()`);
+- `tf32`: the projected gradients' relative change under TF32, and its step-time ratio;
+- `scale`: a Llama-7B-shaped model (random weights in host memory), all parameters trained (float32
+  masters), streamed: peak device memory, seconds a step, and the bytes moved each way as a share of
+  the measured link peaks (host to device, device to host, and both at once).
 
-On the CPU (`--device cpu --quick`, as the test suite runs it) the same code runs on tiny shapes:
-the bitwise checks hold and the device-memory figures are null.
+Forwards pass `use_cache=False` (HF would build a KV cache on every forward). On the CPU (`--device
+cpu --quick`, as the test suite runs it) the same code runs on tiny shapes: the bitwise checks hold
+and the device-memory figures are null.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ def _peak(device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def part_directions(device, quick: bool, repeats: int) -> dict:
+    return check_directions(device, (1 << 22 if quick else 3 << 24) + 17)
+
+
 def check_directions(device, n: int) -> dict:
     """The sweep an accelerator takes (eager, large chunks) against the CPU's fused kernel."""
     from zotune.methods.perturb import Directions
@@ -103,7 +111,7 @@ def _run(config, device, tier, folder, method: dict, steps: int, batch):
     x = batch.to(device)
     losses, grads = [], []
     for _ in range(steps):
-        closure = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+        closure = lambda: model(input_ids=x, labels=x, use_cache=False).loss  # noqa: E731
         losses.append(float(engine.step(opt, closure) if engine else opt.step(closure)))
         grads.append(list(opt.last.grads))
     values = [v.detach().cpu().clone() for v in (engine.trained_values() if engine else params)]
@@ -112,7 +120,7 @@ def _run(config, device, tier, folder, method: dict, steps: int, batch):
     return losses, grads, values
 
 
-def check_streamed_equals_resident(device, quick: bool) -> dict:
+def check_streamed_equals_resident(device, quick: bool, repeats: int = 0) -> dict:
     config = _llama_config(64 if quick else 512, 3 if quick else 4, 128 if quick else 1536, 4 if quick else 8,
                            1000 if quick else 8000, tie=True)
     batch = torch.randint(0, config.vocab_size, (2, 16 if quick else 64), generator=torch.Generator().manual_seed(0))
@@ -128,13 +136,17 @@ def check_streamed_equals_resident(device, quick: bool) -> dict:
     return out
 
 
-def _timed_steps(step, device, repeats: int) -> list[float]:
+def _timed_steps(step, device, repeats: int, engine=None) -> list[float]:
+    """Seconds of each of `repeats` steps after a warm-up, each ending when the device and the engine's
+    transfer worker are done (a write-back still in flight belongs to the step that sent it)."""
     step()  # warm-up: caches, allocator, the first fetch
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
         step()
+        if engine is not None:
+            engine.wait()
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times
@@ -148,7 +160,7 @@ def _streamed_step(config, device, batch, tier="cpu", storage=None):
     opt = make_optimizer("zosgd", list(model.parameters()), seed=1, lr=1e-7, eps=1e-3)
     engine = stream_(model, StreamConfig(tier=tier, storage_dtype=storage), device, **QUIET)
     x = batch.to(device)
-    return (lambda: engine.step(opt, lambda: model(input_ids=x, labels=x).loss)), engine
+    return (lambda: engine.step(opt, lambda: model(input_ids=x, labels=x, use_cache=False).loss)), engine
 
 
 def _resident_step(config, device, batch):
@@ -160,11 +172,11 @@ def _resident_step(config, device, batch):
 
     def forward():
         with torch.inference_mode():
-            return model(input_ids=x, labels=x).loss
+            return model(input_ids=x, labels=x, use_cache=False).loss
     return (lambda: opt.step(forward)), forward, model
 
 
-def measure_tf32(device, quick: bool, steps: int = 6) -> dict:
+def measure_tf32(device, quick: bool, repeats: int = 6) -> dict:
     """What `model.tf32` (the default on CUDA) does to a ZO step: the same resident steps from the same
     weights with full float32 products and with TF32 ones; the projected gradients' mean relative
     change (TF32 must leave the estimate's signal intact) and the step-time ratio."""
@@ -188,13 +200,13 @@ def measure_tf32(device, quick: bool, steps: int = 6) -> dict:
 
             def forward():
                 with torch.inference_mode():
-                    return model(input_ids=x, labels=x).loss
+                    return model(input_ids=x, labels=x, use_cache=False).loss
 
             def step():
                 opt.step(forward)
                 got.append(opt.last.grads[0])
 
-            times[enabled] = statistics.median(_timed_steps(step, device, steps))
+            times[enabled] = statistics.median(_timed_steps(step, device, repeats))
             grads[enabled] = got  # the same step seeds from the same weights, warm-up included
             model = opt = None  # freed before the next setting's model
             torch.cuda.empty_cache()
@@ -205,30 +217,47 @@ def measure_tf32(device, quick: bool, steps: int = 6) -> dict:
     return {"relative_grad_change": change, "tf32_step_time_ratio": times[True] / times[False]}
 
 
-def measure_memory(device, quick: bool) -> dict:
-    """Peak device memory of one step, streamed and resident, at two depths of the same shape."""
+def _peaks(make, device) -> dict:
+    """Peak device bytes (allocated and reserved) of the second of two steps, above what was allocated
+    before `make()` built its model; everything it built is gone when this returns."""
+    _sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    step, close = make()
+    step()
+    _peak_reset(device)
+    step()
+    if close is not None:
+        close()
+    peak = _peak(device)
+    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+    del step, close
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"allocated": None if peak is None else peak - base, "reserved": reserved}
+
+
+def measure_memory(device, quick: bool, repeats: int = 0) -> dict:
+    """Peak device memory of one step, streamed and resident, at two depths of the same shape (each
+    measured above the memory in use before its model was built, with the previous model gone)."""
     out = {}
-    for layers in ((2, 4) if quick else (4, 8)):
+    depths = (2, 4) if quick else (4, 8)
+    for layers in depths:
         config = _llama_config(64 if quick else 4096, layers, 128 if quick else 11008, 4 if quick else 32,
                                1000 if quick else 32000)
         batch = torch.randint(0, config.vocab_size, (4, 16 if quick else 128),
                               generator=torch.Generator().manual_seed(0))
-        step, engine = _streamed_step(config, device, batch)
-        step()
-        _peak_reset(device)
-        step()
-        out[f"streamed_{layers}_layers"] = _peak(device)
-        engine.close()
-        del step, engine
-        step, _, model = _resident_step(config, device, batch)
-        step()
-        _peak_reset(device)
-        step()
-        out[f"resident_{layers}_layers"] = _peak(device)
-        del step, model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    a, b = (2, 4) if quick else (4, 8)
+
+        def streamed():
+            step, engine = _streamed_step(config, device, batch)
+            return (lambda: (step(), engine.wait())), engine.close
+
+        def resident():
+            return _resident_step(config, device, batch)[0], None
+        for kind, make in (("streamed", streamed), ("resident", resident)):
+            peaks = _peaks(make, device)
+            out[f"{kind}_{layers}_layers"], out[f"{kind}_{layers}_layers_reserved"] = peaks["allocated"], \
+                peaks["reserved"]
+    a, b = depths
     if device.type == "cuda":
         out["streamed_growth"] = round(out[f"streamed_{b}_layers"] / out[f"streamed_{a}_layers"], 3)
         out["resident_growth"] = round(out[f"resident_{b}_layers"] / out[f"resident_{a}_layers"], 3)
@@ -237,44 +266,65 @@ def measure_memory(device, quick: bool) -> dict:
 
 
 def measure_step_time(device, quick: bool, repeats: int) -> dict:
-    """Streamed / resident step on a model that fits, and a ZO step / two forwards (resident)."""
+    """Streamed / resident step on a model that fits, and a ZO step / two forwards (resident), with full
+    float32 products and with TF32 ones (`zotune train`'s default on CUDA); the state is recorded."""
+    from zotune.precision import set_tf32
+
+    out = {}
+    for tf32 in ((False, True) if device.type == "cuda" else (False,)):
+        set_tf32(device, tf32)
+        try:
+            out["tf32" if tf32 else "float32"] = _step_times(device, quick, repeats)
+        finally:
+            set_tf32(device, False)
+    return out
+
+
+def _step_times(device, quick: bool, repeats: int) -> dict:
     config = _llama_config(64 if quick else 4096, 2 if quick else 8, 128 if quick else 11008, 4 if quick else 32,
                            1000 if quick else 32000)
     batch = torch.randint(0, config.vocab_size, (4 if quick else 8, 16 if quick else 512),
                           generator=torch.Generator().manual_seed(0))
-    resident_step, forward, model = _resident_step(config, device, batch)
+    resident_step, forward = _resident_step(config, device, batch)[:2]  # (the model lives in their closures)
     resident = _timed_steps(resident_step, device, repeats)
     forwards = _timed_steps(lambda: (forward(), forward()), device, repeats)
-    resident_step = forward = None  # free the resident model before the streamed one
-    del model
+    resident_step = forward = None  # the resident model is gone before the streamed one is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
     step, engine = _streamed_step(config, device, batch)
-    streamed = _timed_steps(step, device, repeats)
+    streamed = _timed_steps(step, device, repeats, engine)
     engine.close()
     med = statistics.median
     return {"shape": f"llama-7b width, {config.num_hidden_layers} layers, batch {tuple(batch.shape)}, float32",
+            "matmul_precision": torch.get_float32_matmul_precision(),
             "resident_s": round(med(resident), 4), "streamed_s": round(med(streamed), 4),
             "two_forwards_s": round(med(forwards), 4),
             "streamed_over_resident": round(med(streamed) / med(resident), 3),
             "zo_step_over_two_forwards": round(med(resident) / med(forwards), 3)}
 
 
-def _pinned_peak(device, nbytes: int) -> float | None:
-    """Host-to-device bytes a second of one large copy from page-locked memory."""
+def _link_peaks(device, nbytes: int) -> dict | None:
+    """Bytes a second of large copies between page-locked host memory and the device: each way alone,
+    and both at once on two streams (what a step needs: every trained block comes and goes back)."""
     if device.type != "cuda":
         return None
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = 0.0
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = max(best, nbytes / (start.elapsed_time(end) / 1e3))
-    return best
+    host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    dev = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    streams = [torch.cuda.Stream(device) for _ in range(2)]
+
+    def timed(copies) -> float:
+        best = 0.0
+        for _ in range(5):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for stream, (dst, src) in zip(streams, copies):
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = max(best, len(copies) * nbytes / (time.perf_counter() - t0))
+        return best
+    return {"h2d": timed([(dev[0], host[0])]), "d2h": timed([(host[1], dev[1])]),
+            "both": timed([(dev[0], host[0]), (host[1], dev[1])])}
 
 
 def _host_model(config, device):
@@ -302,7 +352,7 @@ def _host_model(config, device):
     return model.eval()
 
 
-def measure_scale(device, quick: bool, steps: int) -> dict:
+def measure_scale(device, quick: bool, repeats: int) -> dict:
     """A Llama-7B shape, all trainable, streamed from host memory (the float32 masters of the blocks;
     the embeddings, final norm and head on the device)."""
     from zotune.methods import make_optimizer
@@ -319,48 +369,23 @@ def measure_scale(device, quick: bool, steps: int) -> dict:
     engine.attach(opt)
     setup = time.perf_counter() - t0
     batch = torch.randint(0, config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0)).to(device)
-    step = lambda: engine.step(opt, lambda: model(input_ids=batch, labels=batch).loss)  # noqa: E731
+    step = lambda: engine.step(opt, lambda: model(input_ids=batch, labels=batch, use_cache=False).loss)  # noqa: E731
     loss = float(step())  # the first step: every block leaves perturbed
     _peak_reset(device)
-    times = _timed_steps(step, device, steps)
+    times = _timed_steps(step, device, 2 if quick else 3, engine)
     peak = _peak(device)
-    # Each step brings every block's float32 masters to the device and sends them back.
-    h2d = sum(p.numel() * 4 for p in engine.layers.parameters())
-    pinned = _pinned_peak(device, 1 << 30)
+    # Each step brings every block's float32 masters to the device and sends them back (all are trained).
+    moved = sum(p.numel() * 4 for p in engine.layers.parameters())
     engine.close()
+    links = _link_peaks(device, 1 << 30)
     sec = statistics.median(times)
     out = {"parameters": n, "setup_s": round(setup, 1), "first_loss": round(loss, 4), "step_s": round(sec, 3),
            "peak_device_bytes": peak, "peak_device_gib": None if peak is None else round(peak / 2**30, 3),
-           "h2d_bytes_per_step": h2d, "h2d_gbps": round(h2d / sec / 1e9, 2)}
-    if pinned is not None:
-        out["pinned_peak_gbps"] = round(pinned / 1e9, 2)
-        out["h2d_share_of_peak"] = round(h2d / sec / pinned, 3)
+           "h2d_bytes_per_step": moved, "d2h_bytes_per_step": moved, "h2d_gbps": round(moved / sec / 1e9, 2),
+           "d2h_gbps": round(moved / sec / 1e9, 2)}
+    if links is not None:
+        out["link_peak_gbps"] = {k: round(v / 1e9, 2) for k, v in links.items()}
+        out["h2d_share_of_peak"] = round(moved / sec / links["h2d"], 3)
+        out["d2h_share_of_peak"] = round(moved / sec / links["d2h"], 3)
+        out["both_ways_share_of_peak"] = round(2 * moved / sec / links["both"], 3)  # the bound that matters
     return out
-
-
-def run_gpu_check(device: str = "cuda", quick: bool = False, repeats: int = 5, log=print) -> dict:
-    """Every check and measurement above; returns one dict (the caller prints it as JSON)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", dev.index or 0)
-    started = time.perf_counter()
-    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
-              "torch": torch.__version__, "quick": quick}
-    for name, fn in [("directions", lambda: check_directions(dev, (1 << 22 if quick else 3 << 24) + 17)),
-                     ("streamed_equals_resident", lambda: check_streamed_equals_resident(dev, quick)),
-                     ("memory", lambda: measure_memory(dev, quick)),
-                     ("step_time", lambda: measure_step_time(dev, quick, repeats)),
-                     ("tf32", lambda: measure_tf32(dev, quick)),
-                     ("scale", lambda: measure_scale(dev, quick, 2 if quick else 3))]:
-        t0 = time.perf_counter()
-        try:
-            result[name] = fn()
-        except Exception as e:  # noqa: BLE001 -- one failed part must not hide the others' figures
-            result[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        log(f"{name}: {time.perf_counter() - t0:.1f}s")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    result["passed"] = bool(result["directions"].get("equal")) and bool(result["directions"].get("eager_equal")) \
-        and all(v is True for v in result["streamed_equals_resident"].values())
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    return result

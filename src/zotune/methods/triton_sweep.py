@@ -16,6 +16,7 @@ everything else takes the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -29,7 +30,9 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # (an integer argument equal to 1 would be specialised into a constant, and key.to() of a constant does
+    # not compile: the counter words' key and offsets stay runtime values whatever they are)
+    @triton.jit(do_not_specialize=["n", "key", "first_word"])
     def sweep(p_ptr, n, key, first_word, scale, decay, then,
               SCALE: tl.constexpr, DECAY: tl.constexpr, THEN: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -80,9 +83,11 @@ def signs_axpy(p: torch.Tensor, key: int, first_word: int, scale: float, decay: 
     if n == 0:
         return True
     try:
-        _kernel()[(triton.cdiv(n, BLOCK),)](
-            flat, n, key, first_word, float(scale), float(decay), float(then),
-            SCALE=scale != 0, DECAY=decay != 1, THEN=then != 0, BLOCK=BLOCK, enable_fp_fusion=False)
+        # Triton launches on the current device, not the tensor's: a tensor on cuda:1 enters cuda:1
+        with torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext():
+            _kernel()[(triton.cdiv(n, BLOCK),)](
+                flat, n, key, first_word, float(scale), float(decay), float(then),
+                SCALE=scale != 0, DECAY=decay != 1, THEN=then != 0, BLOCK=BLOCK, enable_fp_fusion=False)
     except Exception as e:  # noqa: BLE001 -- a Triton that cannot build it (before any value is written)
         global _failed
         if _failed is not None:

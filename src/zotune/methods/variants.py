@@ -45,6 +45,10 @@ class ZOMomentum(ZOSGD):
 
     state_per_value = 1
 
+    @staticmethod
+    def directions_depend_on_device(options: dict) -> bool:
+        return True  # m is real-valued: `add_(m, alpha=)` may contract to an FMA on CUDA (not yet measured)
+
     def __init__(self, params, momentum: float = 0.9, **options):
         super().__init__(params, momentum=momentum, **options)
         self.momentum = self.cfg.momentum
@@ -65,6 +69,12 @@ class ZOAdam(ZOSGD):
     """ZO-Adam: Adam's moments of ĝ, bias-corrected, decoupled weight decay (m, v: two floats per value)."""
 
     state_per_value = 2
+
+    @staticmethod
+    def directions_depend_on_device(options: dict) -> bool:
+        # addcmul_ / addcdiv_ contract to FMAs in CUDA kernels, and sqrt may round otherwise: until a GPU
+        # shows CPU and CUDA give the same bits, a run continues (and replays) on the kind it started on
+        return True
 
     def __init__(self, params, beta1: float = 0.9, beta2: float = 0.999, adam_eps: float = 1e-8, **options):
         super().__init__(params, beta1=beta1, beta2=beta2, adam_eps=adam_eps, **options)

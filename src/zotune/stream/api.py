@@ -66,15 +66,16 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
     accelerator = accelerator if accelerator is not None else Accelerator.for_device(device)
     _to_device_outside(model, layers, device)
     if cfg.tier == "cpu":
-        pin = accelerator is not None and accelerator.pins
+        pinned = accelerator if accelerator is not None and accelerator.pins else None
         blocks = []
         for block in layers:
-            stored = {}
-            for n, p in block.named_parameters():  # quantized values (integers) keep their dtype
-                stored[n] = _host_copy(p.data, storage if p.is_floating_point() else p.dtype, pin)
+            named = [(n, p, storage if p.is_floating_point() else p.dtype)  # quantized values keep their dtype
+                     for n, p in block.named_parameters()]
+            blocks.append(_host_block(named, pinned) if pinned else
+                          {n: _host_copy(p.data, dtype) for n, p, dtype in named})
+            for _, p, _ in named:
                 p.data = hollow(p, device)
-            blocks.append(stored)
-        tier = RamTier(blocks, pin, at_step)
+        tier = RamTier(blocks, pinned, at_step)
     else:
         write_folder(model, cfg.dir, storage, blocks_path, at_step, log=log)
         tier = DiskTier(cfg.dir)
@@ -85,13 +86,31 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
     return StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log, accelerator)
 
 
-def _host_copy(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """`t` in host memory as `dtype` (page-locked with `pin`): `t` itself when it already is, else one copy."""
-    if t.device.type == "cpu" and t.dtype == dtype and (t.is_pinned() or not pin):
+def _host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in host memory as `dtype`: `t` itself when it already is, else one copy."""
+    if t.device.type == "cpu" and t.dtype == dtype:
         return t
-    out = torch.empty(t.shape, dtype=dtype, pin_memory=pin)
-    out.copy_(t)
-    return out
+    return torch.empty(t.shape, dtype=dtype).copy_(t)
+
+
+def host_views(specs: list[tuple[str, torch.Size, torch.dtype]], accelerator) -> dict[str, torch.Tensor]:
+    """One page-locked slab of exactly the bytes of `specs` (each tensor 64-byte aligned), from
+    `accelerator.host_buffer`, as tensors that view it: one registration per block, none rounded up."""
+    offsets, total = [], 0
+    for _, shape, dtype in specs:
+        offsets.append(total)
+        total += -(-torch.Size(shape).numel() * dtype.itemsize // 64) * 64
+    slab = accelerator.host_buffer(total)
+    return {name: slab[o: o + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
+            for (name, shape, dtype), o in zip(specs, offsets)}
+
+
+def _host_block(named: list, accelerator) -> dict[str, torch.Tensor]:
+    """A block's tensors copied into one exact page-locked slab."""
+    stored = host_views([(n, p.shape, dtype) for n, p, dtype in named], accelerator)
+    for n, p, _ in named:
+        stored[n].copy_(p.data)
+    return stored
 
 
 def _to_device_outside(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:

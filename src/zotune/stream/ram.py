@@ -17,18 +17,24 @@ class RamTier:
 
     durable = False
 
-    def __init__(self, blocks: list[dict[str, torch.Tensor]], pin: bool = False, at_step: int = 0):
-        self.blocks, self.pin = blocks, pin
+    def __init__(self, blocks: list[dict[str, torch.Tensor]], pinned=None, at_step: int = 0):
+        """`pinned`: the accelerator whose exact page-locked buffers hold the blocks (None: plain memory)."""
+        self.blocks, self.pinned = blocks, pinned
         self.states = [BlockState(at_step) for _ in blocks]
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def add_masters(self, j: int, names: list[str]) -> None:
-        for name in names:
-            t = self.blocks[j][name]
-            if t.dtype != torch.float32:  # one copy, straight into page-locked memory when the tier pins
-                self.blocks[j][name] = torch.empty(t.shape, dtype=torch.float32, pin_memory=self.pin).copy_(t)
+        """Float32 masters of block j's 16-bit trained tensors (one exact page-locked slab when the tier pins)."""
+        from zotune.stream.api import host_views
+
+        low = [n for n in names if self.blocks[j][n].dtype != torch.float32]
+        specs = [(n, self.blocks[j][n].shape, torch.float32) for n in low]
+        masters = host_views(specs, self.pinned) if self.pinned and low else {
+            n: torch.empty(shape, dtype=dtype) for n, shape, dtype in specs}
+        for n in low:
+            self.blocks[j][n] = masters[n].copy_(self.blocks[j][n])
 
     def set_master(self, j: int, name: str, value: torch.Tensor) -> None:
         """The float32 master of a trained tensor of block j, set to `value` (after `add_masters`)."""
@@ -72,4 +78,5 @@ class RamTier:
         pass
 
     def close(self) -> None:
-        pass
+        if self.pinned is not None:
+            self.pinned.release_host_buffers()
