@@ -164,6 +164,9 @@ CASES = [
     T("data-nested-column-in-prompt", lambda w: w.train(data=w.file("d.jsonl", "".join(json.dumps(
         {"text": {"title": "t", "body": f"b{i}"}, "label": "pos" if i % 2 else "neg"}) + "\n" for i in range(40)))),
       "{text} is an object"),
+    T("template-positional-field", lambda w: w.train("--template", "{0} It was"), "positional field {0}"),
+    T("template-attribute-field", lambda w: w.train("--template", "{text.upper} It was"), "reads an attribute"),
+    T("template-bad-format-spec", lambda w: w.train("--template", "{text:d} It was"), "cannot be filled"),
     T("data-fake-parquet", lambda w: w.train(data=w.file("d.parquet", "not parquet")), "Parquet"),
     T("data-not-utf8", lambda w: w.train(data=w.file("d.csv", b"text,label\n\xff\xfe\x00bad,pos\n")), "UTF-8"),
     T("data-unknown-label", lambda w: w.train(data=w.file("d.csv", "text,label\n" + "a,pos\nb,neg\nc,meh\n" * 10)),

@@ -135,6 +135,22 @@ def test_dims_that_do_not_match_the_world_are_refused_before_any_work(tiny_model
     assert not (tmp_path / "b").exists()
 
 
+def test_zotune_launch_ends_a_refused_run_with_one_line_per_rank_and_exit_2(tiny_model_dir, data_file, tmp_path):
+    """torchrun would add a traceback and a ~40-line report and exit 1; `zotune launch` keeps the ranks' lines."""
+    argv = ["launch", "--nproc-per-node", "2", "--standalone",
+            *train_args(tiny_model_dir, data_file, tmp_path / "r", "parallel.data=4")]
+    done = subprocess.run([sys.executable, "-m", "zotune", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("zotune: error: parallel.data=4 x parallel.perturb=1 = 4 "
+                                                   "processes, but 2 were started") for line in lines), lines
+    assert not (tmp_path / "r").exists()
+    no_verb = subprocess.run([sys.executable, "-m", "zotune", "launch", "--nproc-per-node", "2"], capture_output=True,
+                             text=True, timeout=60)
+    assert no_verb.returncode == 2 and "needs a command after the torchrun options" in no_verb.stderr
+
+
 def test_lozo_m_perturbation_parallel_equals_one_process_bit_for_bit(tiny_model_dir, data_file, tmp_path):
     """A method with its own directions and state (LOZO-M: low-rank U·Vᵀ, V shared by 2 steps, its
     momentum in the rank-r space) on P = 2: each rank runs its probes, one float each is exchanged."""

@@ -43,7 +43,7 @@ def _train(args) -> int:
             print(f"note: model.trainable=auto trains the final norm {why_not}")
         else:
             cfgs, trial = choose_trainable(values)
-    cfgs = cfgs or build_configs(settle_auto(values) if is_auto(values) else values)
+    cfgs = cfgs or build_configs(settle_auto(values))
     summary = train(cfgs, trial=trial)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
@@ -216,6 +216,8 @@ def _add_training(sub) -> None:
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. method.lr=1e-3 run.steps=100")
     t.set_defaults(func=_train)
 
+    sub.add_parser("launch", help="torchrun with zotune's exit codes and one line per rank: zotune launch "
+                   "--nproc-per-node 2 train parallel.data=2 ...")
     r = sub.add_parser("resume", help="continue a stopped or killed run where it stopped, bit for bit")
     r.add_argument("run_dir")
     r.add_argument("overrides", nargs="*", metavar="run.key=value", help="e.g. run.steps=2000 to train longer")
@@ -329,8 +331,13 @@ def _joined_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's options, then a zotune command: parsed by torchrun (launch.py)
+        from zotune.launch import launch
+
+        return launch(argv[1:])
     parser = build_parser()
-    argv = _joined_negative_numbers(list(sys.argv[1:] if argv is None else argv))
+    argv = _joined_negative_numbers(argv)
     # Overrides may stand between flags (`--lr 1e-3 run.steps=5 --out x`): argparse takes the
     # first run of them positionally and leaves the rest to us.
     args, extra = parser.parse_known_args(argv)

@@ -67,7 +67,7 @@ def resolve_configs(config_file=None, overrides=(), flags=None, run_folder: bool
     (`zotune.trial`) from `user_values` instead.
     """
     values = user_values(config_file, overrides, flags, run_folder, task)
-    return build_configs(settle_auto(values) if is_auto(values) else values, run_folder)
+    return build_configs(settle_auto(values), run_folder)
 
 
 def user_values(config_file=None, overrides=(), flags=None, run_folder: bool = False, task: str | None = None,
@@ -98,9 +98,12 @@ def is_auto(values: dict) -> bool:
         values.get("model", {}).get("trainable", "auto") == "auto"
 
 
-def settle_auto(values: dict, trainable: str = "final-norm") -> dict:
-    """`values` with `model.trainable=auto` settled as `trainable` (without a trial: the probe)."""
-    return merge(values, {"model": {"trainable": trainable}})
+def settle_auto(values: dict) -> dict:
+    """`values` with `model.trainable=auto` (or none named) settled without a trial: the probe (with an
+    adapter, whose tensors train, it is unused)."""
+    if values.get("model", {}).get("trainable", "auto") != "auto":
+        return values
+    return merge(values, {"model": {"trainable": "final-norm"}})
 
 
 def build_configs(values: dict, run_folder: bool = False) -> dict:

@@ -16,6 +16,7 @@ split. Elsewhere (torchrun, --offload, no dev split) `auto` is the probe, and th
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import shutil
 import tempfile
@@ -80,6 +81,7 @@ def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
         budget = SHARE * min(c["run"].steps * c["method"].forwards_per_step for c in plans.values())
         for name, cfgs in plans.items():
             rows.append(_try(name, cfgs, budget, scored, folder, metric, log))
+            gc.collect()  # the candidate's model is gone before the next one loads
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     tried = [r for r in rows if r.get("dev") is not None]
@@ -115,6 +117,8 @@ def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str,
             raise  # the probe fits every model: its error is the run's
         log(f"trial: {name} skipped ({e})")
         return {"candidate": name, "error": str(e)}
+    if summary["status"] == "interrupted":
+        raise KeyboardInterrupt  # Ctrl-C during the trial stops the command, not only this candidate
     after = summary.get("after")
     row = {"candidate": name, "method": cfgs["method"].name, "lr": cfgs["method"].lr, "steps": summary["steps"],
            "batch_size": run.batch_size, "forward_passes": summary["forward_passes"], "seconds": summary["seconds"],

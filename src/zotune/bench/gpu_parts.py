@@ -18,15 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-# name: (function in zotune.bench.gpu, estimated seconds on one H100 / with --quick on the CPU, whether
-# the part is a bitwise check). The estimates budget the parts: the scale part alone loads 27 GB.
+# name: (module:function, estimated seconds on one H100 / with --quick on the CPU, whether the part is a
+# bitwise check). The estimates budget the parts: the scale part alone loads 27 GB.
 PARTS = {
-    "directions": ("part_directions", 20, 10, True),
-    "streamed_equals_resident": ("check_streamed_equals_resident", 60, 60, True),
-    "memory": ("measure_memory", 60, 20, False),
-    "step_time": ("measure_step_time", 60, 20, False),
-    "tf32": ("measure_tf32", 40, 5, False),
-    "scale": ("measure_scale", 180, 20, False),
+    "directions": ("zotune.bench.gpu:part_directions", 20, 10, True),
+    "streamed_equals_resident": ("zotune.bench.gpu:check_streamed_equals_resident", 60, 60, True),
+    "stress": ("zotune.bench.gpu_stress:check_stress", 40, 5, True),
+    "memory": ("zotune.bench.gpu:measure_memory", 60, 20, False),
+    "step_time": ("zotune.bench.gpu:measure_step_time", 60, 20, False),
+    "tf32": ("zotune.bench.gpu:measure_tf32", 40, 5, False),
+    "scale": ("zotune.bench.gpu:measure_scale", 180, 20, False),
 }
 FAULT = "ZOTUNE_GPU_CHECK_FAULT"  # tests: "PART:raise" or "PART:hang" makes that part fail so
 
@@ -103,14 +104,15 @@ def child() -> int:
         raise RuntimeError(f"{name} forced to raise ({FAULT})")
     if fault == f"{name}:hang":
         time.sleep(10 * watchdog)
+    import importlib
+
     import torch
 
-    from zotune.bench import gpu
-
+    module, function = PARTS[name][0].split(":")
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", dev.index or 0)
         torch.cuda.set_device(dev)
-    result = getattr(gpu, PARTS[name][0])(dev, quick, repeats)
+    result = getattr(importlib.import_module(module), function)(dev, quick, repeats)
     print(json.dumps(result), flush=True)
     return 0

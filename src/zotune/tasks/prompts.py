@@ -32,7 +32,7 @@ def command_line_escapes(values: dict) -> dict:
 
 
 def template_fields(template: str, option: str, allow_constant: bool = False) -> list[str]:
-    """The columns a template reads ({a.b} and {a[0]} read column a), or a ConfigError saying why it is bad."""
+    """The columns a template reads ({a[b]} and {a[0]} read column a), or a ConfigError saying why it is bad."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
@@ -41,6 +41,15 @@ def template_fields(template: str, option: str, allow_constant: bool = False) ->
     roots = [f.split(".")[0].split("[")[0] for f in fields]
     if "" in roots:
         raise ConfigError(f"{option}={template!r} has an empty {{}} field; name a column, e.g. {{text}}")
+    positional = next((r for r in roots if r.isdigit()), None)
+    if positional is not None:
+        raise ConfigError(f"{option}={template!r} has a positional field {{{positional}}}; name a column, e.g. "
+                          f"{{text}}")
+    dotted = next((f for f in fields if "." in f.split("[")[0]), None)
+    if dotted is not None:  # (format's a.b is getattr: a str's method, never a field of a JSON object)
+        column, _, part = dotted.partition(".")
+        raise ConfigError(f"{option}={template!r}: {{{dotted}}} reads an attribute; read field {part} of column "
+                          f"{column} as {{{column}[{part}]}}")
     if not roots and not allow_constant:
         raise ConfigError(f"{option}={template!r} has no {{column}} field, so every prompt would be the same; "
                           f"e.g. '{{text}} It was'")
@@ -65,6 +74,9 @@ def render(template: str, row: dict, where: str, option: str = "task.template") 
             "fix the template, or set task.prepare to add it"
         raise ConfigError(f"{where}: {option} field {{{missing}}} is not in the row (has: "
                           f"{', '.join(map(str, row))}); {fix}") from None
+    except ValueError as e:  # a format spec the value cannot take ({label:d} of a word)
+        raise ConfigError(f"{where}: {option}={template!r} cannot be filled from this row ({e}); fix the "
+                          f"field's format") from None
 
 
 def is_blank(template: str, row: dict) -> bool:
