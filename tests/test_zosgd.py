@@ -323,12 +323,14 @@ def test_rademacher_signs_are_the_bits_of_the_counter_words(n, dtype):
 @pytest.mark.parametrize("n", [2 * CHUNK + 77, 1000, 31, 1])
 @pytest.mark.parametrize("terms", [(1e-3, 1.0, 0.0), (-2e-3, 1.0, 0.0), (1e-3, 0.999, -3e-4), (0.0, 1.0, 0.37),
                                    (5e-4, 1.0, -2e-4)])
-def test_fused_rademacher_kernel_equals_the_eager_path_bit_for_bit(n, terms):
+@pytest.mark.parametrize("serial_below", [0, 1 << 30])  # every size on the parallel kernels, then the serial ones
+def test_fused_rademacher_kernel_equals_the_eager_path_bit_for_bit(n, terms, serial_below, monkeypatch):
     """The numba kernel (one pass) against the eager draw-expand-add chunks: the same bits."""
     from zotune.methods import kernels
 
     if not kernels.available():
         pytest.skip("numba is not installed")
+    monkeypatch.setattr(kernels, "SERIAL_BELOW", serial_below)
     p = torch.randn(n, generator=torch.Generator().manual_seed(n))
     fast, slow = Directions("rademacher"), Directions("rademacher")
     slow.fused = False

@@ -22,7 +22,8 @@ import threading
 import torch
 
 _lock = threading.Lock()  # one kernel at a time: numba's default threading layers are not re-entrant
-_kernels = None  # (words, apply, low_rank) once compiled; False once numba turned out to be unavailable
+_kernels = None  # (words, apply, low_rank, serial words, serial apply) once compiled; False: no numba
+SERIAL_BELOW = 1 << 15  # values: a smaller tensor takes the serial kernels (the same bits, no thread pool)
 
 
 def _compile():
@@ -32,7 +33,6 @@ def _compile():
     golden, mix1, mix2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
     s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
     def words(out, key, first):  # out[j] = splitmix64 word first + j keyed by key (perturb.counter_words)
         for j in numba.prange(out.shape[0]):
             x = key + np.uint64(first + j + 1) * golden
@@ -40,7 +40,6 @@ def _compile():
             x = (x ^ (x >> s27)) * mix2
             out[j] = x ^ (x >> s31)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
     def apply(p, signs, scale, decay, then):  # p: rows of (up to) 32 values, row m's signs in int32 word m
         minus_scale, minus_then = -scale, -then  # ±a instead of a·z: the same float (z = ±1)
         for m in numba.prange(p.shape[0]):
@@ -85,7 +84,11 @@ def _compile():
                     z = u0 * vt[0, b] + u1 * vt[1, b] + u2 * vt[2, b] + u3 * vt[3, b]
                     row[b] = step(row[b], z, scale, decay, then)
 
-    return words, apply, low_rank
+    # each twice: parallel for large tensors, serial for small ones (a final norm of 576 values would pay
+    # the thread pool's start and join, tens of microseconds, for under a microsecond of work)
+    parallel = [numba.njit(parallel=True, cache=True, nogil=True)(f) for f in (words, apply)]
+    serial = [numba.njit(nogil=True)(f) for f in (words, apply)]  # (not cached: the cache keys by function)
+    return (*parallel, low_rank, *serial)
 
 
 def available() -> bool:
@@ -112,9 +115,11 @@ def signs_axpy(p: torch.Tensor, key: int, first_word: int, scale: float, decay: 
 
     flat = p.detach().view(-1)
     signs = torch.empty((flat.numel() + 63) // 64, dtype=torch.int64)
-    words, apply, _ = _kernels
+    small = flat.numel() <= SERIAL_BELOW
+    words, apply = _kernels[3:5] if small else _kernels[:2]
     with _lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        if not small:
+            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         words(signs.numpy().view(np.uint64), np.uint64(key), first_word)
         values, bits = flat.numpy(), signs.view(torch.int32).numpy()
         terms = np.float32(scale), np.float32(decay), np.float32(then)
@@ -131,7 +136,7 @@ def low_rank_axpy(p: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: floa
     import numba
     import numpy as np
 
-    _, _, low_rank = _kernels
+    low_rank = _kernels[2]
     terms = np.float32(scale), np.float32(decay), np.float32(then)
     with _lock:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
