@@ -1,6 +1,8 @@
 """The GPU-specific logic of streaming, made observable on the CPU: a fake accelerator whose copies
 land only when waited for, where the whole model is placed, and what probe threads inherit."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -245,9 +247,12 @@ def test_the_process_group_is_bound_to_this_process_gpu(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "barrier", lambda **kw: calls.update(barrier=kw))
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")  # (recorded, so that the test leaves it as it was)
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
     group = Group.from_env(ParallelDims(data=2), torch.device("cuda:1"))
     group.barrier()
     assert calls["backend"] == "nccl" and calls["device_id"] == torch.device("cuda:1")
+    assert os.environ["TORCH_NCCL_BLOCKING_WAIT"] == "1"  # a dead peer raises (the dead-rank line), not an abort
     assert fake.current == torch.device("cuda:1")
     assert calls["barrier"] == {"device_ids": [1]}
 

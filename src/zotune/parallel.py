@@ -92,6 +92,9 @@ class Group:
             if device.type == "cuda":  # this process's own GPU (`resolve_device`), bound to its communicator
                 torch.cuda.set_device(device)
                 bound = {"device_id": device}
+                # A dead peer makes NCCL's watchdog abort the process after the timeout, saying nothing of
+                # zotune's; blocking waits raise instead, so the run stops with the dead-rank line
+                os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=dims.timeout), **bound)
         return cls(dims, dist.get_rank(), device)
 
