@@ -16,7 +16,7 @@ from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
 from zotune.stream.folder import write_folder
 from zotune.stream.ram import RamTier
-from zotune.stream.transfers import Accelerator, hollow
+from zotune.stream.transfers import Accelerator, hollow, host_views
 
 TIERS = ("none", "cpu", "disk")
 
@@ -91,18 +91,6 @@ def _host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.device.type == "cpu" and t.dtype == dtype:
         return t
     return torch.empty(t.shape, dtype=dtype).copy_(t)
-
-
-def host_views(specs: list[tuple[str, torch.Size, torch.dtype]], accelerator) -> dict[str, torch.Tensor]:
-    """One page-locked slab of exactly the bytes of `specs` (each tensor 64-byte aligned), from
-    `accelerator.host_buffer`, as tensors that view it: one registration per block, none rounded up."""
-    offsets, total = [], 0
-    for _, shape, dtype in specs:
-        offsets.append(total)
-        total += -(-torch.Size(shape).numel() * dtype.itemsize // 64) * 64
-    slab = accelerator.host_buffer(total)
-    return {name: slab[o: o + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
-            for (name, shape, dtype), o in zip(specs, offsets)}
 
 
 def _host_block(named: list, accelerator) -> dict[str, torch.Tensor]:

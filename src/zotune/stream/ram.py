@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from zotune.stream.tier import BlockState
+from zotune.stream.transfers import host_views
 
 
 class RamTier:
@@ -27,8 +28,6 @@ class RamTier:
 
     def add_masters(self, j: int, names: list[str]) -> None:
         """Float32 masters of block j's 16-bit trained tensors (one exact page-locked slab when the tier pins)."""
-        from zotune.stream.api import host_views
-
         low = [n for n in names if self.blocks[j][n].dtype != torch.float32]
         specs = [(n, self.blocks[j][n].shape, torch.float32) for n in low]
         masters = host_views(specs, self.pinned) if self.pinned and low else {

@@ -112,6 +112,18 @@ class Accelerator:
         self.registered = []
 
 
+def host_views(specs: list[tuple[str, torch.Size, torch.dtype]], accelerator) -> dict[str, torch.Tensor]:
+    """One page-locked slab of exactly the bytes of `specs` (each tensor 64-byte aligned), from
+    `accelerator.host_buffer`, as tensors that view it: one registration per block, none rounded up."""
+    offsets, total = [], 0
+    for _, shape, dtype in specs:
+        offsets.append(total)
+        total += -(-torch.Size(shape).numel() * dtype.itemsize // 64) * 64
+    slab = accelerator.host_buffer(total)
+    return {name: slab[o: o + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
+            for (name, shape, dtype), o in zip(specs, offsets)}
+
+
 class Transfers:
     """Host <-> device copies: on a side stream with events through an `Accelerator`, plain without one."""
 
