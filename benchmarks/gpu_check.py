@@ -1,5 +1,6 @@
 """The GPU check: `PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=src python3
-benchmarks/gpu_check.py --budget 500 --out gpu-check.jsonl` (about 8 minutes on one H100).
+benchmarks/gpu_check.py --out gpu-check.jsonl` (within its default budget of 9 minutes; parts that
+would not fit are skipped and say so).
 
 The same as `zotune bench gpu`, for a machine where zotune is not installed (its own torch,
 transformers and accelerate; nothing to install). Each part runs in its own process under a watchdog
