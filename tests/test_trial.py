@@ -77,7 +77,7 @@ def test_the_choice_is_the_best_dev_score_then_the_lower_loss_then_the_earlier(m
                                                                                data_file):
     scores = {"final-norm": (0.60, 0.50), "last-blocks:2": (0.70, 0.60), "lora": (0.70, 0.40)}
 
-    def fake_try(name, cfgs, budget, scored, folder, metric, log):
+    def fake_try(name, cfgs, budget, scored, folder, metric, log, zero_shot=None):
         dev, loss = scores[name]
         return {"candidate": name, "dev": dev, "dev_loss": loss, "zero_shot": 0.5, "forward_passes": 1}
 

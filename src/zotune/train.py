@@ -144,7 +144,8 @@ class _Run:
         return dev[dev["metric"]]
 
 
-def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None, trial: dict | None = None) -> dict:
+def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None, trial: dict | None = None,
+          zero_shot: dict | None = None) -> dict:
     """Fine-tune with a ZO method and return the summary written to the run folder.
 
     `cfgs` maps section names to configs (`zotune.resolve.resolve_configs`); missing sections take their
@@ -179,7 +180,7 @@ def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None,
     if trial is not None and r.main:  # what `model.trainable=auto` tried, and why it chose what trains
         run.write_trial(trial)
     _introduce(r, resume)
-    start, before, seconds_before = _catch_up(r, resume)
+    start, before, seconds_before = _catch_up(r, resume, zero_shot)
     outcome = _run_steps(r, start, seconds_before)
     summary = _finish(r, outcome, before, started)
     group.close()
@@ -245,11 +246,11 @@ def _introduce(r: _Run, resume: bool) -> None:
             f"{cfgs['run'].prefix_cache_mb} MiB across epochs) and reused by every probe")
 
 
-def _catch_up(r: _Run, resume: bool) -> tuple[int, dict, float]:
+def _catch_up(r: _Run, resume: bool, zero_shot: dict | None = None) -> tuple[int, dict, float]:
     """(the first step to take, the zero-shot test result, seconds trained before): a resumed run's
     weights restored and its evaluations so far counted; a zero-shot or dev evaluation that is missing done."""
     run_cfg, run, group = r.cfgs["run"], r.run, r.group
-    start, before, seconds_before = 0, None, 0.0
+    start, before, seconds_before = 0, zero_shot, 0.0  # (`zero_shot`: the base's test result, known already)
     if resume:
         records, problem = run.read_steps(repair=True)
         if problem:

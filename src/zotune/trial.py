@@ -79,8 +79,11 @@ def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
     folder = tempfile.mkdtemp(prefix="zotune-trial-")
     try:
         budget = SHARE * min(c["run"].steps * c["method"].forwards_per_step for c in plans.values())
+        zero_shot = None  # every candidate starts from the base (LoRA's B is zero): scored on dev once
         for name, cfgs in plans.items():
-            rows.append(_try(name, cfgs, budget, scored, folder, metric, log))
+            rows.append(_try(name, cfgs, budget, scored, folder, metric, log, zero_shot))
+            result = rows[-1].pop("zero_shot_result", None)
+            zero_shot = zero_shot or result
             gc.collect()  # the candidate's model is gone before the next one loads
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -101,7 +104,7 @@ def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
     return chosen, trial
 
 
-def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log) -> dict:
+def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log, zero_shot=None) -> dict:
     """One candidate, trained for `budget` forward passes in a throwaway folder, scored on dev."""
     cfgs = copy.deepcopy(cfgs)
     run = cfgs["run"]
@@ -111,7 +114,7 @@ def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str,
     what = f"{name} ({cfgs['method'].name}, lr {cfgs['method'].lr:g}, batch {run.batch_size})"
     log(f"trial: {what}, {steps} steps")
     try:
-        summary = train(cfgs, log=lambda *a, **k: None, task=scored)
+        summary = train(cfgs, log=lambda *a, **k: None, task=scored, zero_shot=zero_shot)
     except ConfigError as e:  # a candidate this model cannot take (e.g. no LoRA modules PEFT knows)
         if name == next(iter(CANDIDATES)):
             raise  # the probe fits every model: its error is the run's
@@ -123,7 +126,8 @@ def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str,
     row = {"candidate": name, "method": cfgs["method"].name, "lr": cfgs["method"].lr, "steps": summary["steps"],
            "batch_size": run.batch_size, "forward_passes": summary["forward_passes"], "seconds": summary["seconds"],
            "zero_shot": summary["before"][metric], "dev": after[metric] if after else None,
-           "dev_loss": after["loss"] if after else None, "status": summary["status"]}
+           "dev_loss": after["loss"] if after else None, "status": summary["status"],
+           "zero_shot_result": summary["before"]}
     if after:
         log(f"trial: {name}: dev {metric} {after[metric]:.3f} (zero-shot {row['zero_shot']:.3f}) in "
             f"{summary['seconds']:.0f}s")
