@@ -25,10 +25,7 @@ def test_the_trial_chooses_records_and_the_run_resumes_as_chosen(tiny_model_dir,
     assert [c["candidate"] for c in record["candidates"]] == list(trial.CANDIDATES)
     assert all(c["dev"] is not None and c["zero_shot"] == record["candidates"][0]["zero_shot"]
                for c in record["candidates"])  # every candidate scored on the same dev split, from the same base
-    held = record["candidates"][0]
-    for c in record["candidates"][1:]:  # a later candidate replaces the one held only beyond the dev noise
-        held = c if c["dev"] > held["dev"] + c["margin"] else held
-    assert record["chosen"] == held["candidate"]
+    assert record["chosen"] == trial._pick([dict(c) for c in record["candidates"]], 8)["candidate"]
     assert record["forward_passes"] <= 0.15 * record["run_forward_passes"]  # the stated share, at most
     assert {c["forward_passes"] for c in record["candidates"]} <= set(range(9, 11))  # the same budget each (10)
     config = yaml.safe_load((whole / "config.yaml").read_text())
@@ -75,22 +72,33 @@ def test_a_bad_input_is_refused_before_any_trial(tiny_model_dir, data_file, tmp_
     assert "trial:" not in out and "nope.csv does not exist" in err and not (tmp_path / "r").exists()
 
 
-def test_a_later_candidate_is_chosen_only_beyond_the_noise_of_the_dev_split(monkeypatch, tiny_model_dir,
-                                                                            data_file):
-    """8 dev examples: two scores differ by noise up to sqrt(2 p (1 - p) / 8) = 0.25 at p = 0.5."""
-    scores = {"final-norm": 0.50, "last-blocks:2": 0.70, "lora": 0.80}
+def test_the_first_candidate_that_learns_is_held_and_a_later_one_must_lead_beyond_the_dev_noise():
+    """32 dev examples: twice the noise of two scores is 2 sqrt(2 p (1 - p) / 32) = 0.25 at p = 0.5."""
+    def rows(**dev):
+        return [{"candidate": name, "dev": dev[name.replace("-", "_").replace(":", "")], "zero_shot": 0.4,
+                 "dev_loss": 0.5} for name in trial.CANDIDATES]
+
+    pick = lambda **dev: trial._pick(rows(**dev), 32)["candidate"]  # noqa: E731
+    assert pick(final_norm=0.5, last_blocks2=0.7, lora=0.74) == "final-norm"  # +0.20, +0.24: within the noise
+    assert pick(final_norm=0.5, last_blocks2=0.6, lora=0.8) == "lora"  # +0.30: beyond it
+    assert pick(final_norm=0.4, last_blocks2=0.45, lora=0.6) == "last-blocks:2"  # the probe did not learn
+    assert pick(final_norm=0.3, last_blocks2=0.4, lora=0.2) == "final-norm"  # none learned: the probe
+    held = rows(final_norm=0.75, last_blocks2=0.80, lora=0.99)
+    assert trial._pick(held, 200)["candidate"] == "lora" and held[1]["margin"] == 0.0866  # 2 x sqrt(2 x .1875 / 200)
+
+
+def test_the_chosen_candidate_runs_with_its_whole_recipe(monkeypatch, tiny_model_dir, data_file):
+    scores = {"final-norm": 0.5, "last-blocks:2": 0.5, "lora": 0.9}
 
     def fake_try(name, cfgs, budget, scored, folder, metric, log, zero_shot=None):
-        return {"candidate": name, "dev": scores[name], "dev_loss": 0.5, "zero_shot": 0.5, "forward_passes": 1}
+        return {"candidate": name, "dev": scores[name], "dev_loss": 0.5, "zero_shot": 0.4, "forward_passes": 1}
 
     monkeypatch.setattr(trial, "_try", fake_try)
     values = {"model": {"name": str(tiny_model_dir)}, "task": {"data": str(data_file), "n_dev": 8, "n_test": 8,
                                                                "verbalizer": {"pos": "great", "neg": "terrible"}}}
     cfgs, record = trial.choose_trainable(values, log=lambda *a: None)
-    assert record["chosen"] == "lora" and cfgs["adapter"].kind == "lora"  # +0.30 over the probe: beyond 0.25
-    assert record["candidates"][2]["margin"] == 0.25
-    scores["lora"] = 0.74
-    cfgs, record = trial.choose_trainable(values, log=lambda *a: None)  # +0.20, +0.24: within the noise
     assert record["chosen"] == "final-norm" and cfgs["method"].name == "fzoo" and cfgs["method"].lr == 0.2
-    scores.update({"final-norm": 0.0, "last-blocks:2": 0.3, "lora": 0.45})  # (p = 0: any gain is beyond it)
-    assert trial.choose_trainable(values, log=lambda *a: None)[1]["chosen"] == "last-blocks:2"
+    scores.update({"final-norm": 0.4, "last-blocks:2": 0.4})  # neither beats zero-shot: LoRA is held
+    cfgs, record = trial.choose_trainable(values, log=lambda *a: None)
+    assert record["chosen"] == "lora" and cfgs["adapter"].kind == "lora" and cfgs["method"].name == "zosgd"
+    assert cfgs["method"].lr == 1e-3

@@ -2,11 +2,12 @@
 
 When a `zotune train` names nothing to train (and no adapter), each candidate below trains for the
 same number of forward passes (`SHARE` of the shortest candidate run's) with its own measured recipe
-(method, lr, batch), in a throwaway run folder, and is scored on the dev split. A candidate replaces
-the one held before it only when its dev metric is higher by more than the noise of two scores on
-that split (`_pick`); the one held is what the run then trains, from the base, with its whole
-recipe. The choice is written into config.yaml (a resume or a replay trains exactly that) and the
-trial itself into the run's trial.json: each candidate's dev score, steps, forward passes, seconds.
+(method, lr, batch), in a throwaway run folder, and is scored on the dev split. The first candidate
+that beats zero-shot is held; a later one replaces it only when its dev metric is higher by more than
+twice the noise of two scores on that split (`_pick`); the one held is what the run then trains,
+from the base, with its whole recipe. The choice is written into config.yaml (a resume or a replay
+trains exactly that) and the trial itself into the run's trial.json: each candidate's dev score,
+steps, forward passes, seconds.
 
 The trial runs only where it can be compared fairly and cheaply: one process, a resident model, a dev
 split. Elsewhere (torchrun, --offload, no dev split) `auto` is the probe, and the run says why.
@@ -103,19 +104,28 @@ def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
     return chosen, trial
 
 
+NOISE = 2.0  # standard errors of the difference of two dev scores a later candidate must lead by
+
+
 def _pick(tried: list[dict], n_dev: int) -> dict:
-    """The candidate to train: in the table's order (cheapest and steadiest first), a later one replaces the
-    one held only when its dev metric is higher by more than the noise of comparing two scores on these
-    n_dev examples, sqrt(2·p·(1 − p) / n_dev) (0.05 at p = 0.5 on 200); a few dozen steps' dev scores are
-    noisy, and the earlier candidates learn more steadily over a whole run (measured: docs/compare.md)."""
-    best = tried[0]
-    for row in tried[1:]:
-        p = min(max(best["dev"], 0.0), 1.0)
-        margin = (2 * p * (1 - p) / max(1, n_dev)) ** 0.5
-        row["margin"] = round(margin, 4)
-        if row["dev"] > best["dev"] + margin:
-            best = row
-    return best
+    """The candidate to train, in the table's order (cheapest and steadiest first). The one held is the first
+    that beat zero-shot on dev; a later one replaces it only when its dev metric is higher by more than
+    NOISE standard errors of the difference of two scores on these n_dev examples, sqrt(2·p·(1 − p) / n)
+    (0.041 at p = 0.79 on 200): a few dozen steps' scores are noisy, and the earlier candidates learn more
+    steadily over a whole run. When none beat zero-shot, the first (the run then keeps its best dev step,
+    zero-shot included)."""
+    held = None
+    for row in tried:
+        if row["dev"] <= row["zero_shot"]:
+            continue  # not learning in the trial: never held, never replaces
+        if held is None:
+            held = row
+            continue
+        p = min(max(held["dev"], 0.0), 1.0)
+        row["margin"] = round(NOISE * (2 * p * (1 - p) / max(1, n_dev)) ** 0.5, 4)
+        if row["dev"] > held["dev"] + row["margin"]:
+            held = row
+    return held or tried[0]
 
 
 def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log, zero_shot=None) -> dict:
