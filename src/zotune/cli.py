@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -39,7 +40,7 @@ def _train(args) -> int:
     cfgs, trial = None, None
     if is_auto(values):  # nothing named to train: a short trial on dev chooses (zotune.trial)
         why_not = why_no_trial(values)
-        if why_not:
+        if why_not and os.environ.get("RANK", "0") == "0":  # (rank 0 speaks for the run)
             print(f"note: model.trainable=auto trains the final norm {why_not}")
         else:
             cfgs, trial = choose_trainable(values)
