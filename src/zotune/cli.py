@@ -351,14 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"zotune: error: {e}", file=sys.stderr)
+        _say_line(f"zotune: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("zotune: interrupted", file=sys.stderr)
+        _say_line("zotune: interrupted")
         return 130
     except DivergedError as e:  # a rank died, hung or disagrees: the run folder stays resumable
-        print(f"zotune: error: {e}", file=sys.stderr)
+        _say_line(f"zotune: error: {e}")
         return 1
+
+
+def _say_line(text: str) -> None:
+    """One line on stderr in one write: ranks sharing a terminal (torchrun) never interleave their lines
+    (print writes the text and the newline apart, and stderr writes through)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
