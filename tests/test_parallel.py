@@ -135,6 +135,17 @@ def test_dims_that_do_not_match_the_world_are_refused_before_any_work(tiny_model
     assert not (tmp_path / "b").exists()
 
 
+def test_under_torchrun_auto_is_the_probe_on_every_rank_and_no_rank_runs_a_trial(tiny_model_dir, data_file,
+                                                                                  tmp_path):
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "run"),
+            "--steps", "2", "run.batch_size=4", "task.n_dev=4", "task.n_test=8", "run.device=cpu", "run.threads=1",
+            "task.verbalizer={pos: great, neg: terrible}", "parallel.data=2"]
+    assert wait_all(launch(2, argv, tmp_path)) == [0, 0]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert "trial:" not in logs[0] + logs[1]
+    assert "trains the final norm under torchrun" in logs[0] and "trains the final norm" not in logs[1]
+
+
 def test_zotune_launch_ends_a_refused_run_with_one_line_per_rank_and_exit_2(tiny_model_dir, data_file, tmp_path):
     """torchrun would add a traceback and a ~40-line report and exit 1; `zotune launch` keeps the ranks' lines."""
     argv = ["launch", "--nproc-per-node", "2", "--standalone",

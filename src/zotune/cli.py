@@ -40,10 +40,10 @@ def _train(args) -> int:
     cfgs, trial = None, None
     if is_auto(values):  # nothing named to train: a short trial on dev chooses (zotune.trial)
         why_not = why_no_trial(values)
-        if why_not and os.environ.get("RANK", "0") == "0":  # (rank 0 speaks for the run)
-            print(f"note: model.trainable=auto trains the final norm {why_not}")
-        else:
+        if not why_not:
             cfgs, trial = choose_trainable(values)
+        elif os.environ.get("RANK", "0") == "0":  # (rank 0 speaks for the run)
+            print(f"note: model.trainable=auto trains the final norm {why_not}")
     cfgs = cfgs or build_configs(settle_auto(values))
     summary = train(cfgs, trial=trial)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
