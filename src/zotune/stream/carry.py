@@ -51,7 +51,8 @@ class Carry:
                         self.away[i] = moved(opt.tensor_state.pop(i), torch.device("cpu"))
 
     def fetch(self, j: int) -> dict[str, dict]:
-        """Block j's state by tensor name, in the worker (its write-back came first: one worker)."""
+        """Block j's state by tensor name, in the fetch worker (after its write-back: the
+        engine orders them)."""
         if self.on_tier and self.trainable[j]:
             return self.tier.read_opt_state(j)
         return {n: self.away.pop(i) for i, n in self.trainable[j] if i in self.away}

@@ -75,10 +75,13 @@ class StreamEngine:
         self._compute: dict[int, nn.Parameter] = {}  # index -> the 16-bit model tensor of an outside master
         self._resident: dict[int, _Resident] = {}
         self._fetches: dict[int, Future] = {}
-        self._writes: list[Future] = []
+        self._writes: dict[int, Future] = {}  # block -> its last write-back, until a fetch of it has waited
         self._transfers = Transfers(self.device, accelerator)
         self._pool = Pool(pin=self._transfers.accel is not None and self._transfers.accel.pins)
+        # Fetches and write-backs on their own workers (and streams), so a transfer-bound step moves data
+        # both ways at once. The fetch of block j waits for j's write-back: both use its host storage.
         self._worker = Worker(depth=2 * prefetch + 2)
+        self._writer = Worker(depth=2 * prefetch + 2, name="zotune-writeback")
         self._probe = threading.local()  # .lockstep and .r in a probe thread
         self._step: Lockstep | None = None
         self._hooks = []
@@ -174,7 +177,11 @@ class StreamEngine:
 
     def _submit_fetch(self, j: int) -> None:
         if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
+            written = self._writes.pop(j, None)
+
             def fetch(j=j):  # in the worker: the block and its optimizer state, copied on the side stream
+                if written is not None:  # j's last write-back into the same host storage (or disk slot) first
+                    written.result()
                 host, buffers = self.tier.read(j, self._pool)
                 opt_state = self._carry.fetch(j)
                 flat = flat_state(opt_state)
@@ -270,15 +277,14 @@ class StreamEngine:
                 self.tier.write(j, self._transfers.to_host(changed, after, into), state, on_tier)
             for buf in res.host:
                 self._pool.give(buf)
-        self._writes = [f for f in self._writes if not f.done()]
-        self._writes.append(self._worker.submit(write_back))
+        self._writes[j] = self._writer.submit(write_back)
 
     def wait(self) -> None:
         """Block until every write-back has reached the tier and every fetch has landed
         (raises the first transfer error)."""
-        for fut in [*self._writes, *self._fetches.values()]:
+        for fut in [*self._writes.values(), *self._fetches.values()]:
             fut.result()
-        self._writes = []
+        self._writes = {}
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -440,4 +446,5 @@ class StreamEngine:
                 h.remove()
             self._hooks = []
             self._worker.close()
+            self._writer.close()
             self.tier.close()

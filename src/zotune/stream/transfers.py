@@ -24,9 +24,9 @@ def hollow(p: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
 class Worker:
     """One background thread running transfer jobs in order, with a bounded queue (back-pressure)."""
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, name: str = "zotune-fetch"):
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="zotune-stream", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -125,12 +125,14 @@ def host_views(specs: list[tuple[str, torch.Size, torch.dtype]], accelerator) ->
 
 
 class Transfers:
-    """Host <-> device copies: on a side stream with events through an `Accelerator`, plain without one."""
+    """Host <-> device copies through an `Accelerator`, plain without one: fetches on one side stream,
+    write-backs on another, so the two directions of the link are used at once."""
 
     def __init__(self, device: torch.device, accel: Accelerator | None = None):
         self.device = device
         self.accel = accel if accel is not None else Accelerator.for_device(device)
         self.stream = self.accel.new_stream() if self.accel is not None else None
+        self.write_stream = self.accel.new_stream() if self.accel is not None else None
 
     def to_device(self, host: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]):
         """(device tensors, event or None); a tensor already right (CPU, same dtype) is used as is."""
@@ -160,17 +162,17 @@ class Transfers:
         if self.accel is None:  # the tier copies them into place itself, when they are not its own storage
             return {n: t.cpu() for n, t in tensors.items()}
         into = into or {}
-        self.stream.wait_event(after)
+        self.write_stream.wait_event(after)
         out = {}
-        with self.accel.using(self.stream):
+        with self.accel.using(self.write_stream):
             for n, t in tensors.items():
-                self.accel.record_stream(t, self.stream)  # the caching allocator must not reuse t before the copy ends
+                self.accel.record_stream(t, self.write_stream)  # the allocator must not reuse t before the copy ends
                 if n in into:
                     self.accel.copy_into(into[n], t)
                     out[n] = into[n]
                 else:
                     out[n] = self.accel.copy(t, torch.device("cpu"), t.dtype)
-            done = self.stream.record_event()
+            done = self.write_stream.record_event()
         done.synchronize()
         return out
 
