@@ -43,14 +43,15 @@ def test_a_triton_sweep_launches_on_the_tensors_gpu(monkeypatch):
             return torch.zeros(4)
 
     monkeypatch.setattr(torch.cuda, "device", Device)
-    monkeypatch.setattr(triton_sweep, "_kernel", lambda: Launcher())
+    monkeypatch.setattr(triton_sweep, "_kernels", lambda: (Launcher(), Launcher()))
     assert triton_sweep.signs_axpy(CudaTensor(), 3, 0, 1e-3)
     assert launched == [torch.device("cuda", 1)] and entered[-1] is None
 
 
 def test_the_triton_kernels_compile_for_sm90_without_fused_multiply_adds():
-    """Offline, no GPU: the sweep compiles to PTX for an H100 (sm_90) under every constexpr combination,
-    with no fma (the CPU kernel rounds each product and sum apart), and a key or offset of 1 stays a
+    """Offline, no GPU: the sweeps compile to PTX for an H100 (sm_90) under every constexpr combination,
+    with no fma where the CPU kernel rounds each product and sum apart (HiZOO's: one where torch's CPU
+    addcmul_ fuses), and a key or offset of 1 stays a
     runtime value (Triton would specialise an integer 1 into a constant, which the kernel cannot take)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -58,19 +59,29 @@ def test_the_triton_kernels_compile_for_sm90_without_fused_multiply_adds():
 
     from zotune.methods import triton_sweep
 
-    kernel = triton_sweep._kernel()
-    assert {"n", "key", "first_word"} <= set(kernel.do_not_specialize)
-    signature = {"p_ptr": "*fp32", "n": "i64", "key": "i64", "first_word": "i64", "scale": "fp32",
-                 "decay": "fp32", "then": "fp32", "SCALE": "constexpr", "DECAY": "constexpr",
-                 "THEN": "constexpr", "BLOCK": "constexpr"}
-    for scale in (False, True):
-        for decay in (False, True):
-            for then in (False, True):
-                source = ASTSource(fn=kernel, signature=signature, constexprs={
-                    "SCALE": scale, "DECAY": decay, "THEN": then, "BLOCK": triton_sweep.BLOCK})
-                ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                     options={"enable_fp_fusion": False}).asm["ptx"]
-                assert "fma" not in ptx, (scale, decay, then)
+    sweep, low_rank, hizoo_kernel = triton_sweep._kernels()
+    assert {"n", "key", "first_word"} <= set(sweep.do_not_specialize)
+    assert {"m", "n", "key_u", "key_v"} <= set(low_rank.do_not_specialize)
+    terms = {"scale": "fp32", "decay": "fp32", "then": "fp32"}
+    flags = {"SCALE": "constexpr", "DECAY": "constexpr", "THEN": "constexpr", "BLOCK": "constexpr"}
+    kernels = [(sweep, {"p_ptr": "*fp32", "n": "i64", "key": "i64", "first_word": "i64", **terms, **flags}, {}),
+               *[(low_rank, {"p_ptr": "*fp32", "m": "i64", "n": "i64", "key_u": "i64", "key_v": "i64", **terms,
+                             "R": "constexpr", **flags}, {"R": r}) for r in (1, 2, 4)]]
+    hizoo = {"p_ptr": "*fp32", "h_ptr": "*fp32", "n": "i64", "key": "i64", **terms, "alpha": "fp32",
+             "curvature": "fp32", "floor": "fp32", "SCALE": "constexpr", "DECAY": "constexpr", "THEN": "constexpr",
+             "HESSIAN": "constexpr", "BLOCK": "constexpr"}
+    kernels += [(hizoo_kernel, hizoo, {"HESSIAN": h}) for h in (False, True)]
+    for kernel, signature, fixed in kernels:
+        for scale in (False, True):
+            for decay in (False, True):
+                for then in (False, True):
+                    source = ASTSource(fn=kernel, signature=signature, constexprs={
+                        **fixed, "SCALE": scale, "DECAY": decay, "THEN": then, "BLOCK": triton_sweep.BLOCK})
+                    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                         options={"enable_fp_fusion": False}).asm["ptx"]
+                    # HiZOO's p + c·s is one multiply-add on purpose (as torch's addcmul_ on the CPU)
+                    assert ("fma" in ptx) == (kernel is hizoo_kernel and (scale or then)), (kernel, fixed, scale,
+                                                                                             decay, then)
 
 
 def rows(path):
@@ -86,6 +97,7 @@ def test_the_gpu_check_runs_every_part_in_its_own_process_and_passes_on_the_cpu(
     assert list(got) == ["directions", "streamed_equals_resident", "stress", "memory", "step_time", "tf32", "scale"]
     assert all(r["status"] == "ok" for r in got.values()), got
     assert got["directions"]["result"]["equal"] and got["directions"]["result"]["kernel"] == "eager"
+    assert got["directions"]["result"]["methods"] == {"kernel": "eager", "lozo_equal": True, "hizoo_bits": "the CPU's"}
     assert set(got["streamed_equals_resident"]["result"]) == {
         f"{m}/{t}" for m in ("zosgd", "zoadam", "n_directions=2", "lozo") for t in ("cpu", "disk")}
     assert got["tf32"]["result"] == {"relative_grad_change": None, "tf32_step_time_ratio": None}  # CUDA only
@@ -153,18 +165,56 @@ print("SAME" if not bad and torch.equal(a, b) else f"BAD {bad}")
 """
 
 
-def test_the_cuda_sweep_kernel_gives_the_cpu_bits_in_tritons_interpreter():
-    """The Triton kernel a CUDA sweep takes, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1,
-    set before Triton is imported: a fresh process) == the eager path, bit for bit: moves, the fused
-    restore + decay + update, sizes around the block and word boundaries, a piece starting mid-tensor."""
+def _interpreted(script: str) -> str:
+    """The last line `script` prints, run with Triton's interpreter (TRITON_INTERPRET=1, set before Triton
+    is imported: a fresh process), which runs a kernel on CPU tensors."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "SAME", out.stdout[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_cuda_sweep_kernel_gives_the_cpu_bits_in_tritons_interpreter():
+    """The Triton kernel a CUDA sweep takes == the eager path, bit for bit: moves, the fused restore +
+    decay + update, sizes around the block and word boundaries, a piece starting mid-tensor."""
+    assert _interpreted(_TRITON_CHECK) == "SAME"
+
+
+_LOW_RANK_CHECK = """
+import torch
+from zotune.methods import make_optimizer, triton_sweep
+from zotune.methods.zosgd import StepKey
+triton_sweep.available = lambda p: p.dtype == torch.float32 and p.is_contiguous()  # the interpreter runs on CPU
+launched, low_rank = [], triton_sweep.low_rank_axpy
+triton_sweep.low_rank_axpy = lambda *a, **k: launched.append(1) or low_rank(*a, **k)
+bad = []
+for rank in (1, 2, 4):
+    for shape in [(1, 1), (3, 5), (7, 1000), (33, 2049), (2, 3, 70)]:
+        for terms in [(1e-3, 1.0, 0.0), (-2e-3, 1.0, 0.0), (1e-3, 0.999, -3e-4), (0.0, 1.0, 0.37)]:
+            p = torch.randn(shape, generator=torch.Generator().manual_seed(rank))
+            a, b = p.clone(), p.clone()
+            eager, kernel = (make_optimizer("lozo", [x], seed=5, rank=rank, interval=3) for x in (a, b))
+            eager._directions.fused = False
+            for step in (0, 4):  # two windows of V
+                key = StepKey(step, 1000 + step)
+                eager.add_z(a, key, 1, 0, *terms)
+                kernel.add_z(b, key, 1, 0, *terms)
+            if not torch.equal(a, b) or (p.numel() > 1 and torch.equal(b, p)):  # (one value: ±z twice may cancel)
+                bad.append((rank, shape, terms))
+print("SAME" if not bad and len(launched) == 3 * 5 * 4 * 2 else f"BAD {bad} {len(launched)}")
+"""
+
+
+def test_the_cuda_low_rank_kernel_gives_lozos_cpu_bits_in_tritons_interpreter():
+    """LOZO's one-launch kernel for a CUDA matrix (U and V made inside it from their counter words) ==
+    LOZO's eager path (U and V drawn, Z by a matrix product, the three adds), bit for bit: ranks 1, 2
+    and 4, moves and the fused restore + decay + update, rows and columns around the block and word
+    boundaries, a tensor of three dimensions, two windows of V."""
+    assert _interpreted(_LOW_RANK_CHECK) == "SAME"
 
 
 def test_a_cuda_sweep_takes_the_triton_kernel_and_the_eager_reference_does_not():
@@ -200,9 +250,44 @@ def test_a_triton_that_cannot_build_the_kernel_leaves_the_sweep_to_the_eager_pat
     def cannot_build():
         raise RuntimeError("no such instruction")
 
-    monkeypatch.setattr(triton_sweep, "_kernel", cannot_build)
+    monkeypatch.setattr(triton_sweep, "_kernels", cannot_build)
     monkeypatch.setattr(triton_sweep, "_failed", None)
     p = torch.zeros(100)
     with pytest.warns(UserWarning, match="could not be built .*no such instruction.*eager path"):
         assert triton_sweep.signs_axpy(p, 5, 0, 1e-3) is False
     assert torch.equal(p, torch.zeros(100)) and triton_sweep._failed is not None
+
+
+_HIZOO_CHECK = """
+import torch
+from zotune.methods import make_optimizer, triton_sweep
+triton_sweep.available = lambda p: p.dtype == torch.float32 and p.is_contiguous()  # the interpreter runs on CPU
+launched, kernel = [], triton_sweep.hessian_axpy
+triton_sweep.hessian_axpy = lambda *a, **k: launched.append(1) or kernel(*a, **k)
+bad = []
+for shape in [(1,), (33,), (7, 1000), (3, 2049)]:
+    for wd in (0.0, 0.1):
+        p = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+        a, b = p.clone(), p.clone()
+        eager, fused = (make_optimizer("hizoo", [x], seed=5, lr=1e-2, eps=1e-2, weight_decay=wd, hessian_smoothing=0.3)
+                        for x in (a, b))
+        eager._directions.fused = False
+        for opt in (eager, fused):
+            losses = iter([1.0, 1.3, 0.8, 1.1, 1.25, 0.9, 1.0, 1.2, 0.95])
+            for _ in range(3):
+                opt.step(lambda: torch.tensor(next(losses)))
+        ha, hb = eager.tensor_state[0]["hessian"], fused.tensor_state[0]["hessian"]
+        if not (torch.equal(a, b) and torch.equal(ha, hb)) or torch.equal(b, p) or torch.equal(hb, torch.ones_like(hb)):
+            bad.append((shape, wd, float((a - b).abs().max()), float((ha - hb).abs().max())))
+print("SAME" if not bad and len(launched) == 4 * 2 * 3 * 3 else f"BAD {bad} {len(launched)}")
+"""
+
+
+def test_the_cuda_hizoo_kernel_gives_the_cpu_bits_in_tritons_interpreter():
+    """HiZOO's one-launch kernel (z, 1/√H, the move; the update of θ and of H) == HiZOO's eager path, bit
+    for bit, over 3 steps with weight decay and without. The eager path's `p + c·z/√H` is one multiply-add
+    where torch's CPU kernels use FMA (AVX2, AVX-512): without it the CPU rounds twice and only closeness
+    can hold, and HiZOO claims that its runs depend on the device (`directions_depend_on_device`)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"this CPU's torch kernels ({torch.backends.cpu.get_cpu_capability()}) do not fuse multiply-adds")
+    assert _interpreted(_HIZOO_CHECK) == "SAME"

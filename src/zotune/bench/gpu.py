@@ -72,7 +72,10 @@ def _peak(device) -> int | None:
 
 
 def part_directions(device, quick: bool, repeats: int) -> dict:
-    return check_directions(device, (1 << 22 if quick else 3 << 24) + 17)
+    from zotune.bench.gpu_kernels import check_method_kernels
+
+    return {**check_directions(device, (1 << 22 if quick else 3 << 24) + 17),
+            "methods": check_method_kernels(device, quick)}
 
 
 def check_directions(device, n: int) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from zotune.config import ConfigError
+from zotune.methods import triton_sweep
+from zotune.methods.perturb import direction_seed
 from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepRecord
 
@@ -35,7 +37,9 @@ class HiZOO(ZOSGD):
 
     @staticmethod
     def directions_depend_on_device(options: dict) -> bool:
-        return True  # rsqrt is approximate on CUDA and addcmul_ contracts to an FMA (not yet measured on a GPU)
+        # its CUDA kernel rounds as a CPU with FMA does (tested in Triton's interpreter), its eager path does
+        # not (CUDA's rsqrt is approximate); not yet measured on a GPU (`zotune bench gpu`: hizoo_bits)
+        return True
 
     @staticmethod
     def check_probes(n_directions: int, one_sided: bool) -> None:
@@ -71,16 +75,28 @@ class HiZOO(ZOSGD):
         start = (piece.data_ptr() - p.data_ptr()) // p.element_size()
         return t.view(-1)[start: start + piece.numel()]
 
+    def _kernel(self, p: torch.Tensor, h: torch.Tensor) -> bool:
+        """Whether a sweep of p takes the Triton kernel: float32 CUDA tensors, counter-based signs."""
+        d = self._directions
+        return (d.fused and d.distribution == "rademacher" and d.version == 2 and triton_sweep.available(p)
+                and triton_sweep.available(h))
+
     def move(self, indexed, key, k: int, scale: float) -> None:
-        """θ_i += scale · z_i / √H_i, chunk by chunk."""
+        """θ_i += scale · z_i / √H_i, chunk by chunk (one launch on CUDA)."""
         for i, p in indexed:
             h = self._hessian(i, p)
+            if self._kernel(p, h) and triton_sweep.hessian_axpy(p, h, direction_seed(key.seed, k, i), scale):
+                continue
             self._directions.apply(p, key.seed, k, i, lambda piece, z, p=p, h=h: piece.addcmul_(
                 z, self._same_chunk(h, p, piece).rsqrt(), value=scale))
 
     def update_tensor(self, i, p, record: StepRecord, lr, wd, restore) -> None:
         g, d = record.grads
         h = self._hessian(i, p)
+        if self._kernel(p, h) and triton_sweep.hessian_axpy(
+                p, h, direction_seed(record.seed, 0, i), restore, 1 - lr * wd if wd else 1.0, -lr * g,
+                smoothing=self.alpha, curvature=d, floor=self.floor):
+            return
 
         def fused(piece, z):
             hc = self._same_chunk(h, p, piece)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from zotune.config import ConfigError
-from zotune.methods import kernels
+from zotune.methods import kernels, triton_sweep
 from zotune.methods.perturb import CHUNK, direction_seed, step_
 from zotune.methods.registry import MethodConfig, register_method
 from zotune.methods.zosgd import ZOSGD, StepKey, StepRecord
@@ -172,9 +172,23 @@ class LOZO(ZOSGD):
             return False
         return kernels.available()
 
+    def _on_device_kernel(self, p: torch.Tensor, key: StepKey, k: int, i: int, scale: float, decay: float,
+                          then: float) -> bool:
+        """The Triton kernel (one launch, U and V made inside it, the same bits) for a float32 CUDA matrix
+        with ±1 factors of rank 1, 2 or 4; False: the caller takes the eager path."""
+        d = self._directions
+        if not (d.fused and d.distribution == "rademacher" and d.version == 2 and self.rank in (1, 2, 4)
+                and triton_sweep.available(p) and p.numel() // p.shape[0] <= triton_sweep.MAX_COLUMNS):
+            return False
+        key_u = direction_seed(key.seed, k, i)  # the keys `_u` and `_v` draw their factors with
+        key_v = direction_seed(direction_seed(self.seed ^ _LAZY, self._window(key.step), 0), 0, i)
+        return triton_sweep.low_rank_axpy(p, self.rank, key_u, key_v, scale, decay, then)
+
     def add_z(self, p, key, k, i, scale, decay=1.0, then=0.0) -> None:
         if p.dim() < 2:
             return super().add_z(p, key, k, i, scale, decay, then)
+        if self._on_device_kernel(p, key, k, i, scale, decay, then):
+            return
         self._add_low_rank(p, self._u(p, key, k, i), self._v(p, self._window(key.step), i), scale, decay, then,
                            integers=self._directions.distribution == "rademacher")
 

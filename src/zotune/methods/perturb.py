@@ -195,12 +195,17 @@ class Directions:
 
     def _each_chunk(self, n: int, device: torch.device, step_seed: int, direction: int, tensor_index: int,
                     body: Callable[[int, torch.Generator], None]) -> None:
-        """body(start, generator seeded for that chunk) for every chunk, on every core on CPU."""
+        """body(start, generator seeded for that chunk, or None for counter-based directions) for every
+        chunk, on every core on CPU."""
+
+        counter_based = self.distribution == "rademacher" and self.version == 2
 
         @torch.no_grad()  # grad mode is per thread: the pool's threads do not inherit the caller's
         def one(start: int) -> None:
-            gen = self._per_thread("gens", device, lambda: torch.Generator(device=device))
-            gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
+            gen = None  # counter-based directions draw from their key, not a generator
+            if not counter_based:
+                gen = self._per_thread("gens", device, lambda: torch.Generator(device=device))
+                gen.manual_seed(direction_seed(step_seed, direction, tensor_index, start // CHUNK))
             body(start, gen)
 
         starts = range(0, n, self.chunk(device))
