@@ -39,6 +39,7 @@ from zotune.methods import StepKey, require_walk
 from zotune.precision import Precision
 from zotune.stream.carry import Carry, flat_state, unflat_state
 from zotune.stream.lockstep import Lockstep
+from zotune.stream.outside import END, MIDDLE, START, Outside
 from zotune.stream.tier import BlockState, Tier
 from zotune.stream.transfers import Accelerator, Pool, Transfers, Worker, hollow
 
@@ -71,8 +72,7 @@ class StreamEngine:
         self._opt = None
         self._trainable: list[list[tuple[int, str]]] = [[] for _ in layers]  # per block: (index i, name)
         self._carry = Carry(tier, self._trainable)  # the optimizer state of blocks that are away
-        self.outside: list[tuple[int, torch.Tensor]] = []  # trained tensors that stay on the device (or their masters)
-        self._compute: dict[int, nn.Parameter] = {}  # index -> the 16-bit model tensor of an outside master
+        self._outside = Outside(model, layers)  # trained tensors that stay on the device (or their masters)
         self._resident: dict[int, _Resident] = {}
         self._fetches: dict[int, Future] = {}
         self._writes: dict[int, Future] = {}  # block -> its last write-back, until a fetch of it has waited
@@ -87,7 +87,7 @@ class StreamEngine:
         self._hooks = []
         last = len(layers) - 1
         for j, block in enumerate(layers):
-            self._hooks.append(block.register_forward_pre_hook(lambda m, a, j=j: self._enter(j)))
+            self._hooks.append(block.register_forward_pre_hook(lambda m, a, j=j: self._enter(j, j == 0)))
             self._hooks.append(block.register_forward_hook(lambda m, a, o, j=j: self._exit(j, j == last)))
 
     # -- the optimizer ----------------------------------------------------------------------------
@@ -114,18 +114,7 @@ class StreamEngine:
                     if i in masters:
                         self.tier.set_master(j, n, masters[i])
         self.tier.sync_ranks()
-        # Trained tensors outside the blocks stay on the device; a 16-bit one (a final norm, tied embeddings)
-        # trains a float32 master there, as block tensors do on the tier, and the model reads its rounding.
-        self.outside, self._compute = [], {}
-        for i, p in opt.indexed():
-            if id(p) in in_blocks:
-                continue
-            if p.dtype == torch.float32:
-                self.outside.append((i, p))
-            else:
-                self._compute[i] = p
-                start = masters[i] if masters and i in masters else p.data
-                self.outside.append((i, start.detach().to(p.device, torch.float32, copy=True)))
+        self._outside.attach(opt, in_blocks, masters)
         self._carry.start(opt, self._resident)  # state the optimizer holds already (a resumed run)
         self.version = opt.steps
         self._opt = opt
@@ -288,7 +277,14 @@ class StreamEngine:
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _enter(self, j: int):
+    @property
+    def outside(self) -> list[tuple[int, torch.Tensor]]:
+        """Trained tensors outside the blocks, on the device: (tensor index, the tensor or its float32 master)."""
+        return self._outside.tensors
+
+    def _enter(self, j: int, first: bool):
+        if first:
+            self._outside.at(MIDDLE)
         lockstep = getattr(self._probe, "lockstep", None)
         if lockstep is not None:
             lockstep.arrive(self._probe.r, j)
@@ -297,6 +293,8 @@ class StreamEngine:
         return None
 
     def _exit(self, j: int, last: bool):
+        if last:
+            self._outside.at(END)
         lockstep = getattr(self._probe, "lockstep", None)
         if lockstep is not None:
             if last:
@@ -319,21 +317,22 @@ class StreamEngine:
             self._leave(j)
         plan = opt.start_step(share)  # with perturbation parallelism, this rank runs a share of the probes
         key, owned = plan.key, plan.owned
-        outside = self.outside
-        masters = [p.data for _, p in outside]
-        offsets: dict[int, float] = {}
-        # Trainable tensors outside the blocks move once per step; each probe keeps its own copy.
+        start, end, copied = self._outside.split()
+        # Tensors outside the blocks used before block 0 only, or after the last block only, are walked in
+        # place in that segment; the others move once per step and each probe keeps its own copy.
+        masters = [p.data for _, p in copied]
+        offsets: dict[str, dict[int, float]] = {START: {}, END: {}, "copied": {}}
         views: list[list[torch.Tensor]] = []
         rounded: list[dict[int, torch.Tensor]] = []  # a 16-bit model tensor reads its master's rounding
-        for r in opt.walk(outside, key, offsets):  # the last probe can use the tensors themselves if no move follows it
+        compute = self._outside.compute
+        for r in opt.walk(copied, key, offsets["copied"]):  # the last probe can use the tensors if no move follows
             views.append(masters if r == plan.n_probes - 1 and plan.ends_on_probe else [m.clone() for m in masters])
-            rounded.append({i: v.to(self._compute[i].dtype) for (i, _), v in zip(outside, views[-1])
-                            if i in self._compute})
+            rounded.append({i: v.to(compute[i].dtype) for (i, _), v in zip(copied, views[-1]) if i in compute})
 
         def show(r: int) -> None:  # (at every block: made once a probe above)
-            for (i, p), v in zip(outside, views[r]):
+            for (i, p), v in zip(copied, views[r]):
                 if i in rounded[r]:
-                    self._compute[i].data = rounded[r][i]
+                    compute[i].data = rounded[r][i]
                 else:
                     p.data = v
 
@@ -342,9 +341,11 @@ class StreamEngine:
         block_offsets: dict[int, float] = {}
         j = -1
         try:
-            for r in owned:
-                show(r)
-                lockstep.run(r, expect=0 if len(self.layers) else "tail")
+            for r in opt.walk(start, key, offsets[START]):
+                if r in owned:
+                    self._outside.refresh(start)
+                    show(r)
+                    lockstep.run(r, expect=0 if len(self.layers) else "tail")
             for j in range(len(self.layers)):
                 self._arrive(j)
                 pairs, block_offsets = self._pairs(j), {}
@@ -361,24 +362,28 @@ class StreamEngine:
                 j = -1
             self._submit_fetch(0)  # the next step (or evaluation) starts with block 0
             mine = {}
-            for r in owned:
-                show(r)
-                mine[r] = float(lockstep.run(r, expect="done"))
+            for r in opt.walk(end, key, offsets[END]):
+                if r in owned:
+                    self._outside.refresh(end)
+                    show(r)
+                    mine[r] = float(lockstep.run(r, expect="done"))
             record = opt.end_step(plan, mine, share)
         except BaseException:
             lockstep.abort()
             self._abandon(opt, key, j, block_offsets)
-            for (_, p), m in zip(outside, masters):
+            for (_, p), m in zip(copied, masters):
                 p.data = m
-            opt.undo(outside, key, offsets)
+            for pairs, name in ((copied, "copied"), (start, START), (end, END)):
+                opt.undo(pairs, key, offsets[name])
             self.sync_outside()
             raise
         finally:
             self._step = None
-        for (_, p), m in zip(outside, masters):
+            self._outside.planned = {}
+        for (_, p), m in zip(copied, masters):
             p.data = m
         self.history = {key.step: record}
-        opt.update(outside, record)
+        opt.update(self.outside, record)
         self.sync_outside()
         self.version = opt.steps
         return torch.tensor(sum(record.losses) / len(record.losses))
@@ -386,9 +391,7 @@ class StreamEngine:
     def sync_outside(self) -> None:
         """16-bit model tensors outside the blocks: rounded from their float32 masters (after a step or a
         restore that moved the masters)."""
-        for i, master in self.outside:
-            if i in self._compute:
-                self._compute[i].data = master.detach().to(self._compute[i].dtype)
+        self._outside.sync()
 
     def _abandon(self, opt, key: StepKey, j: int, offsets: dict[int, float]) -> None:
         """After a failed step: blocks end as they were before it.
@@ -445,6 +448,7 @@ class StreamEngine:
             for h in self._hooks:
                 h.remove()
             self._hooks = []
+            self._outside.close()
             self._worker.close()
             self._writer.close()
             self.tier.close()
