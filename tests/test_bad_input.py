@@ -219,6 +219,8 @@ CASES = [
     T("stream-tier", lambda w: w.train("stream.tier=floppy"), "stream.tier"),
     T("stream-disk-no-dir", lambda w: w.train("stream.tier=disk"), "stream.dir"),
     T("stream-prefetch", lambda w: w.train("--offload", "cpu", "stream.prefetch=0"), "stream.prefetch"),
+    T("stream-device-blocks", lambda w: w.train("--offload", "cpu", "stream.device_blocks=1"),
+      "stream.device_blocks=1 must be 0 (prefetch + 2) or an integer >= stream.prefetch + 1 = 2"),
     T("stream-storage-dtype", lambda w: w.train("--offload", "cpu", "stream.storage_dtype=int8"), "storage_dtype"),
     T("adapter-kind", lambda w: w.train("adapter.kind=ia3"), "adapter.kind"),
     T("adapter-rank", lambda w: w.train("adapter.kind=lora", "adapter.r=0"), "adapter.r"),

@@ -3,12 +3,16 @@ fetch of a block never reads its host storage (or disk slot) before the block's 
 
 import threading
 import time
+import weakref
 
 import pytest
 
+from conftest import tiny_model
 from fake_accelerator import FakeAccelerator
-from test_stream import assert_same, run
-from zotune.stream import DiskTier, RamTier
+from test_stream import assert_same, closure_for, run
+from zotune.methods import make_optimizer
+from zotune.models import find_block_list, select_trainable
+from zotune.stream import DiskTier, RamTier, StreamConfig, stream_
 from zotune.stream.transfers import Transfers
 
 
@@ -75,3 +79,47 @@ def test_fetches_run_while_a_write_back_is_in_flight(slow_write_backs):
         in_flight += {"copy-start": 1, "write-end": -1}.get(what, 0)
         overlapped += what == "read" and in_flight > 0
     assert overlapped > 0
+
+
+class _CountingAccelerator(FakeAccelerator):
+    """A fake accelerator that keeps a weak reference to every tensor fetched to the device (copied on the
+    first side stream, the fetches'), to count the device memory that blocks hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fetched, self._fetch_stream = [], None
+
+    def new_stream(self):
+        stream = super().new_stream()
+        self._fetch_stream = self._fetch_stream or stream
+        return stream
+
+    def copy(self, t, device, dtype):
+        out = super().copy(t, device, dtype)
+        if self.current_stream() is self._fetch_stream:
+            self.fetched.append(weakref.ref(out))
+        return out
+
+    def live_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (r() for r in self.fetched) if t is not None)
+
+
+@pytest.mark.parametrize("device_blocks, most", [(2, 2), (0, 3)])
+def test_device_blocks_bounds_the_blocks_on_the_device(device_blocks, most, slow_write_backs):
+    """stream.device_blocks=2: a fetch waits for the write-back before it, so at most 2 blocks' tensors
+    are alive on the device at any block entry (write-backs 30 ms late); by default (prefetch + 2) the
+    block being written back is a third, while both directions move."""
+    model = tiny_model("llama")
+    params = [p for _, p in select_trainable(model, "all")]
+    opt = make_optimizer("zosgd", params, seed=1, lr=1e-3, eps=1e-3)
+    accel = _CountingAccelerator()
+    engine = stream_(model, StreamConfig(tier="cpu", device_blocks=device_blocks), "cpu", accelerator=accel,
+                     log=lambda *a: None)
+    block = sum(p.numel() * 4 for p in find_block_list(tiny_model("llama"))[1][0].parameters())
+    seen = []
+    for layer in engine.layers:
+        layer.register_forward_pre_hook(lambda m, a: seen.append(accel.live_bytes()))
+    for t in range(3):
+        engine.step(opt, closure_for(model, t))
+    engine.close()
+    assert max(seen) == most * block, (max(seen) / block, device_blocks)

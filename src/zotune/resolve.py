@@ -156,7 +156,7 @@ def resolve_device(name: str) -> torch.device:
 # folder are identified by their content), and what only changes speed or fault handling.
 MAY_CHANGE = {"run": {"steps", "eval_every", "snapshot_every", "report_to", "device", "out", "threads",
                       "eval_batch_size", "prefix_cache_mb", "patience"},
-              "model": {"name", "cache_dir"}, "stream": {"dir", "prefetch"},
+              "model": {"name", "cache_dir"}, "stream": {"dir", "prefetch", "device_blocks"},
               "parallel": {"perturb", "timeout", "check_every"}}
 
 

@@ -122,6 +122,7 @@ class Session:
                                   directions_format=base["directions"], config=method_cfg)
         self._base_lrs = [g["lr"] for g in self.opt.param_groups]  # the schedule scales each group's own lr
         if self.engine is not None:
+            self.engine.device_blocks = self.stream_cfg.device_blocks or self.engine.device_blocks
             self.engine.attach(self.opt)
 
     def _quantize(self, model_cfg: ModelConfig, log) -> None:

@@ -27,13 +27,17 @@ class StreamConfig:
 
     tier: `none` (resident), `cpu` (host memory) or `disk` (a stream folder, `dir`); storage_dtype: how frozen block
     tensors are stored (default: the model's dtype; trained ones are always kept as float32
-    masters); prefetch: how many blocks are fetched ahead of the one computing.
+    masters); prefetch: how many blocks are fetched ahead of the one computing; device_blocks: the most
+    blocks on the compute device at once (0: prefetch + 2, the one computing, those fetched ahead and the
+    one being written back, so both directions of the link move at once; prefetch + 1: a fetch first
+    waits for the write-back before it, the least memory).
     """
 
     tier: str = "none"
     dir: str | None = None
     storage_dtype: str | None = None
     prefetch: int = 1
+    device_blocks: int = 0
 
     def __post_init__(self):
         if self.tier not in TIERS:
@@ -44,6 +48,11 @@ class StreamConfig:
             raise ConfigError(f"stream.storage_dtype={self.storage_dtype!r}; use one of {', '.join(DTYPES)}")
         if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
             raise ConfigError(f"stream.prefetch={self.prefetch} must be an integer >= 1")
+        if not (isinstance(self.device_blocks, int) and (self.device_blocks == 0 or
+                                                        self.device_blocks >= self.prefetch + 1)):
+            raise ConfigError(f"stream.device_blocks={self.device_blocks} must be 0 (prefetch + 2) or an integer >= "
+                              f"stream.prefetch + 1 = {self.prefetch + 1} (the block computing and those fetched "
+                              f"ahead)")
 
 
 def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "cpu", blocks_path: str | None = None,
@@ -83,7 +92,9 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
             for p in block.parameters():
                 p.data = hollow(p, device)
     log(f"streaming {len(layers)} blocks from {'host memory' if cfg.tier == 'cpu' else cfg.dir}: {precision.reason}")
-    return StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log, accelerator)
+    engine = StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log, accelerator)
+    engine.device_blocks = cfg.device_blocks or engine.device_blocks
+    return engine
 
 
 def _host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

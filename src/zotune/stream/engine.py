@@ -37,6 +37,7 @@ from torch import nn
 from zotune.config import ConfigError
 from zotune.methods import StepKey, require_walk
 from zotune.precision import Precision
+from zotune.stream import recovery
 from zotune.stream.carry import Carry, flat_state, unflat_state
 from zotune.stream.lockstep import Lockstep
 from zotune.stream.outside import END, MIDDLE, START, Outside
@@ -82,6 +83,7 @@ class StreamEngine:
         # both ways at once. The fetch of block j waits for j's write-back: both use its host storage.
         self._worker = Worker(depth=2 * prefetch + 2)
         self._writer = Worker(depth=2 * prefetch + 2, name="zotune-writeback")
+        self.device_blocks = prefetch + 2  # the most blocks on the device at once (`StreamConfig.device_blocks`)
         self._probe = threading.local()  # .lockstep and .r in a probe thread
         self._step: Lockstep | None = None
         self._hooks = []
@@ -130,30 +132,9 @@ class StreamEngine:
             self.tier.join(group)
 
     def restore(self, records: list) -> None:
-        """Check the tier against a run's log and keep its records, so every block can catch up.
-
-        A block written during a step that never reached the log (the run was killed inside it)
-        goes back to its previous slot, from before that step: the resume is exact. A block
-        ahead of the log belongs to another run and is refused.
-        """
-        n = len(records)
-        back = []
-        for j, st in enumerate(self.states):
-            prev = self.tier.previous(j) if st.perturbed >= n else None
-            if prev is not None and 0 <= prev.version <= n and prev.perturbed < n:
-                self.tier.go_back(j)
-                self.states[j] = prev
-                back.append(j)
-        if back:
-            self.log(f"the run stopped inside step {n + 1}: blocks {back[0]}..{back[-1]} go back to their copies from "
-                     f"before it, and step {n + 1} is taken again")
-        ahead = [j for j, st in enumerate(self.states) if st.version > n or st.perturbed >= n]
-        if ahead:
-            st = self.states[ahead[0]]
-            raise ConfigError(f"the stream folder's block {ahead[0]} is at step {max(st.version, st.perturbed + 1)} "
-                              f"but the run's log ends at step {n}: the folder was trained by another run; "
-                              f"prepare a fresh folder for a new run")
-        self.history = {r.step: r for r in records}
+        """Check the tier against a run's log and keep its records, so every block can catch up
+        (`recovery.restore`)."""
+        recovery.restore(self, records)
 
     # -- fetching, settling, releasing ---------------------------------------------------------------
 
@@ -167,11 +148,17 @@ class StreamEngine:
     def _submit_fetch(self, j: int) -> None:
         if 0 <= j < len(self.layers) and j not in self._fetches and j not in self._resident:
             written = self._writes.pop(j, None)
+            # Over the device's share of blocks, the oldest write-backs leave before this fetch lands.
+            writing = [f for f in self._writes.values() if not f.done()]
+            over = len(self._resident) + len(self._fetches) + 1 + len(writing) - self.device_blocks
+            freeing = writing[:max(0, over)]
 
             def fetch(j=j):  # in the worker: the block and its optimizer state, copied on the side stream
                 if written is not None:  # j's last write-back into the same host storage (or disk slot) first
                     written.result()
                 host, buffers = self.tier.read(j, self._pool)
+                for f in freeing:
+                    f.result()
                 opt_state = self._carry.fetch(j)
                 flat = flat_state(opt_state)
                 tensors, event = self._transfers.to_device(
@@ -264,6 +251,8 @@ class StreamEngine:
             on_tier = self._carry.stored(j, host_state)
             if changed:
                 self.tier.write(j, self._transfers.to_host(changed, after, into), state, on_tier)
+            changed.clear()  # the block's device tensors are free now, not when this job is dropped
+            res.tensors.clear()
             for buf in res.host:
                 self._pool.give(buf)
         self._writes[j] = self._writer.submit(write_back)
@@ -394,31 +383,16 @@ class StreamEngine:
         self._outside.sync()
 
     def _abandon(self, opt, key: StepKey, j: int, offsets: dict[int, float]) -> None:
-        """After a failed step: blocks end as they were before it.
+        """After a failed step: blocks end as they were before it (`recovery.abandon`)."""
+        recovery.abandon(self, opt, key, j, offsets)
 
-        On disk each block still has its copy from before the step in its other slot: going back
-        is exact. In host memory the moves are taken back (equal up to float rounding), the block
-        in hand now and the others when they next arrive, as in the whole-model step.
-        """
-        in_hand = j if j >= 0 and j in self._resident else None
-        if self.tier.durable:  # every block's copy from before the step is in its other slot
-            self.wait()
-            if in_hand is not None:  # never written: drop it, the tier holds it as it was
-                res = self._resident.pop(in_hand)
-                for p in self.params[in_hand].values():
-                    p.data = hollow(p)
-                self._carry.drop(in_hand, opt)  # and its optimizer state: the tier's copy is the current one
-                for buf in res.host:
-                    self._pool.give(buf)
-            for b, state in enumerate(self.states):
-                if state.perturbed == key.step:
-                    self.tier.go_back(b)
-                if b == in_hand or state.perturbed == key.step:
-                    self.states[b] = self.tier.get_state(b)
-        elif in_hand is not None:
-            opt.undo(self._pairs(in_hand), key, offsets)
-            self._rebind_trained(in_hand)
-            self._leave(in_hand)
+    def _drop(self, j: int) -> None:
+        """Unbind block j without writing it back; give its buffers back."""
+        res = self._resident.pop(j)
+        for p in self.params[j].values():
+            p.data = hollow(p)
+        for buf in res.host:
+            self._pool.give(buf)
 
     def flush(self) -> None:
         """Bring every block up to date on the tier: before a checkpoint, an export, the end."""

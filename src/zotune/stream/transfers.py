@@ -41,6 +41,7 @@ class Worker:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 -- handed to whoever waits on the future
                 fut.set_exception(e)
+            job = fn = fut = None  # what the job holds (a block's device tensors) is not kept until the next one
 
     def submit(self, fn: Callable) -> Future:
         fut: Future = Future()
