@@ -64,13 +64,13 @@ def test_variant_matches_its_naive_reference(name, n_directions):
 
 
 @pytest.mark.parametrize("name", ["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "fzoo", "lozo",
-                                  "lozo-m"])
+                                  "lozo-m", "cge"])
 def test_every_method_converges_on_a_quadratic(name):
     """60 values, 500 steps: each method with a learning rate in its stable range gets below 10% of
     the starting loss (measured: zosgd 0.0002, momentum 0.0005, adam 0.0063, sign 0.075)."""
     params, loss = quadratic(1, shape=(6, 8))
     lr = {"zosgd": 1e-2, "zosgd-momentum": 1e-3, "zoadam": 3e-2, "zosgd-sign": 3e-2, "zosgd-conservative": 1e-2,
-          "hizoo": 1e-2, "forward-grad": 1e-2, "fzoo": 3e-2, "lozo": 5e-3, "lozo-m": 5e-4}[name]
+          "hizoo": 1e-2, "forward-grad": 1e-2, "fzoo": 3e-2, "lozo": 5e-3, "lozo-m": 5e-4, "cge": 1e-1}[name]
     opt = make_optimizer(name, params, seed=0, lr=lr, eps=1e-3, **VARIANTS.get(name, {}))
     start = float(loss())
     for _ in range(500):
@@ -79,7 +79,7 @@ def test_every_method_converges_on_a_quadratic(name):
 
 
 @pytest.mark.parametrize("name", [*VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo", "fzoo",
-                                  "lozo", "lozo-m"])
+                                  "lozo", "lozo-m", "cge"])
 def test_state_dict_resume_equals_uninterrupted(name):
     params, loss = quadratic(2)
     opt = make_optimizer(name, params, seed=5, lr=1e-2, **VARIANTS.get(name, {}))
@@ -126,7 +126,57 @@ def test_bad_options_are_refused(name, options, match):
 
 def test_registry_lists_every_method():
     assert list_methods() == sorted(["zosgd", *VARIANTS, "zosgd-conservative", "hizoo", "forward-grad", "sparse-mezo",
-                                     "fzoo", "lozo", "lozo-m"])
+                                     "fzoo", "lozo", "lozo-m", "cge"])
+
+
+@pytest.mark.parametrize("one_sided", [True, False])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_cge_matches_its_naive_reference(wd, one_sided):
+    """CGE out of place: for each coordinate c of the step, g = (L(θ + μe_c) − L(θ)) / μ (or the central
+    difference), then θ ← θ·(1 − lr·wd) − lr·Σ g_c e_c (wd on matrices only); the coordinates are n
+    distinct values, all of them when n is their number."""
+    for n in (5, 30 * 4 + 4):
+        params, loss = quadratic(shape=(30, 4))
+        lr, mu = 1e-2, 5e-3
+        opt = make_optimizer("cge", params, seed=3, lr=lr, eps=mu, weight_decay=wd, n_directions=n,
+                             one_sided=one_sided)
+        for _ in range(3):
+            start = [p.clone() for p in params]
+            opt.step(loss)
+            coords = opt.coordinates(opt.last.key)
+            assert len(set(coords.tolist())) == n and (n < 124 or coords.tolist() == list(range(124)))
+            got = [p.clone() for p in params]
+            for p, s in zip(params, start):
+                p.copy_(s)
+            base = float(loss())
+            grads = []
+            for c in coords.tolist():
+                plus = _loss_at(params, loss, c, mu)
+                grads.append((plus - (base if one_sided else _loss_at(params, loss, c, -mu))) / (mu if one_sided
+                                                                                                   else 2 * mu))
+            assert opt.last.grads == pytest.approx(grads, rel=1e-3, abs=2e-2)  # (float32 losses near 200, μ 5e-3)
+            want = [s * (1 - lr * wd) if s.dim() >= 2 else s.clone() for s in start]
+            wflat = torch.cat([w.view(-1) for w in want])
+            for c, g in zip(coords.tolist(), opt.last.grads):
+                wflat[c] -= lr * g
+            assert torch.allclose(torch.cat([g.view(-1) for g in got]), wflat, atol=1e-5, rtol=0)
+            for p, w in zip(params, torch.split(wflat, [p.numel() for p in start])):
+                p.copy_(w.view(p.shape))  # the next step from the reference's weights
+    with pytest.raises(ConfigError, match="n_directions=125 is more than the 124 trained values"):
+        make_optimizer("cge", quadratic(shape=(30, 4))[0], n_directions=125)
+
+
+def _loss_at(params, loss, c, shift):
+    """The loss with trained value c (a global index over `params`) moved by `shift`, then put back."""
+    for p in params:
+        if c < p.numel():
+            old = p.view(-1)[c].clone()
+            p.view(-1)[c] += shift
+            out = float(loss())
+            p.view(-1)[c] = old
+            return out
+        c -= p.numel()
+    raise IndexError(c)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -360,6 +410,7 @@ STREAMS = None  # no refusal: the method streams on both tiers, its state travel
     (["--method", "sparse-mezo", "method.sparsity=0.5"], STREAMS),
     (["--method", "fzoo", "method.n_directions=3"], STREAMS),
     (["--method", "lozo-m", "method.interval=2", "method.n_directions=2"], STREAMS),
+    (["--method", "cge", "method.n_directions=3"], STREAMS),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):

@@ -17,8 +17,10 @@ from zotune.methods.forward_grad import ForwardGradient
 from zotune.methods.sparse import SparseConfig, SparseMeZO
 from zotune.methods.fzoo import FZOO, FZOOConfig
 from zotune.methods.lozo import LOZO, LOZOConfig, LOZOMConfig
+from zotune.methods.coordinate import CGE, CGEConfig
 
-__all__ = ["DEFAULT_METHOD", "FZOO", "LOZO", "METHODS", "ZOSGD", "AdamConfig", "FZOOConfig", "ForwardGradient",
+__all__ = ["CGE", "CGEConfig", "DEFAULT_METHOD", "FZOO", "LOZO", "METHODS", "ZOSGD", "AdamConfig", "FZOOConfig",
+           "ForwardGradient",
            "HiZOO", "HiZOOConfig", "LOZOConfig", "LOZOMConfig", "MethodConfig", "MomentumConfig", "NonFiniteLossError",
            "SparseConfig", "SparseMeZO", "StepKey", "StepPlan", "StepRecord", "ZOAdam", "ZOConservative", "ZOMomentum",
            "ZOSign", "list_methods", "make_optimizer", "method_config", "not_a_walk", "register_method", "require_walk",
