@@ -27,6 +27,7 @@ TASK_HELP = ("a suite task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, recor
 
 
 def _train(args) -> int:
+    from zotune.lr_search import choose_lr, pop_auto_lr, why_no_search
     from zotune.resolve import build_configs, is_auto, settle_auto, user_values
     from zotune.train import train
     from zotune.trial import choose_trainable, why_no_trial
@@ -37,14 +38,23 @@ def _train(args) -> int:
         if value is not None:
             flags.setdefault(section, {})[key] = value
     values = user_values(args.config, args.overrides, flags, task=args.task)
+    values, lr_auto = pop_auto_lr(values)  # method.lr=auto: a search after what trains is known
     cfgs, trial = None, None
+    speaks = os.environ.get("RANK", "0") == "0"  # (rank 0 speaks for the run)
     if is_auto(values):  # nothing named to train: a short trial on dev chooses (zotune.trial)
         why_not = why_no_trial(values)
         if not why_not:
             cfgs, trial = choose_trainable(values)
-        elif os.environ.get("RANK", "0") == "0":  # (rank 0 speaks for the run)
+        elif speaks:
             print(f"note: model.trainable=auto trains the final norm {why_not}")
     cfgs = cfgs or build_configs(settle_auto(values))
+    if lr_auto:
+        why_not = why_no_search(cfgs)
+        if not why_not:
+            cfgs, search = choose_lr(cfgs)
+            trial = {**(trial or {}), "lr_search": search}
+        elif speaks:
+            print(f"note: method.lr=auto takes the method's default lr {cfgs['method'].lr:g} {why_not}")
     summary = train(cfgs, trial=trial)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 

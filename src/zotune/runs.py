@@ -183,7 +183,8 @@ class RunFolder(RunRecord):
         self._atomic_write("config.yaml", yaml.safe_dump(sections, sort_keys=False))
 
     def write_trial(self, trial: dict[str, Any]) -> None:
-        """trial.json: the candidates `model.trainable=auto` tried, their dev scores and cost, and its choice."""
+        """trial.json: the candidates `model.trainable=auto` tried, their dev scores and cost, and its choice;
+        under `lr_search`, the lrs `method.lr=auto` tried, their training losses, and its choice."""
         self._atomic_write("trial.json", json.dumps(trial, indent=2) + "\n")
 
     def log(self, record: dict[str, Any]) -> None:

@@ -177,7 +177,7 @@ def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None,
         run.close() if resume else run.discard()
         raise
     r = _Run(cfgs, task, session, run, group, device, log, _Best(cfgs["run"].patience))
-    if trial is not None and r.main:  # what `model.trainable=auto` tried, and why it chose what trains
+    if trial is not None and r.main:  # what `model.trainable=auto` and `method.lr=auto` tried, and why
         run.write_trial(trial)
     _introduce(r, resume)
     start, before, seconds_before = _catch_up(r, resume, zero_shot)

@@ -26,7 +26,7 @@ from pathlib import Path
 from zotune.config import ConfigError, merge
 from zotune.models import resolve_source
 from zotune.resolve import build_configs, settle_auto
-from zotune.runs import RunFolder
+from zotune.runs import RunFolder, RunRecord
 from zotune.stream import is_stream_folder
 from zotune.tasks import make_task
 from zotune.train import train
@@ -81,7 +81,7 @@ def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
         budget = SHARE * min(c["run"].steps * c["method"].forwards_per_step for c in plans.values())
         zero_shot = None  # every candidate starts from the base (LoRA's B is zero): scored on dev once
         for name, cfgs in plans.items():
-            rows.append(_try(name, cfgs, budget, scored, folder, metric, log, zero_shot))
+            rows.append(try_candidate(name, cfgs, budget, scored, folder, metric, log, zero_shot))
             result = rows[-1].pop("zero_shot_result", None)
             zero_shot = zero_shot or result
             gc.collect()  # the candidate's model is gone before the next one loads
@@ -128,8 +128,11 @@ def _pick(tried: list[dict], n_dev: int) -> dict:
     return held or tried[0]
 
 
-def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log, zero_shot=None) -> dict:
-    """One candidate, trained for `budget` forward passes in a throwaway folder, scored on dev."""
+def try_candidate(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log, zero_shot=None,
+                  grads: bool = False, required: bool = False) -> dict:
+    """One candidate (what to train, or an lr: `zotune.lr_search`), trained for `budget` forward passes in a
+    throwaway folder, scored on `scored.test`; `grads`: count the steps whose projected gradients were all 0;
+    `required`: a candidate that cannot run stops the command (else only the probe's does)."""
     cfgs = copy.deepcopy(cfgs)
     run = cfgs["run"]
     steps = max(1, int(budget // cfgs["method"].forwards_per_step))
@@ -140,7 +143,7 @@ def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str,
     try:
         summary = train(cfgs, log=lambda *a, **k: None, task=scored, zero_shot=zero_shot)
     except ConfigError as e:  # a candidate this model cannot take (e.g. no LoRA modules PEFT knows)
-        if name == next(iter(CANDIDATES)):
+        if required or name == next(iter(CANDIDATES)):
             raise  # the probe fits every model: its error is the run's
         log(f"trial: {name} skipped ({e})")
         return {"candidate": name, "error": str(e)}
@@ -149,9 +152,12 @@ def _try(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str,
     after = summary.get("after")
     row = {"candidate": name, "method": cfgs["method"].name, "lr": cfgs["method"].lr, "steps": summary["steps"],
            "batch_size": run.batch_size, "forward_passes": summary["forward_passes"], "seconds": summary["seconds"],
-           "zero_shot": summary["before"][metric], "dev": after[metric] if after else None,
-           "dev_loss": after["loss"] if after else None, "status": summary["status"],
-           "zero_shot_result": summary["before"]}
+           "zero_shot": summary["before"][metric], "zero_shot_loss": summary["before"]["loss"],
+           "dev": after[metric] if after else None, "dev_loss": after["loss"] if after else None,
+           "status": summary["status"], "zero_shot_result": summary["before"]}
+    if grads:
+        records, _ = RunRecord(run.out).read_steps()
+        row["zero_grads"] = sum(1 for r in records if not any(r.grads))
     if after:
         log(f"trial: {name}: dev {metric} {after[metric]:.3f} (zero-shot {row['zero_shot']:.3f}) in "
             f"{summary['seconds']:.0f}s")

@@ -1,0 +1,64 @@
+"""`method.lr=auto`: a short search on the training rows picks the lr; it is recorded, so the run
+resumes and replays with it; the choice rule; where it cannot search, the default and why."""
+
+import json
+
+import pytest
+import yaml
+
+from test_trial import FAST, train
+from zotune import lr_search
+from zotune.cli import main
+
+
+def test_the_search_chooses_records_and_the_run_resumes_with_the_lr(tiny_model_dir, data_file, tmp_path, capsys):
+    whole = tmp_path / "whole"
+    assert train(tiny_model_dir, data_file, whole, "--trainable", "last-blocks:1", "--lr", "auto", steps=60) == 0
+    printed = capsys.readouterr().out
+    search = json.loads((whole / "trial.json").read_text())["lr_search"]
+    tried = [r["lr"] for r in search["tried"]]
+    assert tried == [float(f"{search['default'] * f:.3g}") for f in lr_search.FACTORS]
+    assert len({r["zero_shot_loss"] for r in search["tried"]}) == 1  # the same rows, from the same base
+    assert search["chosen"] == lr_search._pick(search["tried"], search["default"])[0]
+    assert search["forward_passes"] <= 0.25 * search["run_forward_passes"]  # 5 x 4% of the run (at least a step)
+    config = yaml.safe_load((whole / "config.yaml").read_text())
+    assert config["method"]["lr"] == search["chosen"] and f"method.lr=auto chose {search['chosen']:g}" in printed
+    # config.yaml holds the number: a resume takes no new search and equals the run taken in one go
+    parts = tmp_path / "parts"
+    assert train(tiny_model_dir, data_file, parts, "--trainable", "last-blocks:1", "--lr", "auto", steps=30) == 0
+    capsys.readouterr()
+    assert main(["resume", str(parts), "run.steps=60"]) == 0
+    assert "lr search" not in capsys.readouterr().out
+    assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+
+
+def test_the_lowest_training_loss_wins_and_near_ties_go_to_the_smaller_lr():
+    def row(lr, loss, base=1.0):
+        return {"lr": lr, "dev_loss": loss, "zero_shot_loss": base}
+
+    assert lr_search._pick([row(1e-3, 0.9), row(3e-3, 0.7), row(1e-2, 0.8)], 5e-3)[0] == 3e-3
+    assert lr_search._pick([row(1e-3, 0.9), row(3e-3, 0.7), row(1e-2, 0.6985)], 5e-3)[0] == 3e-3  # within TIE
+    assert lr_search._pick([row(1e-3, 0.9), row(3e-3, float("nan")), row(1e-2, float("inf"))], 5e-3)[0] == 1e-3
+    lr, why = lr_search._pick([row(1e-3, 1.1), row(3e-3, 1.0)], 5e-3)  # none beats the base: the default
+    assert lr == 5e-3 and "default" in why
+
+
+def test_lr_auto_is_refused_nowhere_and_is_the_default_where_it_cannot_search(tiny_model_dir, data_file, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "streamed"
+    assert train(tiny_model_dir, data_file, out, "--trainable", "last-blocks:1", "--lr", "auto", "--offload", "cpu",
+                 steps=4) == 0
+    assert "method.lr=auto takes the method's default lr 0.00025 with streamed blocks" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["method"]["lr"] == 2.5e-4
+
+
+@pytest.mark.parametrize("extra, match", [(["--out", "EXISTS"], "is not empty"), (["--model", "nowhere/at-all"], "nowhere")])
+def test_a_bad_input_is_refused_before_any_search(extra, match, tiny_model_dir, data_file, tmp_path, capsys):
+    (tmp_path / "EXISTS").mkdir()
+    (tmp_path / "EXISTS" / "mine.txt").write_text("a user's file")
+    extra = [str(tmp_path / e) if e == "EXISTS" else e for e in extra]
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--trainable", "last-blocks:1",
+            "--lr", "auto", *FAST, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr()
+    assert match in err.err and "lr search" not in err.out
