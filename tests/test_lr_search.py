@@ -12,24 +12,24 @@ from zotune.cli import main
 
 
 def test_the_search_chooses_records_and_the_run_resumes_with_the_lr(tiny_model_dir, data_file, tmp_path, capsys):
-    whole = tmp_path / "whole"
-    assert train(tiny_model_dir, data_file, whole, "--trainable", "last-blocks:1", "--lr", "auto", steps=60) == 0
+    parts = tmp_path / "parts"
+    assert train(tiny_model_dir, data_file, parts, "--trainable", "last-blocks:1", "--lr", "auto", steps=30) == 0
     printed = capsys.readouterr().out
-    search = json.loads((whole / "trial.json").read_text())["lr_search"]
+    search = json.loads((parts / "trial.json").read_text())["lr_search"]
     tried = [r["lr"] for r in search["tried"]]
     assert tried == [float(f"{search['default'] * f:.3g}") for f in lr_search.FACTORS]
     assert len({r["zero_shot_loss"] for r in search["tried"]}) == 1  # the same rows, from the same base
     assert search["chosen"] == lr_search._pick(search["tried"], search["default"])[0]
     assert search["forward_passes"] <= 0.25 * search["run_forward_passes"]  # 5 x 4% of the run (at least a step)
-    config = yaml.safe_load((whole / "config.yaml").read_text())
+    config = yaml.safe_load((parts / "config.yaml").read_text())
     assert config["method"]["lr"] == search["chosen"] and f"method.lr=auto chose {search['chosen']:g}" in printed
-    # config.yaml holds the number: a resume takes no new search and equals the run taken in one go
-    parts = tmp_path / "parts"
-    assert train(tiny_model_dir, data_file, parts, "--trainable", "last-blocks:1", "--lr", "auto", steps=30) == 0
-    capsys.readouterr()
+    # config.yaml holds the number: a resume takes no new search, and equals a run of that config.yaml
+    # (no search either: it names the lr) taken in one go
     assert main(["resume", str(parts), "run.steps=60"]) == 0
-    assert "lr search" not in capsys.readouterr().out
-    assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(parts / "config.yaml"), "--out", str(again), "--steps", "60"]) == 0
+    assert "lr search" not in capsys.readouterr().out and not (again / "trial.json").exists()
+    assert (parts / "steps.log").read_bytes() == (again / "steps.log").read_bytes()
 
 
 def test_the_lowest_training_loss_wins_and_near_ties_go_to_the_smaller_lr():
@@ -52,7 +52,8 @@ def test_lr_auto_is_refused_nowhere_and_is_the_default_where_it_cannot_search(ti
     assert yaml.safe_load((out / "config.yaml").read_text())["method"]["lr"] == 2.5e-4
 
 
-@pytest.mark.parametrize("extra, match", [(["--out", "EXISTS"], "is not empty"), (["--model", "nowhere/at-all"], "nowhere")])
+@pytest.mark.parametrize("extra, match", [(["--out", "EXISTS"], "is not empty"),
+                                          (["--model", "nowhere/at-all"], "nowhere")])
 def test_a_bad_input_is_refused_before_any_search(extra, match, tiny_model_dir, data_file, tmp_path, capsys):
     (tmp_path / "EXISTS").mkdir()
     (tmp_path / "EXISTS" / "mine.txt").write_text("a user's file")
