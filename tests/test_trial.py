@@ -90,10 +90,10 @@ def test_the_first_candidate_that_learns_is_held_and_a_later_one_must_lead_beyon
 def test_the_chosen_candidate_runs_with_its_whole_recipe(monkeypatch, tiny_model_dir, data_file):
     scores = {"final-norm": 0.5, "last-blocks:2": 0.5, "lora": 0.9}
 
-    def fake_try(name, cfgs, budget, scored, folder, metric, log, zero_shot=None):
+    def fake_try(name, cfgs, budget, scored, folder, metric, log, zero_shot=None, **options):
         return {"candidate": name, "dev": scores[name], "dev_loss": 0.5, "zero_shot": 0.4, "forward_passes": 1}
 
-    monkeypatch.setattr(trial, "_try", fake_try)
+    monkeypatch.setattr(trial, "try_candidate", fake_try)
     values = {"model": {"name": str(tiny_model_dir)}, "task": {"data": str(data_file), "n_dev": 8, "n_test": 8,
                                                                "verbalizer": {"pos": "great", "neg": "terrible"}}}
     cfgs, record = trial.choose_trainable(values, log=lambda *a: None)
