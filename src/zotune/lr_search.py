@@ -44,9 +44,9 @@ def pop_auto_lr(values: dict) -> tuple[dict, bool]:
 
 def why_no_search(cfgs: dict) -> str | None:
     """Why `lr=auto` cannot search here (the method's default lr is then used), or None."""
-    import os
+    from zotune.trial import under_torchrun
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfgs["parallel"].data * cfgs["parallel"].perturb > 1:
+    if under_torchrun(cfgs):
         return "under torchrun (the search runs in one process)"
     if cfgs["stream"].tier != "none":
         return "with streamed blocks (a search would stream every lr)"
@@ -76,8 +76,8 @@ def choose_lr(cfgs: dict, log=print) -> tuple[dict, dict]:
             trial_cfgs["method"].lr = float(f"{default * factor:.3g}")
             row = try_candidate(f"lr {trial_cfgs['method'].lr:g}", trial_cfgs, budget, scored, folder,
                                 "loss", lambda *a: None, zero_shot, grads=True, required=True)
-            zero_shot = zero_shot or row.pop("zero_shot_result", None)
-            row.pop("zero_shot_result", None)
+            result = row.pop("zero_shot_result", None)
+            zero_shot = zero_shot or result
             rows.append(row)
             log(f"lr search: lr {row['lr']:g}: training loss {row.get('dev_loss', float('nan')):.4f} "
                 f"(base {row.get('zero_shot_loss', float('nan')):.4f}) in {row.get('seconds', 0):.0f}s")

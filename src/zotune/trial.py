@@ -46,10 +46,15 @@ CANDIDATES = {
 }
 
 
+def under_torchrun(cfgs: dict) -> bool:
+    """Whether this run has several processes (a trial or an lr search runs in one)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfgs["parallel"].data * cfgs["parallel"].perturb > 1
+
+
 def why_no_trial(values: dict) -> str | None:
     """Why `auto` cannot run its trial here (it is then the probe), or None."""
     cfgs = build_configs(settle_auto(values))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfgs["parallel"].data * cfgs["parallel"].perturb > 1:
+    if under_torchrun(cfgs):
         return "under torchrun (the trial runs in one process)"
     if cfgs["stream"].tier != "none" or is_stream_folder(cfgs["model"].name):
         return "with streamed blocks (a trial would stream every candidate)"
