@@ -32,15 +32,21 @@ def test_the_search_chooses_records_and_the_run_resumes_with_the_lr(tiny_model_d
     assert (parts / "steps.log").read_bytes() == (again / "steps.log").read_bytes()
 
 
-def test_the_lowest_training_loss_wins_and_near_ties_go_to_the_smaller_lr():
+def test_the_largest_loss_decrease_wins_and_near_ties_go_to_the_smaller_lr():
     def row(lr, loss, base=1.0):
         return {"lr": lr, "dev_loss": loss, "zero_shot_loss": base}
 
     assert lr_search._pick([row(1e-3, 0.9), row(3e-3, 0.7), row(1e-2, 0.8)], 5e-3)[0] == 3e-3
-    assert lr_search._pick([row(1e-3, 0.9), row(3e-3, 0.7), row(1e-2, 0.6985)], 5e-3)[0] == 3e-3  # within TIE
+    assert lr_search._pick([row(1e-3, 0.9), row(3e-3, 0.7), row(1e-2, 0.69)], 5e-3)[0] == 3e-3  # within TIE
+    assert lr_search._pick([row(1e-3, 0.9), row(3e-3, 0.7), row(1e-2, 0.6)], 5e-3)[0] == 1e-2  # beyond TIE
+    # ties are measured on the decrease, not the loss: 0.4585 vs 0.4549 is 0.8% of the loss but 21% of the drop
+    assert lr_search._pick([row(1e-3, 0.4585, 0.4586 + 0.0170), row(3e-3, 0.4549, 0.4586 + 0.0170)], 5e-3)[0] == 3e-3
     assert lr_search._pick([row(1e-3, 0.9), row(3e-3, float("nan")), row(1e-2, float("inf"))], 5e-3)[0] == 1e-3
     lr, why = lr_search._pick([row(1e-3, 1.1), row(3e-3, 1.0)], 5e-3)  # none beats the base: the default
     assert lr == 5e-3 and "default" in why
+    # the search moved nothing (cge on a probe: 0.4586 -> 0.4585): no signal, the default, and said so
+    lr, why = lr_search._pick([row(1e-3, 0.45861, 0.45861), row(0.1, 0.45853, 0.45861)], 1e-2)
+    assert lr == 1e-2 and "too few steps" in why
 
 
 def test_lr_auto_is_refused_nowhere_and_is_the_default_where_it_cannot_search(tiny_model_dir, data_file, tmp_path,

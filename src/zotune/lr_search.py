@@ -3,10 +3,11 @@
 The method's own default lr (its recipe for what trains) is the centre of a grid of `FACTORS`; each
 lr trains from the base for `SHARE` of the run's forward passes, in a throwaway run folder (the
 frozen prefix reused, as in the run), and is scored by its loss on `ROWS` training rows, the same
-rows for every lr (forward passes only: the search needs no dev split). The lowest loss wins; among
-lrs within `TIE` of it the smallest is taken, since a short search flatters large steps that a long
-run pays for. An lr whose loss is not finite, or none that beats the base's loss, leaves the
-default. It also checks eps: when most steps' projected gradients are exactly 0 (probe losses equal
+rows for every lr (forward passes only: the search needs no dev split). The largest loss decrease
+from the base wins; among lrs whose decrease is within `TIE` of it the smallest is taken, since a
+short search flatters large steps that a long run pays for. When no lr lowers the loss by more
+than `SIGNAL` of the base loss (the search was too short for the method to move it, e.g. a few
+coordinates a step), the search has nothing to go on and the method's default is kept, and said. It also checks eps: when most steps' projected gradients are exactly 0 (probe losses equal
 to float precision), eps is too small for this model and dtype, and the search says so.
 
 The choice is written into config.yaml (a resume and a replay use that number) and the search into
@@ -31,7 +32,8 @@ from zotune.tasks import make_task
 FACTORS = (0.1, 0.316, 1.0, 3.16, 10.0)  # times the method's default lr: a 5-point grid, half a decade apart
 SHARE = 0.04  # of the run's forward passes, per lr: 20% of one run, 4% of a 5-run grid
 ROWS = 128  # training rows each lr is scored on
-TIE = 0.005  # relative loss difference below which the smaller lr is taken
+TIE = 0.1  # an lr whose loss decrease is within this share of the best one's ties with it: the smaller wins
+SIGNAL = 0.002  # a decrease below this share of the base loss is noise: no lr is chosen on it
 
 
 def pop_auto_lr(values: dict) -> tuple[dict, bool]:
@@ -102,11 +104,15 @@ def choose_lr(cfgs: dict, log=print) -> tuple[dict, dict]:
 
 
 def _pick(rows: list[dict], default: float) -> tuple[float, str]:
-    """The lr to train with and why: the lowest training loss, the smallest lr within TIE of it."""
+    """The lr to train with and why: the largest loss decrease, the smallest lr within TIE of it."""
     finite = [r for r in rows if r.get("dev_loss") is not None and math.isfinite(r["dev_loss"])]
     better = [r for r in finite if r["dev_loss"] < r["zero_shot_loss"]]
     if not better:
         return default, "no lr lowered the training loss in the search: the method's default"
-    best = min(r["dev_loss"] for r in better)
-    near = min((r for r in better if r["dev_loss"] <= best * (1 + TIE)), key=lambda r: r["lr"])
+    drop = {id(r): r["zero_shot_loss"] - r["dev_loss"] for r in better}
+    best = max(better, key=lambda r: drop[id(r)])
+    if drop[id(best)] <= SIGNAL * abs(best["zero_shot_loss"]):
+        return default, (f"no lr moved the training loss by more than {SIGNAL:.1%} (best {best['dev_loss']:.4f}, "
+                         f"base {best['zero_shot_loss']:.4f}): too few steps to tell; the method's default")
+    near = min((r for r in better if drop[id(r)] >= (1 - TIE) * drop[id(best)]), key=lambda r: r["lr"])
     return near["lr"], f"training loss {near['dev_loss']:.4f}, base {near['zero_shot_loss']:.4f}"
