@@ -76,6 +76,52 @@ def test_frozen_prefix_reuse_is_bit_exact(family, task):
     assert len(find_blocks(model)) == 3 and all(type(b).__name__ != "_Replay" for _, b in find_blocks(model))
 
 
+def _probe_losses(model, task, batch, steps: int = 3):
+    """(losses through the model's whole forward, losses through what `probe_model` hands the probes, its note)
+    at the base and after `steps` moves of the final norm."""
+    params = [p for _, p in select_trainable(model, "final-norm")]
+    prefix = FrozenPrefix.for_params(model, params)
+    assert prefix is not None and prefix.k == len(find_blocks(model))
+    whole, probed = [], []
+    with torch.inference_mode():
+        prefix.capture(lambda: task.forward(model, batch))
+        with prefix.replaying(), task.head(model, batch):
+            stand_in = prefix.probe_model(model, lambda m: task.head_loss(m, batch))
+            for k in range(steps):
+                whole.append(task.head_loss(model, batch))
+                probed.append(task.head_loss(stand_in, batch))
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k)), alpha=0.1)
+    return whole, probed, prefix.tail_note
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_probe_of_the_final_norm_runs_only_the_tail_and_gives_the_forwards_bits(family, task):
+    model = tiny_model(family)
+    whole, probed, note = _probe_losses(model, task, task.collate(task.train[:8]))
+    assert "probes run only" in note and "whole" not in note
+    assert all(torch.equal(a, b) for a, b in zip(whole, probed)) and len({float(x) for x in whole}) == 3
+
+
+def test_a_tail_that_is_not_a_plain_chain_keeps_the_whole_forward(task):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # Gemma 2 soft-caps its logits in the forward, outside any module: the norm and head alone differ
+    config = AutoConfig.for_model("gemma2", vocab_size=49152, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=8, intermediate_size=64,
+                                  final_logit_softcapping=0.5, pad_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    whole, probed, note = _probe_losses(model, task, task.collate(task.train[:8]))
+    assert "differs from the forward" in note
+    assert all(torch.equal(a, b) for a, b in zip(whole, probed))
+    # a change made around the decoder's output (a hook on a container) is seen the same way
+    model = tiny_model("llama")
+    model.model.register_forward_hook(lambda m, a, out: out.__class__(last_hidden_state=out.last_hidden_state * 2))
+    whole, probed, note = _probe_losses(model, task, task.collate(task.train[:8]))
+    assert "whole forward" in note and all(torch.equal(a, b) for a, b in zip(whole, probed))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_zo_lowers_training_loss(family, task):
     model = tiny_model(family)
@@ -93,6 +139,23 @@ def test_zo_lowers_training_loss(family, task):
     for _ in range(60):
         opt.step(loss)
     assert float(loss()) < start - 0.05
+
+
+def test_a_shared_store_serves_a_batchs_prefix_to_every_run_of_the_command(task):
+    from zotune.prefix import PrefixStore
+
+    store, batch, outputs, ran = PrefixStore(shared=True), task.collate(task.train[:4]), {}, []
+    for run, spec in enumerate(("final-norm", "last-blocks:1", "final-norm", "last-blocks:1")):
+        model = tiny_model("llama")  # a fresh load of the same base for each run, as each candidate has
+        model.model.layers[0].register_forward_hook(lambda *a: ran.append(run))
+        prefix = FrozenPrefix.for_params(model, [p for _, p in select_trainable(model, spec)], keep_bytes=1 << 20,
+                                         store=store)
+        prefix.capture(lambda: task.forward(model, batch), key="batch 0")
+        outputs.setdefault(prefix.k, []).append(prefix.output)
+        prefix.clear()  # the end of a run: a shared store keeps what it holds
+    assert ran == [0, 1]  # each k computed once, by the first run that needed it
+    assert set(outputs) == {3, 2} and all(torch.equal(a, b) for a, b in outputs.values())
+    assert not torch.equal(outputs[3][0], outputs[2][0]) and len(store.kept) == 2
 
 
 def test_prefix_refused_when_a_trainable_module_runs_early(task):

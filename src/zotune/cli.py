@@ -28,6 +28,7 @@ TASK_HELP = ("a suite task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, recor
 
 def _train(args) -> int:
     from zotune.lr_search import choose_lr, pop_auto_lr, why_no_search
+    from zotune.prefix import PrefixStore
     from zotune.resolve import build_configs, is_auto, settle_auto, user_values
     from zotune.train import train
     from zotune.trial import choose_trainable, why_no_trial
@@ -40,22 +41,23 @@ def _train(args) -> int:
     values = user_values(args.config, args.overrides, flags, task=args.task)
     values, lr_auto = pop_auto_lr(values)  # method.lr=auto: a search after what trains is known
     cfgs, trial = None, None
+    store = PrefixStore(shared=True)  # a batch's frozen prefix computed once for the trial, the search and the run
     speaks = os.environ.get("RANK", "0") == "0"  # (rank 0 speaks for the run)
     if is_auto(values):  # nothing named to train: a short trial on dev chooses (zotune.trial)
         why_not = why_no_trial(values)
         if not why_not:
-            cfgs, trial = choose_trainable(values)
+            cfgs, trial = choose_trainable(values, store=store)
         elif speaks:
             print(f"note: model.trainable=auto trains the final norm {why_not}")
     cfgs = cfgs or build_configs(settle_auto(values))
     if lr_auto:
         why_not = why_no_search(cfgs)
         if not why_not:
-            cfgs, search = choose_lr(cfgs)
+            cfgs, search = choose_lr(cfgs, store=store)
             trial = {**(trial or {}), "lr_search": search}
         elif speaks:
             print(f"note: method.lr=auto takes the method's default lr {cfgs['method'].lr:g} {why_not}")
-    summary = train(cfgs, trial=trial)
+    summary = train(cfgs, trial=trial, prefix_store=store)
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
@@ -128,6 +130,15 @@ def _prepare(args) -> int:
         prepare_folder(args.out, checkpoint=str(checkpoint_folder(ModelConfig(name=args.model))),
                        storage_dtype=args.storage_dtype)
     print(f"train on it with: zotune train --model {args.out}")
+    return 0
+
+
+def _bench_probe(args) -> int:
+    from zotune.bench.probe import run_probe_bench
+
+    result = run_probe_bench(args.shape, args.batch, args.repeats, log=(lambda *a: None) if args.json else print)
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 
@@ -293,6 +304,12 @@ def _add_bench(sub) -> None:
     s.add_argument("--no-task", dest="task", action="store_false",
                    help="skip the SmolLM2 default-task part (needs the offline model package)")
     s.set_defaults(func=_bench)
+    s = bsub.add_parser("probe", help="the default job's step: probes through the whole forward / the tail alone")
+    s.add_argument("--shape", default="gemma-3-270m", help="a random-weight model shape (zotune.shapes)")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    s.set_defaults(func=_bench_probe)
     s = bsub.add_parser("stream", help="streamed step / resident step, in time and peak memory, at two depths")
     _shape_and_batch(s, repeats=5)
     s.add_argument("--depths", default="12,48", help="two block counts for the memory growth, e.g. 12,48")

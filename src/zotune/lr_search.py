@@ -7,8 +7,9 @@ rows for every lr (forward passes only: the search needs no dev split). The larg
 from the base wins; among lrs whose decrease is within `TIE` of it the smallest is taken, since a
 short search flatters large steps that a long run pays for. When no lr lowers the loss by more
 than `SIGNAL` of the base loss (the search was too short for the method to move it, e.g. a few
-coordinates a step), the search has nothing to go on and the method's default is kept, and said. It also checks eps: when most steps' projected gradients are exactly 0 (probe losses equal
-to float precision), eps is too small for this model and dtype, and the search says so.
+coordinates a step), the search has nothing to go on and the method's default is kept, and said.
+It also checks eps: when most steps' projected gradients are exactly 0 (probe losses equal to
+float precision), eps is too small for this model and dtype, and the search says so.
 
 The choice is written into config.yaml (a resume and a replay use that number) and the search into
 the run's trial.json (`lr_search`: each lr's loss, steps, forward passes, seconds).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from zotune.config import ConfigError
 from zotune.models import resolve_source
+from zotune.prefix import PrefixStore
 from zotune.runs import RunFolder
 from zotune.tasks import make_task
 
@@ -55,8 +57,9 @@ def why_no_search(cfgs: dict) -> str | None:
     return None
 
 
-def choose_lr(cfgs: dict, log=print) -> tuple[dict, dict]:
-    """(cfgs with the chosen `method.lr`, the search's record)."""
+def choose_lr(cfgs: dict, log=print, store: PrefixStore | None = None) -> tuple[dict, dict]:
+    """(cfgs with the chosen `method.lr`, the search's record); `store`: the frozen prefixes the command's
+    runs share (every lr's, the run's)."""
     from zotune.trial import try_candidate
 
     resolve_source(cfgs["model"])  # what is wrong with the model, the data or --out: said before any search
@@ -77,7 +80,7 @@ def choose_lr(cfgs: dict, log=print) -> tuple[dict, dict]:
             trial_cfgs = copy.deepcopy(cfgs)
             trial_cfgs["method"].lr = float(f"{default * factor:.3g}")
             row = try_candidate(f"lr {trial_cfgs['method'].lr:g}", trial_cfgs, budget, scored, folder,
-                                "loss", lambda *a: None, zero_shot, grads=True, required=True)
+                                "loss", lambda *a: None, zero_shot, grads=True, required=True, store=store)
             result = row.pop("zero_shot_result", None)
             zero_shot = zero_shot or result
             rows.append(row)

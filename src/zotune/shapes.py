@@ -15,6 +15,11 @@ SHAPES = {
                      word_embed_proj_dim=768),
     "opt-350m": dict(_OPT, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
                      word_embed_proj_dim=1024),
+    # Gemma-3-270M's text model: a 262k vocabulary (168M of its 268M parameters are the embedding)
+    "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                         max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=256,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True),
     # Llama-2-7B's shape: 6.7B parameters, 27 GB in float32.
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,

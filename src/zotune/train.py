@@ -29,7 +29,7 @@ from zotune.methods import NonFiniteLossError
 from zotune.models import resolve_source
 from zotune.parallel import SOLO, DivergedError, Group, text_digest, weights_digest
 from zotune.precision import Masters, Precision, set_tf32
-from zotune.prefix import FrozenPrefix
+from zotune.prefix import FrozenPrefix, PrefixStore, batch_key
 from zotune.resolve import SECTIONS, check_as_recorded, resolve_device
 from zotune.runs import RunFolder, RunRecord
 from zotune.schedule import batch_order, lr_factor
@@ -116,6 +116,7 @@ class _Run:
     log: object
     best: _Best
     prefix: FrozenPrefix | None = None
+    prefix_store: PrefixStore | None = None  # shared by the runs of one command (zotune.prefix.PrefixStore)
 
     @property
     def main(self) -> bool:
@@ -145,7 +146,7 @@ class _Run:
 
 
 def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None, trial: dict | None = None,
-          zero_shot: dict | None = None) -> dict:
+          zero_shot: dict | None = None, prefix_store: PrefixStore | None = None) -> dict:
     """Fine-tune with a ZO method and return the summary written to the run folder.
 
     `cfgs` maps section names to configs (`zotune.resolve.resolve_configs`); missing sections take their
@@ -176,7 +177,7 @@ def train(cfgs: dict, log=print, resume: bool = False, task: Task | None = None,
     except ConfigError:  # refused before step 0: a new run leaves nothing behind, a resumed one is as it was
         run.close() if resume else run.discard()
         raise
-    r = _Run(cfgs, task, session, run, group, device, log, _Best(cfgs["run"].patience))
+    r = _Run(cfgs, task, session, run, group, device, log, _Best(cfgs["run"].patience), prefix_store=prefix_store)
     if trial is not None and r.main:  # what `model.trainable=auto` and `method.lr=auto` tried, and why
         run.write_trial(trial)
     _introduce(r, resume)
@@ -240,7 +241,7 @@ def _introduce(r: _Run, resume: bool) -> None:
     # (prefix tuning feeds every block trained keys and values: no block is frozen)
     if not streamed and task.fixed_inputs and adapter.kind != "prefix":
         r.prefix = FrozenPrefix.for_params(session.model, params, cfgs["model"].blocks_path,
-                                           keep_bytes=cfgs["run"].prefix_cache_mb << 20)
+                                           keep_bytes=cfgs["run"].prefix_cache_mb << 20, store=r.prefix_store)
     if r.prefix is not None:
         log(f"blocks 0..{r.prefix.k - 1} are frozen: computed once per batch (kept up to "
             f"{cfgs['run'].prefix_cache_mb} MiB across epochs) and reused by every probe")
@@ -306,14 +307,16 @@ def _run_steps(r: _Run, start: int, seconds_before: float) -> _Outcome:
                 collated[batch_id] = task.collate([task.train[i] for i in indices[rows]])
             batch = collated[batch_id].to(r.device) if share else None
             if r.prefix is not None and share:
-                r.prefix.capture(lambda: task.forward(model, batch), key=batch_id)
+                r.prefix.capture(lambda: task.forward(model, batch), key=batch_key(r.cfgs, group.rank, batch_id))
             # (a rank with no rows of this batch, e.g. parallel.data above run.batch_size, runs no forward)
             replay = r.prefix.replaying if r.prefix is not None and share else contextlib.nullcontext
             factor = lr_factor(run_cfg.lr_schedule, step, run_cfg.steps, run_cfg.warmup_steps)
             try:
                 with replay(), task.head(model, batch) if share else contextlib.nullcontext():
                     # the head: once for every probe
-                    loss, rec = r.session.step(lambda: task.head_loss(model, batch), share, factor)
+                    probed = (r.prefix.probe_model(model, lambda m: task.head_loss(m, batch), r.log)
+                              if r.prefix is not None and share else model)  # every block frozen: the tail
+                    loss, rec = r.session.step(lambda: task.head_loss(probed, batch), share, factor)
                 out.step = step
                 run.append_step(step, rec, loss)  # the checkpoint: from here on, this step is never lost
                 run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from zotune.config import ConfigError, merge
 from zotune.models import resolve_source
+from zotune.prefix import PrefixStore
 from zotune.resolve import build_configs, settle_auto
 from zotune.runs import RunFolder, RunRecord
 from zotune.stream import is_stream_folder
@@ -69,8 +70,9 @@ def candidate_values(values: dict) -> dict[str, dict]:
             for name, (layer, defaults) in CANDIDATES.items()}
 
 
-def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
-    """(the configs of the chosen candidate's run, the trial's record for trial.json)."""
+def choose_trainable(values: dict, log=print, store: PrefixStore | None = None) -> tuple[dict, dict]:
+    """(the configs of the chosen candidate's run, the trial's record for trial.json); `store`: the frozen
+    prefixes the command's runs share (the candidates', the run's)."""
     plans = {name: build_configs(v) for name, v in candidate_values(values).items()}
     first = next(iter(plans.values()))
     resolve_source(first["model"])  # what is wrong with the model, the data or --out: said before any trial
@@ -86,7 +88,7 @@ def choose_trainable(values: dict, log=print) -> tuple[dict, dict]:
         budget = SHARE * min(c["run"].steps * c["method"].forwards_per_step for c in plans.values())
         zero_shot = None  # every candidate starts from the base (LoRA's B is zero): scored on dev once
         for name, cfgs in plans.items():
-            rows.append(try_candidate(name, cfgs, budget, scored, folder, metric, log, zero_shot))
+            rows.append(try_candidate(name, cfgs, budget, scored, folder, metric, log, zero_shot, store=store))
             result = rows[-1].pop("zero_shot_result", None)
             zero_shot = zero_shot or result
             gc.collect()  # the candidate's model is gone before the next one loads
@@ -134,10 +136,11 @@ def _pick(tried: list[dict], n_dev: int) -> dict:
 
 
 def try_candidate(name: str, cfgs: dict, budget: float, scored, folder: str, metric: str, log, zero_shot=None,
-                  grads: bool = False, required: bool = False) -> dict:
+                  grads: bool = False, required: bool = False, store: PrefixStore | None = None) -> dict:
     """One candidate (what to train, or an lr: `zotune.lr_search`), trained for `budget` forward passes in a
     throwaway folder, scored on `scored.test`; `grads`: count the steps whose projected gradients were all 0;
-    `required`: a candidate that cannot run stops the command (else only the probe's does)."""
+    `required`: a candidate that cannot run stops the command (else only the probe's does); `store`: the
+    frozen prefixes the command's runs share."""
     cfgs = copy.deepcopy(cfgs)
     run = cfgs["run"]
     steps = max(1, int(budget // cfgs["method"].forwards_per_step))
@@ -146,7 +149,7 @@ def try_candidate(name: str, cfgs: dict, budget: float, scored, folder: str, met
     what = f"{name} ({cfgs['method'].name}, lr {cfgs['method'].lr:g}, batch {run.batch_size})"
     log(f"trial: {what}, {steps} steps")
     try:
-        summary = train(cfgs, log=lambda *a, **k: None, task=scored, zero_shot=zero_shot)
+        summary = train(cfgs, log=lambda *a, **k: None, task=scored, zero_shot=zero_shot, prefix_store=store)
     except ConfigError as e:  # a candidate this model cannot take (e.g. no LoRA modules PEFT knows)
         if required or name == next(iter(CANDIDATES)):
             raise  # the probe fits every model: its error is the run's
