@@ -206,6 +206,13 @@ def test_bench_step_prints_both_ratios_as_json(capsys):
     assert result["zotune_ratio"] > 0 and result["mezo_ratio"] > 0 and result["shape"] == "tiny"
 
 
+def test_bench_probe_times_the_whole_forward_and_the_tail_on_the_same_step(capsys):
+    assert main(["bench", "probe", "--shape", "tiny", "--batch", "4", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tail"] == "every block is frozen: probes run only model.decoder.final_layer_norm -> lm_head"
+    assert result["step_tail_s"] > 0 and result["tail_speedup"] > 0 and result["vocab"] == 50272
+
+
 @pytest.mark.parametrize("method", ["zosgd", "zoadam"])
 def test_bench_stream_times_the_three_placements_of_one_method_on_the_same_loss(method, tmp_path):
     from zotune.bench.stream import run_time_bench
