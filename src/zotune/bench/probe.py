@@ -57,8 +57,8 @@ def run_probe_bench(shape: str = "gemma-3-270m", batch: int = 64, repeats: int =
     log(f"{shape} (random weights, vocabulary {model.config.vocab_size:,}), a batch of {batch} prompts: the default "
         f"job's step (FZOO, 9 forwards, final norm)\n{notes[0] if notes else ''}")
     log(f"{'':36}{'seconds (median)':>17}")
-    for name, text in (("step_whole_forward", "probes through the whole forward"), ("step_tail", "probes through the tail"),
-                       ("step_no_forward", "the step without its forwards")):
+    for name, text in (("step_whole_forward", "probes through the whole forward"),
+                       ("step_tail", "probes through the tail"), ("step_no_forward", "the step without its forwards")):
         log(f"{text:36}{med[name]:>17.4f}")
     log(f"the tail is {result['tail_speedup']:.2f}x faster; the sweeps are {result['sweeps_share_of_tail_step']:.1%} "
         f"of its step")
