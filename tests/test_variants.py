@@ -117,11 +117,33 @@ def test_state_dict_resume_equals_uninterrupted(name):
     ("lozo", dict(rank=0), "method.rank=0 must be an integer >= 1"),
     ("lozo", dict(interval=0), "method.interval=0 must be"),
     ("lozo-m", dict(momentum=0.0), "plain LOZO: use method.name=lozo"),
+    ("zosgd", dict(n_directions=4, n_directions_max=2), "below method.n_directions=4"),
+    ("zosgd", dict(n_directions_max=4, query_beta=0.0), "query_beta=0.0 must be in"),
+    ("zosgd", dict(n_directions_max=4, query_every=0), "query_every=0 must be an integer"),
+    ("hizoo", dict(n_directions_max=4), "n_directions_max=4: hizoo cannot take that many"),
+    ("cge", dict(n_directions=2, n_directions_max=5000), "n_directions=5000 is more than the 1230"),
 ])
 def test_bad_options_are_refused(name, options, match):
     params, _ = quadratic()
     with pytest.raises((ConfigError, TypeError), match=match):
         make_optimizer(name, params, **options)
+
+
+def test_the_query_schedule_grows_the_directions_sublinearly_and_counts_them():
+    from zotune.methods import MethodConfig
+
+    cfg = MethodConfig(n_directions=2, n_directions_max=8, query_beta=0.5, query_every=10)
+    assert [cfg.directions_at(t) for t in (0, 9, 10, 20, 30, 149, 150, 10**6)] == [2, 2, 3, 4, 4, 8, 8, 8]
+    assert cfg.forwards_in(25) == 2 * (10 * 2 + 10 * 3 + 5 * 4)
+    assert cfg.steps_within(100) == 20 and cfg.steps_within(99) == 19
+    assert MethodConfig(n_directions=2).forwards_in(25) == 100  # no schedule: n_directions every step
+    params, loss = quadratic()
+    opt = make_optimizer("zosgd-momentum", params, lr=1e-2, n_directions_max=3, query_beta=1.0, query_every=2)
+    counts = []
+    for _ in range(7):
+        opt.step(loss)
+        counts.append(len(opt.last.grads))
+    assert counts == [1, 1, 2, 2, 3, 3, 3]
 
 
 def test_registry_lists_every_method():
@@ -411,6 +433,11 @@ STREAMS = None  # no refusal: the method streams on both tiers, its state travel
     (["--method", "fzoo", "method.n_directions=3"], STREAMS),
     (["--method", "lozo-m", "method.interval=2", "method.n_directions=2"], STREAMS),
     (["--method", "cge", "method.n_directions=3"], STREAMS),
+    # AdaZeta's query schedule (1, 1, 2, 2, 3, 3 directions): each piece of a step takes its own step's count
+    (["--method", "zosgd-momentum", "method.n_directions_max=3", "method.query_beta=1", "method.query_every=2"],
+     STREAMS),
+    (["--method", "lozo-m", "method.interval=2", "method.n_directions_max=3", "method.query_beta=1",
+      "method.query_every=2"], STREAMS),
 ])
 def test_cli_trains_and_resumes_every_method_exactly(method, refusal, tiny_model_dir, data_file, tmp_path, capsys):
     def args(out, steps):

@@ -50,7 +50,7 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
         for seed in seeds:
             cfgs = resolve_configs(None, [*shared, f"method.name={name}", *overrides, f"run.seed={seed}"])
             per_step = cfgs["method"].forwards_per_step
-            steps = forwards // per_step
+            steps = cfgs["method"].steps_within(forwards) if forwards >= per_step else 0  # (a query schedule grows)
             if steps < evals:
                 raise ConfigError(f"--run {text!r}: {forwards} forward passes are only {steps} steps of {per_step} "
                                   f"forwards; raise --forwards")

@@ -50,7 +50,7 @@ class WindowedZO(torch.optim.Optimizer):
         if self._window is None:
             self._window = (zo.begin(), [0.0] * zo.n_probes)
         else:  # the previous micro-batch's walk left θ moved: back to rest before walking again
-            zo.undo(self._params, self._window[0], zo.offsets())
+            zo.undo(self._params, self._window[0], zo.offsets(self._window[0].step))
         key, sums = self._window
         offsets: dict[int, float] = {}
         losses: list[float] = []

@@ -71,7 +71,7 @@ def choose_lr(cfgs: dict, log=print, store: PrefixStore | None = None) -> tuple[
     scored = copy.copy(task)
     scored.test = task.train[:ROWS]  # every lr scored on the same training rows
     default = cfgs["method"].lr
-    run_forwards = cfgs["run"].steps * cfgs["method"].forwards_per_step
+    run_forwards = cfgs["method"].forwards_in(cfgs["run"].steps)
     budget = SHARE * run_forwards
     rows, zero_shot, started = [], None, time.perf_counter()
     folder = tempfile.mkdtemp(prefix="zotune-lr-")

@@ -421,7 +421,7 @@ def _finish(r: _Run, out: _Outcome, before: dict, started: float) -> dict:
     else:
         summary["error"] = out.error or "stopped by Ctrl-C"
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    summary["forward_passes"] = step * r.cfgs["method"].forwards_per_step
+    summary["forward_passes"] = r.cfgs["method"].forwards_in(step)
     session.close()  # streaming: every block flushed to its tier
     try:
         r.run.write_summary(summary)

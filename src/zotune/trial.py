@@ -85,7 +85,7 @@ def choose_trainable(values: dict, log=print, store: PrefixStore | None = None) 
     rows, started = [], time.perf_counter()
     folder = tempfile.mkdtemp(prefix="zotune-trial-")
     try:
-        budget = SHARE * min(c["run"].steps * c["method"].forwards_per_step for c in plans.values())
+        budget = SHARE * min(c["method"].forwards_in(c["run"].steps) for c in plans.values())
         zero_shot = None  # every candidate starts from the base (LoRA's B is zero): scored on dev once
         for name, cfgs in plans.items():
             rows.append(try_candidate(name, cfgs, budget, scored, folder, metric, log, zero_shot, store=store))
@@ -102,7 +102,7 @@ def choose_trainable(values: dict, log=print, store: PrefixStore | None = None) 
     chosen = plans[best["candidate"]]
     seconds = round(time.perf_counter() - started, 1)
     forwards = sum(r.get("forward_passes", 0) for r in rows)
-    run_forwards = chosen["run"].steps * chosen["method"].forwards_per_step
+    run_forwards = chosen["method"].forwards_in(chosen["run"].steps)
     log(f"model.trainable=auto chose {best['candidate']} (dev {metric} {best['dev']:.3f}; zero-shot "
         f"{best['zero_shot']:.3f}): a trial of {forwards:,} forward passes ({forwards / run_forwards:.0%} of the run's "
         f"{run_forwards:,}) in {seconds:.0f}s")
@@ -143,7 +143,7 @@ def try_candidate(name: str, cfgs: dict, budget: float, scored, folder: str, met
     frozen prefixes the command's runs share."""
     cfgs = copy.deepcopy(cfgs)
     run = cfgs["run"]
-    steps = max(1, int(budget // cfgs["method"].forwards_per_step))
+    steps = cfgs["method"].steps_within(budget)
     run.steps, run.eval_every, run.keep, run.patience = steps, 0, "last", 0
     run.snapshot_every, run.report_to, run.out = 0, "none", os.path.join(folder, name.replace(":", "-"))
     what = f"{name} ({cfgs['method'].name}, lr {cfgs['method'].lr:g}, batch {run.batch_size})"

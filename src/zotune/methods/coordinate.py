@@ -45,8 +45,9 @@ class CGE(ZOSGD):
             self._starts.append(start)
             start += p.numel()
         self.values = start
-        if self.n_directions > self.values:
-            raise ConfigError(f"method.n_directions={self.n_directions} is more than the {self.values} trained values: "
+        most = max(self.n_directions, self.cfg.n_directions_max)  # (the query schedule's largest step)
+        if most > self.values:
+            raise ConfigError(f"method.n_directions={most} is more than the {self.values} trained values: "
                               f"cge estimates one value a direction; use n_directions <= {self.values}")
         self._picked: dict[StepKey, torch.Tensor] = {}
         self._lock = threading.Lock()  # the streaming engine's threads share the cache

@@ -58,6 +58,11 @@ class MethodConfig:
     n_directions: int = 1
     one_sided: bool = False
     distribution: str = "rademacher"  # ±1 directions (SPSA's classic choice, cheap to draw), or "gaussian" (MeZO's)
+    # AdaZeta's query schedule: with n_directions_max above n_directions, step t takes
+    # min(ceil(n_directions · k^query_beta), n_directions_max) directions, k = 1 + t // query_every
+    n_directions_max: int = 0
+    query_beta: float = 0.5
+    query_every: int = 100
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -77,6 +82,50 @@ class MethodConfig:
         if not (isinstance(self.n_directions, int) and self.n_directions >= 1):
             raise ConfigError(f"method.n_directions={self.n_directions} must be an integer >= 1")
         METHODS[self.name][1].check_probes(self.n_directions, self.one_sided)  # before any work, in the method's words
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if not (isinstance(self.n_directions_max, int) and self.n_directions_max >= 0):
+            raise ConfigError(f"method.n_directions_max={self.n_directions_max} must be an integer >= 0 (0: a fixed "
+                              f"number of directions)")
+        if not self.n_directions_max:
+            return
+        if self.n_directions_max < self.n_directions:
+            raise ConfigError(f"method.n_directions_max={self.n_directions_max} is below method.n_directions="
+                              f"{self.n_directions}: the schedule grows from n_directions up to n_directions_max")
+        if not (isinstance(self.query_every, int) and self.query_every >= 1):
+            raise ConfigError(f"method.query_every={self.query_every} must be an integer >= 1 (steps per stage of "
+                              f"the query schedule, e.g. the steps of an epoch)")
+        if not (math.isfinite(self.query_beta) and 0 < self.query_beta <= 1):
+            raise ConfigError(f"method.query_beta={self.query_beta} must be in (0, 1] (sublinear growth, e.g. 0.5)")
+        try:
+            METHODS[self.name][1].check_probes(self.n_directions_max, self.one_sided)
+        except ConfigError as e:
+            raise ConfigError(f"method.n_directions_max={self.n_directions_max}: {self.name} cannot take that many "
+                              f"directions ({e}); drop n_directions_max") from None
+
+    def directions_at(self, step: int) -> int:
+        """The directions of step `step` (0-based): n_directions, or the query schedule's count."""
+        if self.n_directions_max <= self.n_directions:
+            return self.n_directions
+        k = 1 + step // self.query_every
+        return min(math.ceil(self.n_directions * k ** self.query_beta - 1e-9), self.n_directions_max)
+
+    def forwards_in(self, steps: int) -> int:
+        """Forward passes of the first `steps` steps (a run's budget, with the query schedule if any)."""
+        if self.n_directions_max <= self.n_directions:
+            return steps * self.forwards_per_step
+        count = METHODS[self.name][1].forwards
+        return sum(count(self.directions_at(t), self.one_sided) for t in range(steps))
+
+    def steps_within(self, forwards: float) -> int:
+        """The most steps (at least 1) whose forward passes fit in `forwards`."""
+        steps, used = 0, 0
+        while True:
+            used += METHODS[self.name][1].forwards(self.directions_at(steps), self.one_sided)
+            if used > forwards:
+                return max(1, steps)
+            steps += 1
 
     @property
     def forwards_per_step(self) -> int:

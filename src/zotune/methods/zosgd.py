@@ -188,6 +188,7 @@ class ZOSGD(torch.optim.Optimizer):
         micro-batch) and replay all walk with this, so they repeat each other's roundings. `offsets`,
         when given, collects direction -> the scale applied so far (for `undo` when a step fails).
         """
+        self.at_step(key.step)
         r = 0
         for k, scale, probe in self.moves():
             if k is not None:
@@ -203,7 +204,7 @@ class ZOSGD(torch.optim.Optimizer):
         eps = self.eps
         if self.one_sided:
             return [(plus - losses[0]) / eps for plus in losses[1:]]
-        return [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(self.n_directions)]
+        return [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(len(losses) // 2)]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor], share: float = 1.0) -> torch.Tensor:  # type: ignore[override]
@@ -249,7 +250,15 @@ class ZOSGD(torch.optim.Optimizer):
 
     def begin(self) -> StepKey:
         """The key of the next step (its seed drawn here)."""
+        self.at_step(self.steps)
         return StepKey(self.steps, self._next_seed())
+
+    def at_step(self, step: int) -> int:
+        """Set and return `n_directions` for step `step` (0-based): fixed, or the query schedule's. Every
+        piece of a step (its walk, its update, a replay) sets it from the step it belongs to, so a
+        streamed block catching up on step t while step t + 1 walks gets each step's own count."""
+        self.n_directions = self.cfg.directions_at(step)
+        return self.n_directions
 
     def add_z(self, p: torch.Tensor, key: StepKey, k: int, i: int, scale: float, decay: float = 1.0,
               then: float = 0.0) -> None:
@@ -323,11 +332,13 @@ class ZOSGD(torch.optim.Optimizer):
             self.steps = record.step + 1
             self.last = record
 
-    def offsets(self) -> dict[int, float]:
-        """Direction -> total scale that a full walk of `moves()` leaves applied (before `update`)."""
+    def offsets(self, step: int) -> dict[int, float]:
+        """Direction -> total scale that a full walk of step `step`'s `moves()` leaves applied (before `update`)."""
         out: dict[int, float] = {}
-        for _ in self.walk([], StepKey(0, 0), out):
-            pass
+        self.at_step(step)
+        for k, scale, _ in self.moves():
+            if k is not None:
+                out[k] = out.get(k, 0.0) + scale
         return out
 
     def update(self, indexed: list[tuple[int, torch.Tensor]], record: StepRecord) -> None:
@@ -335,7 +346,7 @@ class ZOSGD(torch.optim.Optimizer):
 
         `indexed` holds (i, tensor) pairs, the tensor at the state the step's walk left it in.
         """
-        n = self.n_directions
+        n = self.at_step(record.step)
         restore = (-self.eps if self.one_sided else self.eps) if n == 1 else 0.0
         groups, group_lr = self._group_of(), self._group_lrs(record)
         for i, p in indexed:

@@ -206,7 +206,7 @@ class StreamEngine:
                 opt.update(pairs, record)
                 state = BlockState(state.perturbed + 1)
             else:  # that step never finished (a non-finite loss, Ctrl-C, a crash): take its moves back
-                opt.undo(pairs, StepKey(state.perturbed, state.seed), opt.offsets())
+                opt.undo(pairs, StepKey(state.perturbed, state.seed), opt.offsets(state.perturbed))
                 state = BlockState(state.version)
             res.changed = True
         while state.version < self.version:  # a block behind the log (after a resume): catch up exactly
