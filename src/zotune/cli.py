@@ -61,6 +61,23 @@ def _train(args) -> int:
     return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
+def _sensitivity(args) -> int:
+    from pathlib import Path
+
+    from zotune.files import check_new_file
+    from zotune.resolve import build_configs, settle_auto, user_values
+    from zotune.sensitivity import make_mask
+
+    check_new_file(Path(args.out), "--out")
+    if args.rows < 1 or args.batch_size < 1:
+        raise ConfigError("--rows and --batch-size must be >= 1 (e.g. --rows 128 --batch-size 8)")
+    flags = {section: {key: value} for section, key, value in (("model", "name", args.model),
+                                                                ("task", "data", args.data)) if value}
+    cfgs = build_configs(settle_auto(user_values(args.config, args.overrides, flags, task=args.task)))
+    make_mask(cfgs, Path(args.out), args.density, args.rows, args.batch_size)
+    return 0
+
+
 def _resume(args) -> int:
     from pathlib import Path
 
@@ -244,6 +261,18 @@ def _add_training(sub) -> None:
     r.add_argument("run_dir")
     r.add_argument("overrides", nargs="*", metavar="run.key=value", help="e.g. run.steps=2000 to train longer")
     r.set_defaults(func=_resume)
+    m = sub.add_parser("sensitivity", help="the mask of sensitive weights (squared gradients, measured once) for "
+                       "model.trainable=sensitive:MASK")
+    m.add_argument("--out", required=True, help="a new .safetensors file for the mask")
+    m.add_argument("--config", help="YAML file: its model and task sections are used")
+    m.add_argument("--model", help="the model (default: the default model)")
+    m.add_argument("--task", help=TASK_HELP)
+    m.add_argument("--data", help="same as task.data=VALUE (a data file or built-in set)")
+    m.add_argument("--density", type=float, default=1e-3, help="the share of block linear weights kept (0.001)")
+    m.add_argument("--rows", type=int, default=128, help="training rows the gradients are summed over")
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. task.template=...")
+    m.set_defaults(func=_sensitivity)
     for name, text in (("replay", "rebuild the fine-tuned model from the base model and the step log alone"),
                        ("export", "write the fine-tuned model as a standard HF folder (snapshot + log)")):
         e = sub.add_parser(name, help=text)

@@ -262,16 +262,16 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> list[tuple[
 # ----------------------------------------------------------------------------------------------
 # Which parameters train
 
-TRAINABLE_FORMS = ("all, norms, final-norm, biases, last-blocks:K, scales (of a quantized base), modules:CLASS[,CLASS] "
-                   "(module class names), or a regex on parameter names with re:; join forms with + "
-                   "(e.g. last-blocks:1+biases)")
+TRAINABLE_FORMS = ("all, norms, final-norm, biases, last-blocks:K, scales (of a quantized base), sensitive:MASK (the "
+                   "entries a `zotune sensitivity` mask names), modules:CLASS[,CLASS] (module class names), or a "
+                   "regex on parameter names with re:; join forms with + (e.g. last-blocks:1+biases)")
 
 
 def _parts(spec: str) -> list[str]:
-    """`a+b+re:x+y` -> ["a", "b", "re:x+y"]: a regex takes the rest of the spec, `+` included."""
+    """`a+b+re:x+y` -> ["a", "b", "re:x+y"]: a regex (or a mask's path) takes the rest of the spec, `+` included."""
     parts = []
     while True:
-        if spec.startswith("re:"):
+        if spec.startswith(("re:", "sensitive:")):
             parts.append(spec)
             return parts
         head, plus, spec = spec.partition("+")
@@ -298,6 +298,8 @@ def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
                 raise ConfigError(f"model.trainable={spec!r}: {part[3:]!r} is not a valid regular expression ({e}); "
                                   f"escape special characters, e.g. re:layers\\.1\\.") from None
             out.append(("re", part[3:]))
+        elif part.startswith("sensitive:") and len(part) > 10:
+            out.append(("sensitive", part[10:]))
         elif part.startswith("modules:") and part[8:].strip(","):
             out.append(("modules", part[8:]))
         elif part.startswith("last-blocks:") and part[12:].isdigit() and int(part[12:]) > 0:
@@ -305,6 +307,16 @@ def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
         else:
             raise ConfigError(f"model.trainable={spec!r} is not understood ({part!r}); use one of: {TRAINABLE_FORMS}")
     return out
+
+
+def _sparse_deltas(model: nn.Module, mask: str) -> set[int]:
+    from zotune.sparse_delta import SparseDelta
+
+    ids = {id(m.delta) for m in model.modules() if isinstance(m, SparseDelta)}
+    if not ids:
+        raise ConfigError(f"model.trainable=sensitive:{mask}: this model has no sparse deltas yet; a run attaches them "
+                          f"itself, from Python call zotune.sparse_delta.attach_deltas(model, {mask!r}) first")
+    return ids
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -365,6 +377,8 @@ def select_trainable(model: nn.Module, spec, blocks_path: str | None = None) -> 
             elif kind == "re":
                 pattern = re.compile(arg)
                 ids = {id(p) for n, p in named if pattern.search(n)}
+            elif kind == "sensitive":
+                ids = _sparse_deltas(model, arg)
             elif kind == "scales":
                 ids = {id(m.scale) for m in model.modules() if getattr(m, "is_quantized_linear", False)}
             elif kind == "biases":

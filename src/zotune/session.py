@@ -27,6 +27,7 @@ from zotune.precision import Masters
 from zotune.quant import QWEIGHT_KIND, quantize_
 from zotune.resolve import recorded_options
 from zotune.runs import RunFolder
+from zotune.sparse_delta import attach_deltas
 from zotune.stream import StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_
 from zotune.stream.format import record_source, recorded_source
 
@@ -126,7 +127,12 @@ class Session:
             self.engine.attach(self.opt)
 
     def _quantize(self, model_cfg: ModelConfig, log) -> None:
-        """A quantized base (model.quantize): every frozen block linear quantized; what trains stays float."""
+        """A quantized base (model.quantize): every frozen block linear quantized; what trains stays float.
+        A sensitivity mask's sparse deltas are attached first: the linears they wrap are frozen, and quantized."""
+        masks = [arg for kind, arg in parse_trainable(model_cfg.trainable) if kind == "sensitive"]
+        for mask in masks:
+            entries = attach_deltas(self.model, mask)
+            log(f"sensitive sparse ZO: {entries:,} entries of the mask {mask} train, as a delta on a frozen base")
         if model_cfg.quantize == "none":
             return
         only_scales = all(kind == "scales" for kind, _ in parse_trainable(model_cfg.trainable))

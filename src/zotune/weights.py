@@ -11,6 +11,7 @@ from zotune.quant import dequantize_
 from zotune.resolve import check_as_recorded, resolve_configs, resolve_device
 from zotune.runs import RunFolder, RunRecord
 from zotune.session import Session, replay_device
+from zotune.sparse_delta import merge_deltas_
 from zotune.stream import export_streamed, unstream_
 
 
@@ -46,6 +47,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         else:
             if session.engine is not None:
                 unstream_(session.model, session.engine)
+            merge_deltas_(session.model)  # sensitive sparse ZO: each trained delta folded into a float linear
             dequantize_(session.model)  # a quantized base: standard linears holding q x the trained scales
             session.model.save_pretrained(out_path)
     finally:

@@ -1,0 +1,183 @@
+"""`zotune sensitivity`: the mask of sensitive weights for sensitive sparse ZO (`zotune.sparse_delta`).
+
+A weight's sensitivity is its squared gradient of the task loss summed over training rows (a
+diagonal Fisher estimate); the mask keeps the `density` share of all block linear weights with the
+largest, over the whole model. Backprop is allowed here since it runs once, and it runs block by
+block: one forward keeps each block's input for every batch (B x T x H values a block and batch),
+then, from the last block down, each block is run again with gradients, for every batch, from its
+kept input and the gradient at its output, so that only one block's gradients (and the running
+top entries) are ever held. The model's own forward and blocks run, found by structure
+(`find_blocks`), with the arguments they were called with (captured by a pre-hook), and the loss
+at the last block's output comes from the model's forward with every block replayed
+(`FrozenPrefix`): no forward is copied.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from zotune.config import ConfigError
+from zotune.models import find_blocks
+from zotune.prefix import FrozenPrefix
+
+
+def _block_calls(model: nn.Module, blocks: list[nn.Module], task, batches) -> list[list[tuple]]:
+    """For each block, for each batch: (args, kwargs) it was called with (its input detached)."""
+    calls: list[list[tuple]] = [[] for _ in blocks]
+    handles = [block.register_forward_pre_hook(
+        lambda m, args, kwargs, j=j: calls[j].append((_detached(args), _detached(kwargs))), with_kwargs=True)
+        for j, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with task.head(model, batch):  # (the head computes only what the loss reads)
+                    task.forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _detached(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detached(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    return x
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _output_grads(model, layers, task, batches, last_outputs) -> list[torch.Tensor]:
+    """d loss / d (the last block's output), per batch: the model's forward with every block replayed."""
+    prefix = FrozenPrefix(model, layers, len(layers), [])
+    grads = []
+    for batch, out in zip(batches, last_outputs):
+        leaf = out.detach().requires_grad_(True)
+        prefix.output = leaf
+        with torch.enable_grad(), prefix.replaying():
+            task.loss(model, batch).backward()
+        grads.append(leaf.grad)
+    return grads
+
+
+def squared_gradients(model: nn.Module, task, batches, density: float, blocks_path: str | None = None,
+                      log=print) -> tuple[dict[str, torch.Tensor], int]:
+    """(weight name -> flat indices of its entries in the top `density` of all block linear weights by summed
+    squared gradient, the number of candidate weights)."""
+    named_blocks = find_blocks(model, blocks_path)
+    _, layers = _layer_list(model, blocks_path)
+    blocks = [b for _, b in named_blocks]
+    calls = _block_calls(model, blocks, task, batches)
+    last = [_run(blocks[-1], *call).detach() for call in calls[-1]]
+    grads = _output_grads(model, layers, task, batches, last)
+    linears = [[(f"{name}.{n}.weight", m.weight) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+               for name, block in named_blocks]
+    total = sum(w.numel() for block in linears for _, w in block)
+    keep = max(1, round(density * total))
+    best_scores, best_ids, names, sizes = torch.empty(0), torch.empty(0, dtype=torch.int64), [], []
+    offset = 0
+    offsets: dict[str, int] = {}
+    for j in reversed(range(len(blocks))):
+        scores, grads = _block_scores(blocks[j], linears[j], calls[j], grads)
+        for (name, weight), score in zip(linears[j], scores):
+            offsets[name] = offset
+            names.append(name)
+            sizes.append(weight.numel())
+            candidates = min(keep, score.numel())
+            top = score.view(-1).topk(candidates)
+            best_scores = torch.cat([best_scores, top.values])
+            best_ids = torch.cat([best_ids, top.indices + offset])
+            offset += weight.numel()
+            if len(best_scores) > keep:
+                kept = best_scores.topk(keep)
+                best_scores, best_ids = kept.values, best_ids[kept.indices]
+        log(f"sensitivity: block {j} done")
+    return _by_tensor(best_ids, names, offsets, sizes), total
+
+
+def _layer_list(model, blocks_path):
+    from zotune.models import find_block_list
+
+    return find_block_list(model, blocks_path)
+
+
+def _run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _block_scores(block, linears, calls, out_grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(summed squared gradient of each linear weight of `block`, d loss / d its input per batch)."""
+    weights = [w for _, w in linears]
+    scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    in_grads = []
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for (args, kwargs), g in zip(calls, out_grads):
+            hidden = _hidden(args, kwargs).detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = _run(block, *_with_hidden(args, kwargs, hidden))
+                got = torch.autograd.grad(out, [hidden, *weights], g, allow_unused=True)
+            in_grads.append(got[0])
+            for score, w_grad in zip(scores, got[1:]):
+                if w_grad is not None:
+                    score.add_(w_grad.float().square())
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    return scores, in_grads
+
+
+def _by_tensor(ids: torch.Tensor, names: list[str], offsets: dict[str, int], sizes: list[int]) -> dict:
+    out = {}
+    for name, size in zip(names, sizes):
+        start = offsets[name]
+        mine = ids[(ids >= start) & (ids < start + size)] - start
+        if len(mine):
+            out[name] = mine.sort().values
+    return out
+
+
+def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=print) -> dict:
+    """Measure and write the mask of `cfgs`' model on its task's first `rows` training rows; returns how."""
+    from zotune.models import load_model
+    from zotune.sparse_delta import save_mask
+    from zotune.tasks import make_task
+
+    if not 0 < density < 1:
+        raise ConfigError(f"--density {density}: give the share of weights that train, between 0 and 1 (e.g. 0.001)")
+    started = time.perf_counter()
+    model, tokenizer = load_model(cfgs["model"], log=log)
+    task = make_task(cfgs["task"], tokenizer)
+    rows = min(rows, len(task.train))
+    if rows < 1:
+        raise ConfigError("zotune sensitivity needs training rows: give a task with a training split")
+    batches = [task.collate(task.train[i:i + batch_size]) for i in range(0, rows, batch_size)]
+    indices, total = squared_gradients(model, task, batches, density, cfgs["model"].blocks_path, log)
+    kept = sum(len(v) for v in indices.values())
+    how = {"criterion": "squared gradient of the task loss, summed over rows (diagonal Fisher)",
+           "model": cfgs["model"].name, "task": cfgs["task"].name or cfgs["task"].data,
+           "template": cfgs["task"].template, "rows": rows, "batch_size": batch_size, "density": density,
+           "entries": kept, "of": total, "tensors": len(indices), "seconds": round(time.perf_counter() - started, 1)}
+    partial = out.with_name(out.name + ".partial")  # a stopped command leaves no half-written mask at `out`
+    save_mask(partial, indices, how)
+    os.replace(partial, out)
+    log(f"wrote {out}: {kept:,} of {total:,} block linear weights ({kept / total:.3%}) in {len(indices)} tensors, from "
+        f"{rows} training rows in {how['seconds']:.0f}s; train them with model.trainable=sensitive:{out}")
+    return how

@@ -1,0 +1,148 @@
+"""Sensitive sparse ZO: the mask (`zotune sensitivity`, block-by-block backprop == whole-model autograd),
+the sparse delta on a float or int4 base (resident == streamed, resumed == uninterrupted, exported ==
+base + delta), and bad masks refused with one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import exported, tiny_model
+from test_trial import FAST
+from zotune.cli import main
+from zotune.models import find_blocks
+from zotune.sensitivity import squared_gradients
+from zotune.sparse_delta import SparseDelta, attach_deltas, load_mask, merge_deltas_, save_mask
+from zotune.tasks import ClassificationTask, Table, TaskConfig
+
+ROWS = Table([{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}", "label": "pos" if i % 2 else "neg"}
+              for i in range(24)], "inline")
+
+
+@pytest.fixture(scope="module")
+def mask(tiny_model_dir, data_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mask") / "mask.safetensors"
+    assert main(["sensitivity", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(path),
+                 "--density", "0.02", "--rows", "16", "--batch-size", "4",
+                 "task.verbalizer={pos: great, neg: terrible}", "task.n_dev=8", "task.n_test=8"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_block_by_block_squared_gradients_pick_the_whole_models_top_entries(family, tokenizer):
+    model = tiny_model(family)
+    task = ClassificationTask(TaskConfig(data="inline", verbalizer={"pos": "great", "neg": "terrible"}, n_dev=0,
+                                         n_test=4), tokenizer, ROWS)
+    batches = [task.collate(task.train[i:i + 4]) for i in range(0, 16, 4)]
+    picked, total = squared_gradients(model, task, batches, 0.02, log=lambda *a: None)
+    # the reference: autograd through the whole model, batch by batch, squared and summed
+    weights = {f"{b}.{n}.weight": m.weight for b, block in find_blocks(model) for n, m in block.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    scores = {name: torch.zeros_like(w) for name, w in weights.items()}
+    for batch in batches:
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(task.loss(model, batch), list(weights.values()))
+        for (name, w), g in zip(weights.items(), grads):
+            scores[name] += g.square()
+            w.requires_grad_(False)
+    flat = torch.cat([s.view(-1) for s in scores.values()])
+    assert total == flat.numel() and sum(len(v) for v in picked.values()) == round(0.02 * total)
+    threshold = flat.topk(round(0.02 * total)).values[-1]
+    for name, index in picked.items():  # every entry picked is among the largest (up to float summation order)
+        assert bool((scores[name].view(-1)[index] >= threshold * (1 - 1e-4)).all()), name
+    assert len(picked) > 1  # spread over several matrices, not one
+
+
+def test_the_mask_records_how_it_was_made_and_a_run_trains_only_its_entries(mask, tiny_model_dir, data_file,
+                                                                              tmp_path, capsys):
+    indices, how = load_mask(mask)
+    assert how["rows"] == 16 and how["density"] == 0.02 and how["entries"] == sum(len(v) for v in indices.values())
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps", "6",
+                 *FAST, f"model.trainable=sensitive:{mask}", "--method", "zosgd", "--lr", "1e-2", "run.keep=last"]) == 0
+    assert f"{how['entries']:,} entries of the mask" in capsys.readouterr().out
+    model = exported(out, tmp_path / "model")
+    base = {k: v for k, v in tiny_model("llama").state_dict().items()}
+    changed = 0
+    for name, weight in model.items():
+        if name in indices:
+            moved = (weight.view(-1) != base[name].view(-1)).nonzero().view(-1)
+            assert set(moved.tolist()) <= set(indices[name].tolist())  # only the masked entries moved
+            changed += len(moved)
+        elif name in base:
+            assert torch.equal(weight, base[name]), name  # everything else is the base
+    assert changed > 0 and not any("delta" in k or "index" in k for k in model)  # a standard model
+
+
+def test_sparse_delta_on_an_int4_base_streams_resumes_and_exports_as_it_trained(mask, tiny_model_dir, data_file,
+                                                                              tmp_path):
+    def args(out, steps, *extra):
+        return ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps",
+                str(steps), *FAST, "run.eval_every=0", "run.keep=last", f"model.trainable=sensitive:{mask}",
+                "model.quantize=int4", "--method", "zosgd", "--lr", "1e-2", "run.snapshot_every=2", *extra]
+
+    assert main(args(tmp_path / "whole", 6)) == 0
+    assert main(args(tmp_path / "ram", 3, "--offload", "cpu")) == 0
+    assert main(["resume", str(tmp_path / "ram"), "run.steps=6"]) == 0
+    assert (tmp_path / "ram" / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes()
+    whole, ram = exported(tmp_path / "whole", tmp_path / "m1"), exported(tmp_path / "ram", tmp_path / "m2")
+    assert whole.keys() == ram.keys() and all(torch.equal(whole[k], ram[k]) for k in whole)
+    assert main(["replay", str(tmp_path / "whole"), "--out", str(tmp_path / "m3")]) == 0
+    with safe_open(str(next((tmp_path / "m3").glob("*.safetensors"))), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), whole[k]) for k in f.keys())
+
+
+def test_memory_at_rest_is_the_base_plus_the_masked_values_and_indices(mask):
+    model = tiny_model("llama")
+    entries = attach_deltas(model, mask)
+    deltas = [m for m in model.modules() if isinstance(m, SparseDelta)]
+    assert sum(len(m.delta) for m in deltas) == entries
+    assert sum(m.delta.nbytes + m.index.nbytes for m in deltas) == 12 * entries
+    x = torch.randn(2, 5, 32)
+    for m in deltas:  # the forward is the base plus the delta on exactly those entries
+        with torch.no_grad():
+            m.delta.copy_(torch.randn(len(m.delta)))
+            dense = m.base.weight.clone()
+            dense.view(-1)[m.index] += m.delta
+            assert torch.allclose(m(x[..., :m.in_features]), x[..., :m.in_features] @ dense.T, atol=1e-5)
+    merge_deltas_(model)
+    assert not any(isinstance(m, SparseDelta) for m in model.modules())
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("not-a-mask", "is not a sensitivity mask"),
+    ("missing", "cannot read the sensitivity mask"),
+    ("other-model", "is not the weight of a linear layer of this model"),
+    ("out-of-range", "names entries outside"),
+])
+def test_a_bad_mask_is_refused_in_one_line_before_the_run(bad, match, tiny_model_dir, data_file, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"{bad}.safetensors"
+    if bad == "not-a-mask":
+        save_file({"x": torch.zeros(2)}, str(path))
+    elif bad == "other-model":
+        save_mask(path, {"transformer.h.0.attn.c_attn.weight": torch.tensor([1, 2])}, {})
+    elif bad == "out-of-range":
+        save_mask(path, {"model.layers.0.mlp.up_proj.weight": torch.tensor([1, 10**6])}, {})
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps", "2",
+                 *FAST, f"model.trainable=sensitive:{path}"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_disk_tier_and_an_existing_out_file_are_refused(mask, tiny_model_dir, data_file, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "r"),
+                 *FAST, f"model.trainable=sensitive:{mask}", "--offload", "disk", "--offload-dir",
+                 str(tmp_path / "blocks")]) == 2
+    assert "--offload cpu" in capsys.readouterr().err and not (tmp_path / "blocks").exists()
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("a user's file")
+    assert main(["sensitivity", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(mine),
+                 "task.n_dev=8", "task.n_test=8"]) == 2
+    assert mine.read_text() == "a user's file" and "exists" in capsys.readouterr().err
+    assert json.loads(json.dumps(load_mask(mask)[1]))["criterion"].startswith("squared gradient")
