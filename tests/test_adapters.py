@@ -135,3 +135,55 @@ def test_adapters_on_the_disk_tier_equal_resident_resume_and_export(kind, tiny_m
     again = tmp_path / "again"
     assert main(args(tmp_path / "blocks", data_file, again, *kind_args, adapter=adapter)) == 0
     assert (again / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
+
+
+TT = ("adapter.kind=tt", "adapter.r=4")
+
+
+def test_a_tensor_train_delta_is_the_chain_product_of_its_cores():
+    from zotune.tt_adapter import TTDelta, factors
+
+    assert factors(576, 3) == [8, 8, 9] and factors(32, 3) == [2, 4, 4] and factors(13, 3) == [1, 1, 13]
+    linear = torch.nn.Linear(32, 48)
+    tt = TTDelta(linear, rank=3, n_cores=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tt.delta_weight(), torch.zeros(48, 32))  # the last core is zero: the model starts as the base
+    with torch.no_grad():
+        for core in tt.cores:
+            core.copy_(torch.randn(core.shape))
+    (o1, o2, o3), (i1, i2, i3) = tt.outs, tt.ins
+    g1, g2, g3 = (c.reshape(c.shape[0], o, i, c.shape[-1]) for c, o, i in zip(tt.cores, tt.outs, tt.ins))
+    reference = torch.einsum("xabr,rcds,sefy->acebdf", g1, g2, g3).reshape(48, 32)  # W[(o1 o2 o3), (i1 i2 i3)]
+    assert torch.allclose(tt.delta_weight(), reference, atol=1e-5)
+    x = torch.randn(2, 5, 32)
+    assert torch.allclose(tt(x), linear(x) + x @ reference.T, atol=1e-5)
+    assert torch.allclose(tt.merged()(x), tt(x), atol=1e-5)
+    square = TTDelta(torch.nn.Linear(576, 576), rank=8, n_cores=3, generator=torch.Generator())
+    assert sum(c.numel() for c in square.cores) == 5256 < 2 * 576 * 8  # fewer values than LoRA at the same rank
+
+
+def test_tt_adapters_train_resume_stream_and_export_a_merged_model(tiny_model_dir, data_file, tmp_path, capsys):
+    from conftest import exported, tiny_model
+
+    whole = tmp_path / "whole"
+    assert main(args(tiny_model_dir, data_file, whole, adapter=TT)) == 0
+    assert "trainable (tensor-train adapters, 3 cores of rank 4 on PEFT default modules): 18 tensors" in \
+        capsys.readouterr().out  # q and v of 3 Llama blocks, 3 cores each
+    parts = tmp_path / "parts"
+    assert main(args(tiny_model_dir, data_file, parts, steps=3, adapter=TT)) == 0
+    assert main(["resume", str(parts), "run.steps=6"]) == 0
+    assert (parts / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    streamed = tmp_path / "streamed"  # the cores stream with their blocks
+    assert main(args(tiny_model_dir, data_file, streamed, "--offload", "cpu", adapter=TT)) == 0
+    assert (streamed / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    merged, base = exported(whole, tmp_path / "model"), tiny_model("llama").state_dict()
+    moved = {k for k in merged if k in base and not torch.equal(merged[k], base[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
+    assert not any("cores" in k for k in merged)  # a standard model: the deltas folded into the linears
+    assert main(["replay", str(whole), "--out", str(tmp_path / "again")]) == 0
+    again = load_file(next((tmp_path / "again").glob("*.safetensors")))
+    assert all(torch.equal(again[k], merged[k]) for k in again)
+    for extra, match in ((("adapter.cores=1",), "adapter.cores=1 must be"),
+                         (("adapter.alpha=4",), "adapter.alpha=4.0 is an option of adapter.kind=lora"),
+                         (("--offload", "disk", "--offload-dir", str(tmp_path / "blocks")), "--offload cpu")):
+        assert main(args(tiny_model_dir, data_file, tmp_path / "bad", *extra, adapter=TT)) == 2
+        assert match in capsys.readouterr().err and not (tmp_path / "bad").exists()

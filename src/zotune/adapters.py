@@ -19,14 +19,15 @@ from torch import nn
 
 from zotune.config import ConfigError
 
-KINDS = ("none", "lora", "prefix")
-OPTIONS = {"lora": ("r", "alpha", "targets"), "prefix": ("tokens", "init")}  # the options each kind reads
+KINDS = ("none", "lora", "prefix", "tt")
+OPTIONS = {"lora": ("r", "alpha", "targets"), "prefix": ("tokens", "init"), "tt": ("r", "targets", "cores")}
 
 
 @dataclass
 class AdapterConfig:
-    """kind: `none` (train `model.trainable`), `lora` (LoRA matrices of rank r) or `prefix` (prefix
-    tuning: `tokens` keys and values per layer); with an adapter, model.trainable is unused."""
+    """kind: `none` (train `model.trainable`), `lora` (LoRA matrices of rank r), `prefix` (prefix
+    tuning: `tokens` keys and values per layer) or `tt` (AdaZeta's tensor-train adapters: `cores`
+    cores of rank r, `zotune.tt_adapter`); with an adapter, model.trainable is unused."""
 
     kind: str = "none"
     r: int = 8  # LoRA
@@ -34,6 +35,7 @@ class AdapterConfig:
     targets: str | None = None  # LoRA: comma-separated module names, e.g. "q_proj,v_proj"; default: PEFT's
     tokens: int = 5  # prefix: virtual tokens per layer (MeZO's 5)
     init: str = "real"  # prefix: "real" (the model's own keys and values of real tokens) or "random"
+    cores: int = 3  # tt: cores in each adapted matrix's tensor train (its rank is r)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -46,15 +48,21 @@ class AdapterConfig:
             raise ConfigError(f"adapter.tokens={self.tokens} must be an integer >= 1 (e.g. 5)")
         if self.init not in ("real", "random"):
             raise ConfigError(f"adapter.init={self.init!r}: use real (activations of real tokens) or random")
+        if not (isinstance(self.cores, int) and 2 <= self.cores <= 8):
+            raise ConfigError(f"adapter.cores={self.cores} must be an integer from 2 to 8 (e.g. 3)")
         defaults = AdapterConfig.__dataclass_fields__
         for kind, options in OPTIONS.items():
-            stray = [o for o in options if getattr(self, o) != defaults[o].default]
-            if stray and self.kind != kind:
+            stray = [o for o in options if getattr(self, o) != defaults[o].default and self.kind not in
+                     [k for k, read in OPTIONS.items() if o in read]]
+            if stray:
                 raise ConfigError(f"adapter.{stray[0]}={getattr(self, stray[0])} is an option of adapter.kind={kind}, "
                                   f"but adapter.kind={self.kind}: it would have no effect; set adapter.kind={kind}, "
                                   f"or drop adapter.{stray[0]}")
 
     def describe(self) -> str:
+        if self.kind == "tt":
+            where = self.targets or "PEFT default modules"
+            return f"tensor-train adapters, {self.cores} cores of rank {self.r} on {where}"
         if self.kind == "lora":
             return f"LoRA r={self.r} on {self.targets or 'PEFT default modules'}"
         return f"prefix tuning, {self.tokens} tokens per layer, {self.init} initialisation"
@@ -67,6 +75,10 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int) -> tuple[nn.M
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()] if cfg.targets else None
+    if cfg.kind == "tt":
+        from zotune.tt_adapter import apply_tt
+
+        return apply_tt(model, cfg.r, cfg.cores, targets, seed)
     devices = {p.device for p in model.parameters()}
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # LoRA's A matrices, a random prefix: the same start on every run of this config

@@ -30,6 +30,8 @@ MASK_FORMAT = "zotune-sensitivity-mask"
 class SparseDelta(nn.Module):
     """A frozen linear (`base`: nn.Linear or a quantized one) plus a trained delta on the entries `index`."""
 
+    is_linear_delta = True  # (merged into a float linear on export, as a tensor-train adapter is)
+
     def __init__(self, base: nn.Module, index: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.base = base
@@ -110,8 +112,9 @@ def attach_deltas(model: nn.Module, path, dtype: torch.dtype | None = None) -> i
 
 
 def merge_deltas_(model: nn.Module) -> None:
-    """Every SparseDelta replaced by a float linear holding its base plus its delta (a standard model)."""
+    """Every trained delta on a linear (a SparseDelta, a tensor-train adapter) replaced by a float linear
+    holding its base plus its delta (a standard model)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, SparseDelta):
+            if getattr(child, "is_linear_delta", False):
                 setattr(parent, name, child.merged())
