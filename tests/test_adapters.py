@@ -150,7 +150,6 @@ def test_a_tensor_train_delta_is_the_chain_product_of_its_cores():
     with torch.no_grad():
         for core in tt.cores:
             core.copy_(torch.randn(core.shape))
-    (o1, o2, o3), (i1, i2, i3) = tt.outs, tt.ins
     g1, g2, g3 = (c.reshape(c.shape[0], o, i, c.shape[-1]) for c, o, i in zip(tt.cores, tt.outs, tt.ins))
     reference = torch.einsum("xabr,rcds,sefy->acebdf", g1, g2, g3).reshape(48, 32)  # W[(o1 o2 o3), (i1 i2 i3)]
     assert torch.allclose(tt.delta_weight(), reference, atol=1e-5)
