@@ -86,7 +86,7 @@ def _probe_losses(model, task, batch, steps: int = 3):
     with torch.inference_mode():
         prefix.capture(lambda: task.forward(model, batch))
         with prefix.replaying(), task.head(model, batch):
-            stand_in = prefix.probe_model(model, lambda m: task.head_loss(m, batch))
+            stand_in = prefix.probe_model(model, lambda m: task.forward(m, batch))
             for k in range(steps):
                 whole.append(task.head_loss(model, batch))
                 probed.append(task.head_loss(stand_in, batch))

@@ -15,7 +15,7 @@ mostly waste: embeddings, rotary tables and attention masks are rebuilt for each
 blocks that compute nothing. `probe_model` then hands the probes a stand-in for the model that runs
 only the modules that follow the blocks (the final norm, the head), by their names in the model,
 on the kept output. Which modules those are is found by structure, from one recorded forward, and
-the stand-in is used only if it gives that forward's loss bit for bit; otherwise the model is.
+the stand-in is used only if it gives that forward's logits bit for bit; otherwise the model is.
 """
 
 from __future__ import annotations
@@ -122,21 +122,22 @@ class FrozenPrefix:
             for i, block in enumerate(originals):
                 self.layers[i] = block
 
-    def probe_model(self, model: nn.Module, objective: Callable[[object], torch.Tensor], log=None):
+    def probe_model(self, model: nn.Module, forward: Callable[[object], object], log=None):
         """What each probe's forward runs on, inside `replaying()` and the task's head: the tail alone
         when every block is frozen and the modules after the blocks are a plain chain, else `model`.
-        `objective(m)` is the step's loss computed on m. The first call finds the chain (one forward
-        of `model`, recorded) and keeps it only if the tail gives the same loss bit for bit; `log`
-        hears what was found."""
+        `forward(m)` is the task's forward of this batch on m (what the capture ran). The first call
+        finds the chain (one forward of `model`, recorded) and keeps it only if the tail gives the
+        same logits bit for bit (the task's objective, maybe a user's function, is not called);
+        `log` hears what was found."""
         if self.k < len(self.layers):
             return model
         if self._tail is None:
-            self._tail, self.tail_note = self._find_tail(model, objective)
+            self._tail, self.tail_note = self._find_tail(model, forward)
             if log is not None:
                 log(self.tail_note)
         return self._tail or model
 
-    def _find_tail(self, model: nn.Module, objective) -> tuple[_Tail | bool, str]:
+    def _find_tail(self, model: nn.Module, forward) -> tuple[_Tail | bool, str]:
         inside = {id(m) for m in self.layers.modules()}
         names = {id(m): n for n, m in model.named_modules()}
         after, chain = [False], []
@@ -154,7 +155,7 @@ class FrozenPrefix:
         handles.append(self.layers[-1].register_forward_hook(blocks_done))
         try:
             with torch.inference_mode():
-                full = objective(model)
+                full = forward(model).logits
         finally:
             for h in handles:
                 h.remove()
@@ -163,7 +164,7 @@ class FrozenPrefix:
         tail = _Tail(model, chain, self)
         try:
             with torch.inference_mode():
-                same = torch.equal(objective(tail), full)
+                same = torch.equal(forward(tail).logits, full)
         except (AttributeError, TypeError, RuntimeError, IndexError, ValueError) as e:  # not a plain chain
             return False, f"the modules after the blocks are not a plain chain ({type(e).__name__}): whole forwards"
         if not same:

@@ -314,7 +314,7 @@ def _run_steps(r: _Run, start: int, seconds_before: float) -> _Outcome:
             try:
                 with replay(), task.head(model, batch) if share else contextlib.nullcontext():
                     # the head: once for every probe
-                    probed = (r.prefix.probe_model(model, lambda m: task.head_loss(m, batch), r.log)
+                    probed = (r.prefix.probe_model(model, lambda m: task.forward(m, batch), r.log)
                               if r.prefix is not None and share else model)  # every block frozen: the tail
                     loss, rec = r.session.step(lambda: task.head_loss(probed, batch), share, factor)
                 out.step = step

@@ -37,7 +37,7 @@ def run_probe_bench(shape: str = "gemma-3-270m", batch: int = 64, repeats: int =
             return opt.step(lambda: task.head_loss(probed(), data))
 
     def tail():
-        return prefix.probe_model(model, lambda m: task.head_loss(m, data), notes.append)
+        return prefix.probe_model(model, lambda m: task.forward(m, data), notes.append)
 
     parts = {"step_whole_forward": lambda: step(lambda: model), "step_tail": lambda: step(tail),
              "step_no_forward": lambda: opt.step(lambda: torch.tensor(1.0))}
