@@ -120,6 +120,20 @@ def test_quantize_keeps_what_trains_in_float_and_a_quarter_of_the_rest():
     assert not {id(p) for _, p in scales} & {id(p) for _, p in select_trainable(model, "norms")}
 
 
+def test_quantizing_leaves_no_float_tensor_a_view_of_the_loaded_checkpoint():
+    """A checkpoint is loaded as views of one memory map: a view left alive keeps every page read resident."""
+    model = tiny_model("llama")
+    params = list(model.parameters())
+    arena = torch.cat([p.detach().reshape(-1) for p in params])  # one buffer, as safetensors' mmap is
+    offset = 0
+    for p in params:
+        p.data = arena[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    quantize_(model, "int4", set(), log=lambda *a: None)
+    arena_at = arena.untyped_storage().data_ptr()
+    assert not [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() == arena_at]
+
+
 def test_zo_on_the_scales_alone_lowers_the_loss():
     model = tiny_model("llama")
     quantize_(model, "int8", set(), log=lambda *a: None)

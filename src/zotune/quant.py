@@ -156,10 +156,24 @@ def quantize_(model: nn.Module, kind: str, keep: set[int], blocks_path: str | No
         why = f"none has a multiple of {GROUP} inputs" if uneven else \
             "this model's layers are of another type (e.g. GPT-2's Conv1D), or all of them train"
         raise ConfigError(f"model.quantize={kind} found no frozen nn.Linear in the blocks to quantize: {why}")
+    _own_copies(model)
     _release_freed_memory()
     log(f"quantized {count} block linears to {kind}: {before / 2**20:,.0f} MiB -> {after / 2**20:,.0f} MiB"
         + (f" ({uneven} kept in float: their inputs are not a multiple of {GROUP})" if uneven else ""))
     return before - after
+
+
+def _own_copies(model: nn.Module) -> None:
+    """Give the float tensors left (embeddings, norms, a float tail) storage of their own. A checkpoint is
+    loaded as views of one memory map of its file: while any view lives, every page of the file that
+    was read (all of them, to quantize) stays in the process's memory, and the quantized base would
+    take as much as the float one (measured: 1,116 MiB peak RSS for an int4 SmolLM2-135M run, 784 with
+    this)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for p in module.parameters(recurse=False):
+            p.data = p.data.clone()
 
 
 def _release_freed_memory() -> None:
