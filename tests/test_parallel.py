@@ -162,10 +162,14 @@ def test_zotune_launch_ends_a_refused_run_with_one_line_per_rank_and_exit_2(tiny
     assert no_verb.returncode == 2 and "needs a command after the torchrun options" in no_verb.stderr
 
 
-def test_lozo_m_perturbation_parallel_equals_one_process_bit_for_bit(tiny_model_dir, data_file, tmp_path):
+@pytest.mark.parametrize("method", [
+    ["--method", "lozo-m", "method.interval=2", "method.n_directions=2"],
+    # AdaZeta's query schedule: 1, 1, 2, 2, 3, 3 directions, so each step splits its own probes over the ranks
+    ["--method", "zosgd", "method.n_directions_max=3", "method.query_beta=1", "method.query_every=2"],
+], ids=["lozo-m", "query-schedule"])
+def test_lozo_m_perturbation_parallel_equals_one_process_bit_for_bit(method, tiny_model_dir, data_file, tmp_path):
     """A method with its own directions and state (LOZO-M: low-rank U·Vᵀ, V shared by 2 steps, its
     momentum in the rank-r space) on P = 2: each rank runs its probes, one float each is exchanged."""
-    method = ["--method", "lozo-m", "method.interval=2", "method.n_directions=2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(train_args(tiny_model_dir, data_file, one, *method)) == 0
     assert wait_all(launch(2, train_args(tiny_model_dir, data_file, two, "parallel.perturb=2", *method),
