@@ -7,7 +7,7 @@ block: one forward keeps each block's input for every batch (B x T x H values a 
 then, from the last block down, each block is run again with gradients, for every batch, from its
 kept input and the gradient at its output, so that only one block's gradients (and the running
 top entries) are ever held. The model's own forward and blocks run, found by structure
-(`find_blocks`), with the arguments they were called with (captured by a pre-hook), and the loss
+(`find_block_list`), with the arguments they were called with (captured by a pre-hook), and the loss
 at the last block's output comes from the model's forward with every block replayed
 (`FrozenPrefix`): no forward is copied.
 """
@@ -21,16 +21,20 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
-from zotune.models import find_blocks
+from zotune.models import find_block_list
 from zotune.prefix import FrozenPrefix
 
 
-def _block_calls(model: nn.Module, blocks: list[nn.Module], task, batches) -> list[list[tuple]]:
-    """For each block, for each batch: (args, kwargs) it was called with (its input detached)."""
+def _block_calls(model: nn.Module, blocks, task, batches) -> tuple[list[list[tuple]], list[torch.Tensor]]:
+    """(for each block, for each batch: the (args, kwargs) it was called with, its input detached; the
+    last block's output for each batch), from one no-grad forward of each batch."""
     calls: list[list[tuple]] = [[] for _ in blocks]
+    last: list[torch.Tensor] = []
     handles = [block.register_forward_pre_hook(
         lambda m, args, kwargs, j=j: calls[j].append((_detached(args), _detached(kwargs))), with_kwargs=True)
         for j, block in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(
+        lambda m, args, out: last.append((out[0] if isinstance(out, (tuple, list)) else out).detach())))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -39,7 +43,7 @@ def _block_calls(model: nn.Module, blocks: list[nn.Module], task, batches) -> li
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, last
 
 
 def _detached(x):
@@ -79,41 +83,28 @@ def squared_gradients(model: nn.Module, task, batches, density: float, blocks_pa
                       log=print) -> tuple[dict[str, torch.Tensor], int]:
     """(weight name -> flat indices of its entries in the top `density` of all block linear weights by summed
     squared gradient, the number of candidate weights)."""
-    named_blocks = find_blocks(model, blocks_path)
-    _, layers = _layer_list(model, blocks_path)
-    blocks = [b for _, b in named_blocks]
-    calls = _block_calls(model, blocks, task, batches)
-    last = [_run(blocks[-1], *call).detach() for call in calls[-1]]
-    grads = _output_grads(model, layers, task, batches, last)
-    linears = [[(f"{name}.{n}.weight", m.weight) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-               for name, block in named_blocks]
+    path, blocks = find_block_list(model, blocks_path)
+    calls, last = _block_calls(model, blocks, task, batches)
+    grads = _output_grads(model, blocks, task, batches, last)
+    linears = [[(f"{path}.{j}.{n}.weight", m.weight) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+               for j, block in enumerate(blocks)]
     total = sum(w.numel() for block in linears for _, w in block)
     keep = max(1, round(density * total))
-    best_scores, best_ids, names, sizes = torch.empty(0), torch.empty(0, dtype=torch.int64), [], []
-    offset = 0
-    offsets: dict[str, int] = {}
+    best_scores, best_ids = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    spans: dict[str, tuple[int, int]] = {}  # weight name -> (its first global index, its size)
     for j in reversed(range(len(blocks))):
         scores, grads = _block_scores(blocks[j], linears[j], calls[j], grads)
         for (name, weight), score in zip(linears[j], scores):
-            offsets[name] = offset
-            names.append(name)
-            sizes.append(weight.numel())
-            candidates = min(keep, score.numel())
-            top = score.view(-1).topk(candidates)
+            start = sum(size for _, size in spans.values())
+            spans[name] = (start, weight.numel())
+            top = score.view(-1).topk(min(keep, score.numel()))
             best_scores = torch.cat([best_scores, top.values])
-            best_ids = torch.cat([best_ids, top.indices + offset])
-            offset += weight.numel()
-            if len(best_scores) > keep:
+            best_ids = torch.cat([best_ids, top.indices + start])
+            if len(best_scores) > keep:  # the running global top: one block's scores held at a time
                 kept = best_scores.topk(keep)
                 best_scores, best_ids = kept.values, best_ids[kept.indices]
         log(f"sensitivity: block {j} done")
-    return _by_tensor(best_ids, names, offsets, sizes), total
-
-
-def _layer_list(model, blocks_path):
-    from zotune.models import find_block_list
-
-    return find_block_list(model, blocks_path)
+    return _by_tensor(best_ids, spans), total
 
 
 def _run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -144,10 +135,9 @@ def _block_scores(block, linears, calls, out_grads) -> tuple[list[torch.Tensor],
     return scores, in_grads
 
 
-def _by_tensor(ids: torch.Tensor, names: list[str], offsets: dict[str, int], sizes: list[int]) -> dict:
+def _by_tensor(ids: torch.Tensor, spans: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     out = {}
-    for name, size in zip(names, sizes):
-        start = offsets[name]
+    for name, (start, size) in spans.items():
         mine = ids[(ids >= start) & (ids < start + size)] - start
         if len(mine):
             out[name] = mine.sort().values
