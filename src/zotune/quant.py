@@ -21,6 +21,7 @@ from torch import nn
 
 from zotune.config import ConfigError
 from zotune.models import QUANTIZE, find_blocks
+from zotune.sparse_delta import linear_holding
 
 GROUP = 32  # int4: inputs per scale, GGUF's Q4_0 / Q4_1 block
 
@@ -193,11 +194,5 @@ def dequantize_(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, QuantizedLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=child.scale.device, dtype=child.scale.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight_value())
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias)
-                linear.requires_grad_(False)
-                setattr(parent, name, linear)
+                setattr(parent, name, linear_holding(child.weight_value(), child.bias))
+

@@ -54,18 +54,23 @@ class SparseDelta(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A float nn.Linear holding the base's weight plus the delta on its entries (the forward's weight)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                           device=self.delta.device, dtype=self.delta.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight_value())
-            if self.base.bias is not None:
-                linear.bias.copy_(self.base.bias)
-        return linear.requires_grad_(False)
+            return linear_holding(self.weight_value().to(self.delta.dtype), self.base.bias)
 
     def extra_repr(self) -> str:
         share = len(self.index) / (self.in_features * self.out_features)
         return f"{len(self.index)} trained entries ({share:.3%})"
 
+
+def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen nn.Linear holding copies of `weight` (out x in) and `bias`, on their device and dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
 
 def save_mask(path, indices: dict[str, torch.Tensor], how: dict) -> None:
     """Write a mask: weight name -> sorted flat indices, and how it was made (safetensors metadata)."""

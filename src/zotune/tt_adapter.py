@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from zotune.config import ConfigError
+from zotune.sparse_delta import linear_holding
 
 
 def factors(n: int, d: int) -> list[int]:
@@ -69,13 +70,9 @@ class TTDelta(nn.Module):
         return self.base(x) + nn.functional.linear(x, self.delta_weight().to(x.dtype))
 
     def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                           device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.base.weight + self.delta_weight().to(self.base.weight.dtype))
-            if self.base.bias is not None:
-                linear.bias.copy_(self.base.bias)
-        return linear.requires_grad_(False)
+            weight = self.base.weight
+            return linear_holding(weight + self.delta_weight().to(weight.dtype), self.base.bias)
 
     def extra_repr(self) -> str:
         return f"cores {[tuple(c.shape) for c in self.cores]}: {sum(c.numel() for c in self.cores):,} values"
