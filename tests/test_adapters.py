@@ -174,7 +174,14 @@ def test_tt_adapters_train_resume_stream_and_export_a_merged_model(tiny_model_di
     streamed = tmp_path / "streamed"  # the cores stream with their blocks
     assert main(args(tiny_model_dir, data_file, streamed, "--offload", "cpu", adapter=TT)) == 0
     assert (streamed / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    disk = tmp_path / "disk"  # the folder holds the base; the cores stay on the device, resumed mid-run
+    assert main(args(tiny_model_dir, data_file, disk, "--offload", "disk", "--offload-dir", str(tmp_path / "blocks"),
+                     steps=3, adapter=TT)) == 0
+    assert main(["resume", str(disk), "run.steps=6"]) == 0
+    assert (disk / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
     merged, base = exported(whole, tmp_path / "model"), tiny_model("llama").state_dict()
+    from_disk = exported(disk, tmp_path / "model-disk")  # written block by block, each delta merged
+    assert merged.keys() == from_disk.keys() and all(torch.equal(merged[k], from_disk[k]) for k in merged)
     moved = {k for k in merged if k in base and not torch.equal(merged[k], base[k])}
     assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
     assert not any("cores" in k for k in merged)  # a standard model: the deltas folded into the linears
@@ -183,6 +190,6 @@ def test_tt_adapters_train_resume_stream_and_export_a_merged_model(tiny_model_di
     assert all(torch.equal(again[k], merged[k]) for k in again)
     for extra, match in ((("adapter.cores=1",), "adapter.cores=1 must be"),
                          (("adapter.alpha=4",), "adapter.alpha=4.0 is an option of adapter.kind=lora"),
-                         (("--offload", "disk", "--offload-dir", str(tmp_path / "blocks")), "--offload cpu")):
+                         (("adapter.targets=nothing",), "no nn.Linear of this model has that name")):
         assert main(args(tiny_model_dir, data_file, tmp_path / "bad", *extra, adapter=TT)) == 2
         assert match in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -85,11 +85,22 @@ def test_sparse_delta_on_an_int4_base_streams_resumes_and_exports_as_it_trained(
                 "model.quantize=int4", "--method", "zosgd", "--lr", "1e-2", "run.snapshot_every=2", *extra]
 
     assert main(args(tmp_path / "whole", 6)) == 0
-    assert main(args(tmp_path / "ram", 3, "--offload", "cpu")) == 0
-    assert main(["resume", str(tmp_path / "ram"), "run.steps=6"]) == 0
-    assert (tmp_path / "ram" / "steps.log").read_bytes() == (tmp_path / "whole" / "steps.log").read_bytes()
-    whole, ram = exported(tmp_path / "whole", tmp_path / "m1"), exported(tmp_path / "ram", tmp_path / "m2")
-    assert whole.keys() == ram.keys() and all(torch.equal(whole[k], ram[k]) for k in whole)
+    whole = exported(tmp_path / "whole", tmp_path / "m1")
+    log = (tmp_path / "whole" / "steps.log").read_bytes()
+    # host-memory streaming (the deltas travel with their blocks), then the disk tier (the folder holds the
+    # int4 base alone; the deltas stay on the device, as an adapter's tensors do): both resumed mid-run
+    for tier in ("cpu", "disk"):
+        run = tmp_path / tier
+        where = ("--offload-dir", str(tmp_path / "blocks")) if tier == "disk" else ()
+        assert main(args(run, 3, "--offload", tier, *where)) == 0
+        assert main(["resume", str(run), "run.steps=6"]) == 0
+        assert (run / "steps.log").read_bytes() == log
+        streamed = exported(run, tmp_path / f"m-{tier}")
+        assert whole.keys() == streamed.keys() and all(torch.equal(whole[k], streamed[k]) for k in whole)
+    # the folder, as a model: its blocks never changed, so a new run on it starts from the same base
+    again = args(tmp_path / "again", 6)
+    assert main(again[:2] + [str(tmp_path / "blocks")] + [a for a in again[3:] if a != "model.quantize=int4"]) == 0
+    assert (tmp_path / "again" / "steps.log").read_bytes() == log
     assert main(["replay", str(tmp_path / "whole"), "--out", str(tmp_path / "m3")]) == 0
     with safe_open(str(next((tmp_path / "m3").glob("*.safetensors"))), "pt") as f:
         assert all(torch.equal(f.get_tensor(k), whole[k]) for k in f.keys())
@@ -135,11 +146,14 @@ def test_a_bad_mask_is_refused_in_one_line_before_the_run(bad, match, tiny_model
     assert match in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_the_disk_tier_and_an_existing_out_file_are_refused(mask, tiny_model_dir, data_file, tmp_path, capsys):
+def test_a_bad_mask_on_the_disk_tier_and_an_existing_out_file_are_refused(tiny_model_dir, data_file, tmp_path,
+                                                                             capsys, mask):
+    wrong = tmp_path / "wrong.safetensors"
+    save_mask(wrong, {"model.layers.0.mlp.up_proj.weight": torch.tensor([1, 10**6])}, {})
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "r"),
-                 *FAST, f"model.trainable=sensitive:{mask}", "--offload", "disk", "--offload-dir",
+                 *FAST, f"model.trainable=sensitive:{wrong}", "--offload", "disk", "--offload-dir",
                  str(tmp_path / "blocks")]) == 2
-    assert "--offload cpu" in capsys.readouterr().err and not (tmp_path / "blocks").exists()
+    assert "names entries outside" in capsys.readouterr().err and not (tmp_path / "blocks").exists()
     mine = tmp_path / "mine.safetensors"
     mine.write_text("a user's file")
     assert main(["sensitivity", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(mine),

@@ -66,14 +66,6 @@ RULES = [
          lambda c: c["run"].keep == "best" and _on_disk(c),
          lambda c: "run.keep=best is not yet available with --offload disk (the blocks are trained in place, so the "
                    "base is gone); use run.keep=last, --offload cpu, or train resident"),
-    Rule("a sensitivity mask on the disk tier",
-         lambda c: _on_disk(c) and "sensitive:" in str(c["model"].trainable),
-         lambda c: "model.trainable=sensitive:MASK streams from host memory (--offload cpu) or trains resident; a disk "
-                   "stream folder does not hold the sparse deltas yet: use --offload cpu"),
-    Rule("tensor-train adapters on the disk tier",
-         lambda c: _on_disk(c) and c["adapter"].kind == "tt",
-         lambda c: "adapter.kind=tt streams from host memory (--offload cpu) or trains resident; a disk stream folder "
-                   "does not hold the cores yet: use --offload cpu"),
     Rule("a sensitivity mask with an adapter",
          lambda c: c["adapter"].kind != "none" and "sensitive:" in str(c["model"].trainable),
          lambda c: f"model.trainable=sensitive:MASK trains entries of the base's own linears; adapter.kind="

@@ -309,6 +309,11 @@ def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
     return out
 
 
+def without_masks(spec: str) -> str:
+    """The spec less its `sensitive:MASK` form (always the last: a mask's path takes the rest); "" if that was all."""
+    return "+".join(part for part in _parts(spec) if not part.startswith("sensitive:"))
+
+
 def _sparse_deltas(model: nn.Module, mask: str) -> set[int]:
     from zotune.sparse_delta import SparseDelta
 

@@ -117,13 +117,22 @@ def quantize_like_(block: nn.Module, tensors: dict[str, torch.dtype]) -> None:
             setattr(owner, child, LAYERS[QWEIGHT_KIND[dtype]](getattr(owner, child)))
 
 
-def dequantized(block: nn.Module) -> dict[str, torch.Tensor]:
-    """`block`'s parameters by name as a float model holds them: a quantized linear's weight value in
-    place of its quantized form (to write a standard checkpoint a block at a time)."""
-    out = {}
+def standard_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """`block`'s parameters by name as a standard float model holds them, to write a checkpoint a block at a
+    time: a quantized linear's weight value in place of its quantized form, and a trained delta on a linear
+    (a sensitive mask's SparseDelta, a tensor-train adapter) folded into that linear."""
+    out, whole = {}, []  # whole: prefixes of modules written as one linear (their children are inside)
     for name, module in block.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, QuantizedLinear):
+        if any(prefix.startswith(w) for w in whole):
+            continue
+        if getattr(module, "is_linear_delta", False):
+            merged = module.merged()
+            out[f"{prefix}weight"] = merged.weight.detach()
+            if merged.bias is not None:
+                out[f"{prefix}bias"] = merged.bias.detach()
+            whole.append(prefix)
+        elif isinstance(module, QuantizedLinear):
             out[f"{prefix}weight"] = module.weight_value().to(module.scale.dtype)
             if module.bias is not None:
                 out[f"{prefix}bias"] = module.bias.detach()

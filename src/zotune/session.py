@@ -21,7 +21,7 @@ from zotune.files import entries, remove_new_entries, tensor_digest, weights_ide
 from zotune.methods import METHODS, MethodConfig, StepRecord, make_optimizer
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
-from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable
+from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable, without_masks
 from zotune.parallel import SOLO, Group, weights_digest
 from zotune.precision import Masters
 from zotune.quant import QWEIGHT_KIND, quantize_
@@ -82,10 +82,11 @@ class Session:
             if self.stream_cfg.tier != "disk" or writer:
                 self.model, self.tokenizer = load_model(model_cfg, log=log)
             if self.stream_cfg.tier == "disk":  # a new disk tier from the loaded model, before anything trains
-                if writer:
-                    self._quantize(model_cfg, log)  # the folder holds the quantized blocks
-                    if (cfgs.get("adapter") or AdapterConfig()).kind == "none":  # refused before the folder is written
-                        select_trainable(self.model, model_cfg.trainable, self.blocks_path)
+                if writer:  # the folder holds the (quantized) base; a mask's deltas are attached on loading it
+                    self._quantize(model_cfg, log, attach=False)
+                    rest = without_masks(model_cfg.trainable)
+                    if (cfgs.get("adapter") or AdapterConfig()).kind == "none" and rest:
+                        select_trainable(self.model, rest, self.blocks_path)  # refused before the folder is written
                     self._new_folder = (Path(self.stream_cfg.dir), entries(Path(self.stream_cfg.dir)))
                     self.engine = stream_(self.model, self.stream_cfg, device, self.blocks_path, log=log)
                     self.tokenizer.save_pretrained(self.stream_cfg.dir)  # the folder is a complete model source
@@ -108,6 +109,8 @@ class Session:
         adapter = cfgs.get("adapter") or AdapterConfig()
         if self.engine is None:  # (a disk tier's blocks were quantized before they were written)
             self._quantize(model_cfg, log)
+        else:  # a mask's deltas on the disk tier's base: on the device, outside its blocks (as an adapter's)
+            self._attach_masks(model_cfg, log)
         self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
         if self.stream_cfg.tier == "none" and self.engine is None:
             self.model.to(device)
@@ -126,19 +129,24 @@ class Session:
             self.engine.device_blocks = self.stream_cfg.device_blocks or self.engine.device_blocks
             self.engine.attach(self.opt)
 
-    def _quantize(self, model_cfg: ModelConfig, log) -> None:
+    def _quantize(self, model_cfg: ModelConfig, log, attach: bool = True) -> None:
         """A quantized base (model.quantize): every frozen block linear quantized; what trains stays float.
-        A sensitivity mask's sparse deltas are attached first: the linears they wrap are frozen, and quantized."""
-        masks = [arg for kind, arg in parse_trainable(model_cfg.trainable) if kind == "sensitive"]
-        for mask in masks:
-            entries = attach_deltas(self.model, mask)
-            log(f"sensitive sparse ZO: {entries:,} entries of the mask {mask} train, as a delta on a frozen base")
+        A sensitivity mask's sparse deltas are attached first (unless `attach` is False: a disk tier's folder
+        holds the base alone): the linears they wrap are frozen, and quantized."""
+        if attach:
+            self._attach_masks(model_cfg, log)
         if model_cfg.quantize == "none":
             return
-        only_scales = all(kind == "scales" for kind, _ in parse_trainable(model_cfg.trainable))
-        keep = set() if only_scales else \
-            {id(p) for _, p in select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)}
+        spec = model_cfg.trainable if attach else without_masks(model_cfg.trainable)
+        only_scales = not spec or all(kind == "scales" for kind, _ in parse_trainable(spec))
+        keep = set() if only_scales else {id(p) for _, p in select_trainable(self.model, spec, model_cfg.blocks_path)}
         quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)
+
+    def _attach_masks(self, model_cfg: ModelConfig, log) -> None:
+        for kind, mask in parse_trainable(model_cfg.trainable):
+            if kind == "sensitive":
+                entries = attach_deltas(self.model, mask)
+                log(f"sensitive sparse ZO: {entries:,} entries of the mask {mask} train, as a delta on a frozen base")
 
     @property
     def trained(self) -> list[torch.Tensor]:

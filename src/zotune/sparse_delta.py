@@ -105,15 +105,17 @@ def attach_deltas(model: nn.Module, path, dtype: torch.dtype | None = None) -> i
     for name, index in indices.items():
         owner_path, _, leaf = name.rpartition(".")
         module = modules.get(owner_path)
-        if leaf != "weight" or not isinstance(module, nn.Linear):
+        quantized = getattr(module, "is_quantized_linear", False)  # (a disk tier's quantized base)
+        if leaf != "weight" or not (isinstance(module, nn.Linear) or quantized):
             raise ConfigError(f"the mask {path} names {name!r}, which is not the weight of a linear layer of this "
                               f"model; make the mask for this model (`zotune sensitivity --model ...`)")
-        if len(index) and (int(index.min()) < 0 or int(index.max()) >= module.weight.numel()):
-            raise ConfigError(f"the mask {path} names entries outside {name} ({tuple(module.weight.shape)}); it was "
-                              f"made for another model: make it again for this one")
+        shape = (module.out_features, module.in_features)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= shape[0] * shape[1]):
+            raise ConfigError(f"the mask {path} names entries outside {name} {shape}; it was made for another "
+                              f"model: make it again for this one")
         parent, _, child = owner_path.rpartition(".")
         setattr(modules[parent] if parent else model, child,
-                SparseDelta(module, index, dtype or module.weight.dtype))
+                SparseDelta(module, index, dtype or (module.scale if quantized else module.weight).dtype))
         total += len(index)
     if not total:
         raise ConfigError(f"the mask {path} names no entry to train; make it with a larger --density")

@@ -39,7 +39,7 @@ def rebuild(run_dir: str, out: str, use_snapshots: bool, log=print) -> Path:
         device = resolve_device(replay_device(run.path, cfgs["method"]))
         session, records = open_run_weights(run, cfgs, device, log, use_snapshots)
         if session.engine is not None and session.engine.tier.durable:
-            if cfgs["adapter"].kind == "none":  # block by block: a model larger than RAM exports
+            if cfgs["adapter"].kind in ("none", "tt"):  # block by block (deltas merged): larger than RAM exports
                 export_streamed(session.model, session.engine, out_path, log)
             else:  # PEFT writes the adapter alone (on this tier its tensors live outside the blocks)
                 session.model.save_pretrained(out_path)

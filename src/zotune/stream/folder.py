@@ -20,7 +20,7 @@ from zotune.files import weights_identity
 from zotune.models import DTYPES, find_block_list
 from zotune.parallel import SOLO, Group
 from zotune.precision import Precision
-from zotune.quant import dequantized, quantize_like_
+from zotune.quant import quantize_like_, standard_tensors
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
 from zotune.stream.format import DTYPE_NAMES, BlockWriter, record_source
@@ -239,7 +239,7 @@ def export_streamed(model: nn.Module, engine, out: str | Path, log=print) -> Pat
             p.data = values[n].to(engine.precision.compute) if values[n].is_floating_point() else values[n]
         with torch.no_grad():
             tensors = {f"{path}.{j}.{n}": t.to(engine.precision.compute).contiguous()
-                       for n, t in dequantized(block).items()}
+                       for n, t in standard_tensors(block).items()}
         for p in params.values():
             p.data = hollow(p, engine.device)
         name = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
