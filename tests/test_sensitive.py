@@ -16,6 +16,7 @@ from zotune.sensitivity import squared_gradients
 from zotune.sparse_delta import SparseDelta, attach_deltas, load_mask, merge_deltas_, save_mask
 from zotune.tasks import ClassificationTask, Table, TaskConfig
 
+VERBALIZER = ("task.verbalizer={pos: great, neg: terrible}", "task.n_dev=8", "task.n_test=8")
 ROWS = Table([{"text": f"film {i} was {'wonderful' if i % 2 else 'awful'}", "label": "pos" if i % 2 else "neg"}
               for i in range(24)], "inline")
 
@@ -75,6 +76,40 @@ def test_the_mask_records_how_it_was_made_and_a_run_trains_only_its_entries(mask
         elif name in base:
             assert torch.equal(weight, base[name]), name  # everything else is the base
     assert changed > 0 and not any("delta" in k or "index" in k for k in model)  # a standard model
+
+
+def test_a_mask_of_the_last_blocks_keeps_a_frozen_prefix_to_reuse(tiny_model_dir, data_file, tmp_path, tokenizer,
+                                                                   capsys):
+    model = tiny_model("llama")
+    task = ClassificationTask(TaskConfig(data="inline", verbalizer={"pos": "great", "neg": "terrible"}, n_dev=0,
+                                         n_test=4), tokenizer, ROWS)
+    batches = [task.collate(task.train[i:i + 4]) for i in range(0, 16, 4)]
+    whole, _ = squared_gradients(model, task, batches, 0.02, log=lambda *a: None)
+    last, total = squared_gradients(model, task, batches, 0.02, log=lambda *a: None, last_blocks=1)
+    block = find_blocks(model)[-1]
+    assert total == sum(m.weight.numel() for m in block[1].modules() if isinstance(m, torch.nn.Linear))
+    assert last and all(name.startswith(block[0] + ".") for name in last)
+    assert sum(len(v) for v in last.values()) == round(0.02 * total)
+    # the same scores, so both are a top of that block's entries: the fewer picks are among the more
+    mine = [{(n, i) for n, index in picks.items() if n in last for i in index.tolist()} for picks in (whole, last)]
+    fewer, more = sorted(mine, key=len)
+    assert fewer and fewer <= more
+    mask = tmp_path / "last.safetensors"
+    assert main(["sensitivity", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(mask),
+                 "--density", "0.02", "--rows", "16", "--batch-size", "4", "--last-blocks", "1", *VERBALIZER]) == 0
+    assert load_mask(mask)[1]["blocks"] == "the last 1"
+    runs = []
+    for name, extra in (("resident", ()), ("streamed", ("--offload", "cpu"))):  # (streamed: no prefix reused)
+        runs.append(tmp_path / name)
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(runs[-1]),
+                     "--steps", "4", *FAST, "run.eval_every=0", "run.keep=last", "--method", "zosgd",
+                     f"model.trainable=final-norm+sensitive:{mask}", *extra]) == 0
+        if name == "resident":
+            assert "blocks 0..1 are frozen" in capsys.readouterr().out
+    assert (runs[0] / "steps.log").read_bytes() == (runs[1] / "steps.log").read_bytes()
+    assert main(["sensitivity", "--model", str(tiny_model_dir), "--data", str(data_file), "--out",
+                 str(tmp_path / "bad.safetensors"), "--last-blocks", "9", *VERBALIZER]) == 2
+    assert "the model has 3 blocks" in capsys.readouterr().err
 
 
 def test_sparse_delta_on_an_int4_base_streams_resumes_and_exports_as_it_trained(mask, tiny_model_dir, data_file,

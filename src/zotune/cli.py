@@ -74,7 +74,7 @@ def _sensitivity(args) -> int:
     flags = {section: {key: value} for section, key, value in (("model", "name", args.model),
                                                                 ("task", "data", args.data)) if value}
     cfgs = build_configs(settle_auto(user_values(args.config, args.overrides, flags, task=args.task)))
-    make_mask(cfgs, Path(args.out), args.density, args.rows, args.batch_size)
+    make_mask(cfgs, Path(args.out), args.density, args.rows, args.batch_size, last_blocks=args.last_blocks)
     return 0
 
 
@@ -270,6 +270,7 @@ def _add_training(sub) -> None:
     m.add_argument("--data", help="same as task.data=VALUE (a data file or built-in set)")
     m.add_argument("--density", type=float, default=1e-3, help="the share of block linear weights kept (0.001)")
     m.add_argument("--rows", type=int, default=128, help="training rows the gradients are summed over")
+    m.add_argument("--last-blocks", type=int, help="only the last K blocks' linears (a frozen prefix before them)")
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. task.template=...")
     m.set_defaults(func=_sensitivity)

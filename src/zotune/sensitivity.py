@@ -2,14 +2,15 @@
 
 A weight's sensitivity is its squared gradient of the task loss summed over training rows (a
 diagonal Fisher estimate); the mask keeps the `density` share of all block linear weights with the
-largest, over the whole model. Backprop is allowed here since it runs once, and it runs block by
-block: one forward keeps each block's input for every batch (B x T x H values a block and batch),
-then, from the last block down, each block is run again with gradients, for every batch, from its
-kept input and the gradient at its output, so that only one block's gradients (and the running
-top entries) are ever held. The model's own forward and blocks run, found by structure
-(`find_block_list`), with the arguments they were called with (captured by a pre-hook), and the loss
-at the last block's output comes from the model's forward with every block replayed
-(`FrozenPrefix`): no forward is copied.
+largest, over the whole model (or over the last K blocks: `--last-blocks K`, so that in training the
+blocks before them stay a frozen prefix, computed once per batch, and each probe runs only K blocks).
+Backprop is allowed here since it runs once, and it runs block by block: one forward keeps each
+block's input for every batch (B x T x H values a block and batch), then, from the last block down,
+each block is run again with gradients, for every batch, from its kept input and the gradient at its
+output, so that only one block's gradients (and the running top entries) are ever held. The model's
+own forward and blocks run, found by structure (`find_block_list`), with the arguments they were
+called with (captured by a pre-hook), and the loss at the last block's output comes from the model's
+forward with every block replayed (`FrozenPrefix`): no forward is copied.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from zotune.models import find_block_list
 from zotune.prefix import FrozenPrefix
 
 
-def _block_calls(model: nn.Module, blocks, task, batches) -> tuple[list[list[tuple]], list[torch.Tensor]]:
-    """(for each block, for each batch: the (args, kwargs) it was called with, its input detached; the
-    last block's output for each batch), from one no-grad forward of each batch."""
+def _block_calls(model: nn.Module, blocks, first: int, task, batches) -> tuple[list[list[tuple]], list[torch.Tensor]]:
+    """(for each block from `first` on, for each batch: the (args, kwargs) it was called with, its input
+    detached; the last block's output for each batch), from one no-grad forward of each batch."""
     calls: list[list[tuple]] = [[] for _ in blocks]
     last: list[torch.Tensor] = []
-    handles = [block.register_forward_pre_hook(
+    handles = [blocks[j].register_forward_pre_hook(
         lambda m, args, kwargs, j=j: calls[j].append((_detached(args), _detached(kwargs))), with_kwargs=True)
-        for j, block in enumerate(blocks)]
+        for j in range(first, len(blocks))]
     handles.append(blocks[-1].register_forward_hook(
         lambda m, args, out: last.append((out[0] if isinstance(out, (tuple, list)) else out).detach())))
     try:
@@ -80,19 +81,23 @@ def _output_grads(model, layers, task, batches, last_outputs) -> list[torch.Tens
 
 
 def squared_gradients(model: nn.Module, task, batches, density: float, blocks_path: str | None = None,
-                      log=print) -> tuple[dict[str, torch.Tensor], int]:
+                      log=print, last_blocks: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """(weight name -> flat indices of its entries in the top `density` of all block linear weights by summed
-    squared gradient, the number of candidate weights)."""
+    squared gradient, the number of candidate weights). `last_blocks`: only the last K blocks' linears are
+    candidates (the blocks before them stay a frozen prefix in training)."""
     path, blocks = find_block_list(model, blocks_path)
-    calls, last = _block_calls(model, blocks, task, batches)
+    if last_blocks is not None and not 1 <= last_blocks <= len(blocks):
+        raise ConfigError(f"--last-blocks {last_blocks}: the model has {len(blocks)} blocks; give 1 to {len(blocks)}")
+    first = len(blocks) - (last_blocks or len(blocks))
+    calls, last = _block_calls(model, blocks, first, task, batches)
     grads = _output_grads(model, blocks, task, batches, last)
     linears = [[(f"{path}.{j}.{n}.weight", m.weight) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-               for j, block in enumerate(blocks)]
+               if j >= first else [] for j, block in enumerate(blocks)]
     total = sum(w.numel() for block in linears for _, w in block)
     keep = max(1, round(density * total))
     best_scores, best_ids = torch.empty(0), torch.empty(0, dtype=torch.int64)
     spans: dict[str, tuple[int, int]] = {}  # weight name -> (its first global index, its size)
-    for j in reversed(range(len(blocks))):
+    for j in reversed(range(first, len(blocks))):
         scores, grads = _block_scores(blocks[j], linears[j], calls[j], grads)
         for (name, weight), score in zip(linears[j], scores):
             start = sum(size for _, size in spans.values())
@@ -144,8 +149,10 @@ def _by_tensor(ids: torch.Tensor, spans: dict[str, tuple[int, int]]) -> dict[str
     return out
 
 
-def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=print) -> dict:
-    """Measure and write the mask of `cfgs`' model on its task's first `rows` training rows; returns how."""
+def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=print,
+              last_blocks: int | None = None) -> dict:
+    """Measure and write the mask of `cfgs`' model on its task's first `rows` training rows (of the last
+    `last_blocks` blocks' linears, or all); returns how."""
     from zotune.models import load_model
     from zotune.sparse_delta import save_mask
     from zotune.tasks import make_task
@@ -159,12 +166,13 @@ def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=p
     if rows < 1:
         raise ConfigError("zotune sensitivity needs training rows: give a task with a training split")
     batches = [task.collate(task.train[i:i + batch_size]) for i in range(0, rows, batch_size)]
-    indices, total = squared_gradients(model, task, batches, density, cfgs["model"].blocks_path, log)
+    indices, total = squared_gradients(model, task, batches, density, cfgs["model"].blocks_path, log, last_blocks)
     kept = sum(len(v) for v in indices.values())
     how = {"criterion": "squared gradient of the task loss, summed over rows (diagonal Fisher)",
            "model": cfgs["model"].name, "task": cfgs["task"].name or cfgs["task"].data,
            "template": cfgs["task"].template, "rows": rows, "batch_size": batch_size, "density": density,
-           "entries": kept, "of": total, "tensors": len(indices), "seconds": round(time.perf_counter() - started, 1)}
+           "blocks": f"the last {last_blocks}" if last_blocks else "all", "entries": kept, "of": total,
+           "tensors": len(indices), "seconds": round(time.perf_counter() - started, 1)}
     partial = out.with_name(out.name + ".partial")  # a stopped command leaves no half-written mask at `out`
     save_mask(partial, indices, how)
     os.replace(partial, out)
