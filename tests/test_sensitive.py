@@ -195,3 +195,12 @@ def test_a_bad_mask_on_the_disk_tier_and_an_existing_out_file_are_refused(tiny_m
                  "task.n_dev=8", "task.n_test=8"]) == 2
     assert mine.read_text() == "a user's file" and "exists" in capsys.readouterr().err
     assert json.loads(json.dumps(load_mask(mask)[1]))["criterion"].startswith("squared gradient")
+
+
+def test_the_backprop_reference_trains_the_same_masked_entries(mask, tiny_model_dir, data_file, capsys):
+    entries = sum(len(v) for v in load_mask(mask)[0].values())
+    assert main(["bench", "first-order", "--lr", "3e-2", "--json", f"model.name={tiny_model_dir}",
+                 f"task.data={data_file}", f"model.trainable=sensitive:{mask}", "run.steps=40", *FAST]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["trained_values"] == entries
+    assert result["final_train_loss"] < result["first_train_loss"] - 0.05  # backprop through the deltas learns

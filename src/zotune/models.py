@@ -309,6 +309,11 @@ def parse_trainable(spec: str) -> list[tuple[str, int | str]]:
     return out
 
 
+def mask_paths(spec: str) -> list[str]:
+    """The sensitivity masks (`sensitive:MASK`) a spec trains; their deltas must be attached first."""
+    return [arg for kind, arg in parse_trainable(spec) if kind == "sensitive"]
+
+
 def without_masks(spec: str) -> str:
     """The spec less its `sensitive:MASK` form (always the last: a mask's path takes the rest); "" if that was all."""
     return "+".join(part for part in _parts(spec) if not part.startswith("sensitive:"))

@@ -21,7 +21,15 @@ from zotune.files import entries, remove_new_entries, tensor_digest, weights_ide
 from zotune.methods import METHODS, MethodConfig, StepRecord, make_optimizer
 from zotune.methods.perturb import FORMAT as DIRECTIONS_FORMAT
 from zotune.methods.perturb import device_dependent, drawn_on
-from zotune.models import ModelConfig, load_model, parse_trainable, resolve_source, select_trainable, without_masks
+from zotune.models import (
+    ModelConfig,
+    load_model,
+    mask_paths,
+    parse_trainable,
+    resolve_source,
+    select_trainable,
+    without_masks,
+)
 from zotune.parallel import SOLO, Group, weights_digest
 from zotune.precision import Masters
 from zotune.quant import QWEIGHT_KIND, quantize_
@@ -143,10 +151,9 @@ class Session:
         quantize_(self.model, model_cfg.quantize, keep, model_cfg.blocks_path, log)
 
     def _attach_masks(self, model_cfg: ModelConfig, log) -> None:
-        for kind, mask in parse_trainable(model_cfg.trainable):
-            if kind == "sensitive":
-                entries = attach_deltas(self.model, mask)
-                log(f"sensitive sparse ZO: {entries:,} entries of the mask {mask} train, as a delta on a frozen base")
+        for mask in mask_paths(model_cfg.trainable):
+            entries = attach_deltas(self.model, mask)
+            log(f"sensitive sparse ZO: {entries:,} entries of the mask {mask} train, as a delta on a frozen base")
 
     @property
     def trained(self) -> list[torch.Tensor]:

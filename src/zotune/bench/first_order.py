@@ -29,10 +29,11 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     from tqdm import tqdm
 
     from zotune.evaluation import evaluate
-    from zotune.models import load_model, select_trainable
+    from zotune.models import load_model, mask_paths, select_trainable
     from zotune.prefix import FrozenPrefix
     from zotune.resolve import resolve_configs, resolve_device
     from zotune.schedule import batch_order
+    from zotune.sparse_delta import attach_deltas
     from zotune.tasks import make_task
 
     cfgs = resolve_configs(None, overrides)
@@ -44,6 +45,8 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     task = make_task(task_cfg, None)
     model, tokenizer = load_model(model_cfg, log=log)
     task.bind(tokenizer)
+    for mask in mask_paths(model_cfg.trainable):  # sensitive sparse ZO's deltas, as a run attaches them
+        attach_deltas(model, mask)
     model.to(device).requires_grad_(False)
     params = [p for _, p in select_trainable(model, model_cfg.trainable, model_cfg.blocks_path)]
     for p in params:
@@ -82,10 +85,11 @@ def run_first_order(overrides=(), lr: float = 1e-5, weight_decay: float = 0.0, l
     train_seconds = time.perf_counter() - train_started
     after = evaluate(model, task, task.test, eval_size, device, "fine-tuned test")
     result = {"method": "adamw (backprop)", "lr": lr, "steps": run_cfg.steps, "trainable": model_cfg.trainable,
-              "task": task.describe(),
+              "trained_values": sum(p.numel() for p in params), "task": task.describe(),
               "metric": metric, "test_before": before[metric], "test_after": after[metric],
               "test_loss_after": after["loss"],
-              "dev": dev, "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+              "dev": dev, "first_train_loss": losses[0] if losses else None,
+              "final_train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
               "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - started, 1)}
     log(f"test {metric} {before[metric]:.3f} -> {after[metric]:.3f} (loss {after['loss']:.4f}); dev "
         + ", ".join(f"{a:.3f}" for _, a in dev) + f"; {train_seconds:.0f}s of training")
