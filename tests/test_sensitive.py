@@ -112,6 +112,27 @@ def test_a_mask_of_the_last_blocks_keeps_a_frozen_prefix_to_reuse(tiny_model_dir
     assert "the model has 3 blocks" in capsys.readouterr().err
 
 
+def test_a_mask_measured_on_a_stream_folder_is_the_resident_models(mask, tiny_model_dir, data_file, tmp_path,
+                                                                     capsys):
+    """A stream folder streams block by block (each held on the device for its forward and backward):
+    the same scores, so the same mask as the resident model's; a quantized folder is refused."""
+    folder = tmp_path / "stream"
+    assert main(["stream", "prepare", "--model", str(tiny_model_dir), "--out", str(folder)]) == 0
+    streamed = tmp_path / "streamed.safetensors"
+    assert main(["sensitivity", "--model", str(folder), "--data", str(data_file), "--out", str(streamed),
+                 "--density", "0.02", "--rows", "16", "--batch-size", "4", *VERBALIZER]) == 0
+    (a, _), (b, how_b) = load_mask(mask), load_mask(streamed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and how_b["model"] == str(folder)
+    int4 = tmp_path / "int4"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "q"),
+                 "--steps", "1", *FAST, "run.eval_every=0", "run.keep=last", "model.quantize=int4",
+                 "--trainable", "final-norm", "--offload", "disk", "--offload-dir", str(int4)]) == 0
+    capsys.readouterr()
+    assert main(["sensitivity", "--model", str(int4), "--data", str(data_file), "--out", str(tmp_path / "x"),
+                 *VERBALIZER]) == 2
+    assert "holds quantized blocks" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_sparse_delta_on_an_int4_base_streams_resumes_and_exports_as_it_trained(mask, tiny_model_dir, data_file,
                                                                               tmp_path):
     def args(out, steps, *extra):

@@ -15,6 +15,7 @@ forward with every block replayed (`FrozenPrefix`): no forward is copied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -81,10 +82,11 @@ def _output_grads(model, layers, task, batches, last_outputs) -> list[torch.Tens
 
 
 def squared_gradients(model: nn.Module, task, batches, density: float, blocks_path: str | None = None,
-                      log=print, last_blocks: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                      log=print, last_blocks: int | None = None, hold=None) -> tuple[dict[str, torch.Tensor], int]:
     """(weight name -> flat indices of its entries in the top `density` of all block linear weights by summed
     squared gradient, the number of candidate weights). `last_blocks`: only the last K blocks' linears are
-    candidates (the blocks before them stay a frozen prefix in training)."""
+    candidates (the blocks before them stay a frozen prefix in training). `hold(j)`: a context in which
+    block j's weights are present (a streamed model's `StreamEngine.holding`); resident, they always are."""
     path, blocks = find_block_list(model, blocks_path)
     if last_blocks is not None and not 1 <= last_blocks <= len(blocks):
         raise ConfigError(f"--last-blocks {last_blocks}: the model has {len(blocks)} blocks; give 1 to {len(blocks)}")
@@ -98,7 +100,8 @@ def squared_gradients(model: nn.Module, task, batches, density: float, blocks_pa
     best_scores, best_ids = torch.empty(0), torch.empty(0, dtype=torch.int64)
     spans: dict[str, tuple[int, int]] = {}  # weight name -> (its first global index, its size)
     for j in reversed(range(first, len(blocks))):
-        scores, grads = _block_scores(blocks[j], linears[j], calls[j], grads)
+        with hold(j) if hold is not None else contextlib.nullcontext():
+            scores, grads = _block_scores(blocks[j], linears[j], calls[j], grads)
         for (name, weight), score in zip(linears[j], scores):
             start = sum(size for _, size in spans.values())
             spans[name] = (start, weight.numel())
@@ -153,20 +156,24 @@ def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=p
               last_blocks: int | None = None) -> dict:
     """Measure and write the mask of `cfgs`' model on its task's first `rows` training rows (of the last
     `last_blocks` blocks' linears, or all); returns how."""
-    from zotune.models import load_model
     from zotune.sparse_delta import save_mask
     from zotune.tasks import make_task
 
     if not 0 < density < 1:
         raise ConfigError(f"--density {density}: give the share of weights that train, between 0 and 1 (e.g. 0.001)")
     started = time.perf_counter()
-    model, tokenizer = load_model(cfgs["model"], log=log)
+    model, tokenizer, engine = _open_model(cfgs["model"], log)
     task = make_task(cfgs["task"], tokenizer)
     rows = min(rows, len(task.train))
     if rows < 1:
         raise ConfigError("zotune sensitivity needs training rows: give a task with a training split")
     batches = [task.collate(task.train[i:i + batch_size]) for i in range(0, rows, batch_size)]
-    indices, total = squared_gradients(model, task, batches, density, cfgs["model"].blocks_path, log, last_blocks)
+    try:
+        indices, total = squared_gradients(model, task, batches, density, cfgs["model"].blocks_path, log, last_blocks,
+                                           engine.holding if engine is not None else None)
+    finally:
+        if engine is not None:
+            engine.close()
     kept = sum(len(v) for v in indices.values())
     how = {"criterion": "squared gradient of the task loss, summed over rows (diagonal Fisher)",
            "model": cfgs["model"].name, "task": cfgs["task"].name or cfgs["task"].data,
@@ -179,3 +186,20 @@ def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=p
     log(f"wrote {out}: {kept:,} of {total:,} block linear weights ({kept / total:.3%}) in {len(indices)} tensors, from "
         f"{rows} training rows in {how['seconds']:.0f}s; train them with model.trainable=sensitive:{out}")
     return how
+
+
+def _open_model(model_cfg, log):
+    """(model, tokenizer, its StreamEngine or None): a stream folder streams, a block at a time, so the
+    mask is measured wherever training fits; any other model loads whole."""
+    from zotune.models import load_model
+    from zotune.quant import QWEIGHT_KIND
+    from zotune.stream import folder_tokenizer, is_stream_folder, load_streamed
+
+    if not is_stream_folder(model_cfg.name):
+        return (*load_model(model_cfg, log=log), None)
+    model, engine = load_streamed(model_cfg.name, "cpu", model_cfg.dtype, log=log)
+    if any(spec.dtype in QWEIGHT_KIND for specs in engine.tier.specs for spec in specs):
+        engine.close()
+        raise ConfigError(f"{model_cfg.name} holds quantized blocks: their weights have no gradient to measure; "
+                          f"measure the mask on the float model (or a float stream folder) and train it on this one")
+    return model, folder_tokenizer(model_cfg.name), engine

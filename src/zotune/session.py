@@ -36,7 +36,7 @@ from zotune.quant import QWEIGHT_KIND, quantize_
 from zotune.resolve import recorded_options
 from zotune.runs import RunFolder
 from zotune.sparse_delta import attach_deltas
-from zotune.stream import StreamConfig, is_stream_folder, keeps_state, load_streamed, stream_
+from zotune.stream import StreamConfig, folder_tokenizer, is_stream_folder, keeps_state, load_streamed, stream_
 from zotune.stream.format import record_source, recorded_source
 
 
@@ -78,7 +78,7 @@ class Session:
                 raise ConfigError(f"the stream folder {folder} holds float blocks, but "
                                   f"model.quantize={model_cfg.quantize}; drop model.quantize, or give a new "
                                   f"--offload-dir to write quantized blocks")
-            self.tokenizer = _folder_tokenizer(folder)
+            self.tokenizer = folder_tokenizer(folder)
             base_hash = self.engine.tier.manifest["base_digest"]
         else:
             if resume and self.stream_cfg.tier == "disk" and run.read_steps()[0]:
@@ -106,7 +106,7 @@ class Session:
                 else:
                     self.model, self.engine = load_streamed(self.stream_cfg.dir, device, model_cfg.dtype,
                                                             self.stream_cfg.prefetch, group, log)
-                    self.tokenizer = _folder_tokenizer(self.stream_cfg.dir)
+                    self.tokenizer = folder_tokenizer(self.stream_cfg.dir)
                 base_hash = self.engine.tier.manifest["base_digest"]
             else:
                 base_hash = tensor_digest(self.model.state_dict().values())
@@ -332,13 +332,3 @@ def _check_folder_source(folder: str, model_cfg: ModelConfig, resume: bool) -> N
         raise ConfigError(f"the stream folder {folder} holds the blocks of {source['model']}, not of --model "
                           f"{model_cfg.name} (their weight files differ); give a new --offload-dir for this model, "
                           f"or train from the folder itself with --model {folder}")
-
-
-def _folder_tokenizer(folder: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        raise ConfigError(f"the stream folder {folder} has no tokenizer files; copy tokenizer.json and "
-                          f"tokenizer_config.json of its model into it") from None

@@ -13,10 +13,17 @@ from zotune.stream.api import StreamConfig, stream_, unstream_
 from zotune.stream.carry import keeps_state
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine, refuse_unstreamable
-from zotune.stream.folder import export_streamed, is_stream_folder, load_streamed, prepare_folder, write_folder
+from zotune.stream.folder import (
+    export_streamed,
+    folder_tokenizer,
+    is_stream_folder,
+    load_streamed,
+    prepare_folder,
+    write_folder,
+)
 from zotune.stream.ram import RamTier
 from zotune.stream.tier import BlockState, Tier
 
 __all__ = ["BlockState", "DiskTier", "Precision", "RamTier", "StreamConfig", "StreamEngine", "Tier", "export_streamed",
-           "is_stream_folder", "keeps_state", "load_streamed", "prepare_folder", "refuse_unstreamable", "stream_",
-           "unstream_", "write_folder"]
+           "folder_tokenizer", "is_stream_folder", "keeps_state", "load_streamed", "prepare_folder",
+           "refuse_unstreamable", "stream_", "unstream_", "write_folder"]

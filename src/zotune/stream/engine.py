@@ -26,6 +26,7 @@ released after use. `flush()` brings every block up to date: before a checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -86,6 +87,7 @@ class StreamEngine:
         self.device_blocks = prefetch + 2  # the most blocks on the device at once (`StreamConfig.device_blocks`)
         self._probe = threading.local()  # .lockstep and .r in a probe thread
         self._step: Lockstep | None = None
+        self._held: set[int] = set()  # blocks kept on the device after their forward (`holding`)
         self._hooks = []
         last = len(layers) - 1
         for j, block in enumerate(layers):
@@ -288,11 +290,23 @@ class StreamEngine:
         if lockstep is not None:
             if last:
                 lockstep.arrive(self._probe.r, "tail")
-        elif self._step is None:
+        elif self._step is None and j not in self._held:
             self._leave(j)
             if last:
                 self._submit_fetch(0)  # the next forward starts with block 0
         return None
+
+    @contextlib.contextmanager
+    def holding(self, j: int):
+        """Block j on the device, bound, for the duration (outside a step): its forwards do not send it
+        away, so a backward reads the weights its forward saw (`zotune sensitivity` on a stream folder)."""
+        self._arrive(j)
+        self._held.add(j)
+        try:
+            yield
+        finally:
+            self._held.discard(j)
+            self._leave(j)
 
     # -- the ZO step ----------------------------------------------------------------------------
 

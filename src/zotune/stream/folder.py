@@ -167,6 +167,16 @@ class _SafetensorsReader:
         return self._open[file].get_tensor(name)
 
 
+def folder_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        raise ConfigError(f"the stream folder {folder} has no tokenizer files; copy tokenizer.json and "
+                          f"tokenizer_config.json of its model into it") from None
+
+
 def is_stream_folder(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").exists()
 
