@@ -106,6 +106,12 @@ LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 QWEIGHT_KIND = {torch.int8: "int8", torch.uint8: "int4"}  # which layer a stored `qweight` belongs to
 
 
+def quantized_note(module: nn.Module) -> str:
+    """" (their linears quantized to int4)" for a module holding quantized linears, else "" (for logs)."""
+    kinds = sorted(kind for kind, layer in LAYERS.items() if any(isinstance(m, layer) for m in module.modules()))
+    return f" (their linears quantized to {', '.join(kinds)})" if kinds else ""
+
+
 def quantize_like_(block: nn.Module, tensors: dict[str, torch.dtype]) -> None:
     """Make `block` (a skeleton's, on the meta device) quantized where the stored tensors of a block
     (name -> dtype, e.g. a stream folder's) say so: a `<module>.qweight` names a quantized linear."""

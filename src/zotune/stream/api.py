@@ -12,6 +12,7 @@ from torch import nn
 from zotune.config import ConfigError
 from zotune.models import DTYPES, find_block_list
 from zotune.precision import Precision
+from zotune.quant import quantized_note
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
 from zotune.stream.folder import write_folder
@@ -91,7 +92,8 @@ def stream_(model: nn.Module, cfg: StreamConfig, device: torch.device | str = "c
         for block in layers:
             for p in block.parameters():
                 p.data = hollow(p, device)
-    log(f"streaming {len(layers)} blocks from {'host memory' if cfg.tier == 'cpu' else cfg.dir}: {precision.reason}")
+    where = 'host memory' if cfg.tier == 'cpu' else cfg.dir
+    log(f"streaming {len(layers)} blocks from {where}{quantized_note(layers)}: {precision.reason}")
     engine = StreamEngine(model, tier, layers, device, precision, cfg.prefetch, log, accelerator)
     engine.device_blocks = cfg.device_blocks or engine.device_blocks
     return engine

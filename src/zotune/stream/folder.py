@@ -20,7 +20,7 @@ from zotune.files import weights_identity
 from zotune.models import DTYPES, find_block_list
 from zotune.parallel import SOLO, Group
 from zotune.precision import Precision
-from zotune.quant import quantize_like_, standard_tensors
+from zotune.quant import quantize_like_, quantized_note, standard_tensors
 from zotune.stream.disk import DiskTier
 from zotune.stream.engine import StreamEngine
 from zotune.stream.format import DTYPE_NAMES, BlockWriter, record_source
@@ -225,7 +225,7 @@ def load_streamed(folder: str, device: torch.device | str = "cpu", compute_dtype
     model.to(device).eval()
     storage = DTYPES[manifest["storage_dtype"]]
     precision = Precision.resolve(storage, compute)
-    log(f"streaming {len(layers)} blocks from {folder}: {precision.reason}")
+    log(f"streaming {len(layers)} blocks from {folder}{quantized_note(layers)}: {precision.reason}")
     engine = StreamEngine(model, tier, layers, device, precision, prefetch, log, accelerator)
     engine.join(group)
     return model, engine
