@@ -13,7 +13,7 @@ from test_trial import FAST
 from zotune.cli import main
 from zotune.models import find_blocks
 from zotune.sensitivity import squared_gradients
-from zotune.sparse_delta import SparseDelta, attach_deltas, load_mask, merge_deltas_, save_mask
+from zotune.sparse_delta import SparseDelta, attach_deltas, load_mask, merge_deltas_, save_mask, wrap_entries
 from zotune.tasks import ClassificationTask, Table, TaskConfig
 
 VERBALIZER = ("task.verbalizer={pos: great, neg: terrible}", "task.n_dev=8", "task.n_test=8")
@@ -167,7 +167,11 @@ def test_memory_at_rest_is_the_base_plus_the_masked_values_and_indices(mask):
     entries = attach_deltas(model, mask)
     deltas = [m for m in model.modules() if isinstance(m, SparseDelta)]
     assert sum(len(m.delta) for m in deltas) == entries
-    assert sum(m.delta.nbytes + m.index.nbytes for m in deltas) == 12 * entries
+    assert sum(m.delta.untyped_storage().nbytes() + m.index.untyped_storage().nbytes() for m in deltas) == 12 * entries
+    other = tiny_model("llama")  # an index that is a view of a larger tensor is copied, not kept with its storage
+    name = next(iter(load_mask(mask)[0]))
+    wrap_entries(other, {name: torch.arange(1000)[:3]})
+    assert other.get_submodule(name.rpartition(".")[0]).index.untyped_storage().nbytes() == 3 * 8
     x = torch.randn(2, 5, 32)
     for m in deltas:  # the forward is the base plus the delta on exactly those entries
         with torch.no_grad():
@@ -225,3 +229,14 @@ def test_the_backprop_reference_trains_the_same_masked_entries(mask, tiny_model_
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["trained_values"] == entries
     assert result["final_train_loss"] < result["first_train_loss"] - 0.05  # backprop through the deltas learns
+
+
+def test_the_memory_bench_trains_the_masked_entries_resident_and_from_disk():
+    from zotune.bench.sensitive import run_sensitive_bench
+
+    got = run_sensitive_bench("tiny", 2, 2, 8, 0.01, log=lambda *a: None,
+                              cases=("full ZO, float32", "sensitive, int4 base on disk"))["cases"]
+    full, disk = got["full ZO, float32"], got["sensitive, int4 base on disk"]
+    assert full["of_full_zo"] == 1.0 and full["trained_values"] > 100 * disk["trained_values"] > 0
+    assert disk["peak_rss_mib"] > 0 and disk["of_full_zo"] == round(disk["peak_rss_mib"] / full["peak_rss_mib"], 3) \
+        or abs(disk["of_full_zo"] - disk["peak_rss_mib"] / full["peak_rss_mib"]) < 0.01

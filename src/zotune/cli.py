@@ -197,6 +197,18 @@ def _bench_memory(args) -> int:
     return 0
 
 
+def _bench_sensitive(args) -> int:
+    from zotune.bench.sensitive import run_sensitive_bench
+
+    if not 0 < args.density < 1:
+        raise ConfigError(f"--density {args.density}: give a share between 0 and 1 (e.g. 0.001)")
+    log = (lambda *a, **k: None) if args.json else print
+    result = run_sensitive_bench(args.shape, args.layers or None, args.batch, args.seq, args.density, log)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _bench_gpu(args) -> int:
     import time
     from pathlib import Path
@@ -356,6 +368,15 @@ def _add_bench(sub) -> None:
     s = bsub.add_parser("memory", help="optimizer state bytes per trainable value and peak RSS of a step, per method")
     _shape_and_batch(s, repeats=1)
     s.set_defaults(func=_bench_memory)
+    s = bsub.add_parser("sensitive", help="peak RSS of sensitive sparse ZO (int4 base, resident and from disk) / full "
+                        "ZO's")
+    s.add_argument("--shape", default="llama-7b", help="random-weight shape: opt-125m, opt-350m, tiny, llama-7b")
+    s.add_argument("--layers", type=int, default=8, help="blocks of the shape (its own count: 0)")
+    s.add_argument("--batch", type=int, default=2)
+    s.add_argument("--seq", type=int, default=64)
+    s.add_argument("--density", type=float, default=1e-3, help="the share of each block linear's entries that trains")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_bench_sensitive)
     s = bsub.add_parser("gpu", help="the streaming checks and targets on an accelerator (docs/performance.md), as JSON")
     s.add_argument("--device", default="cuda")
     s.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, on any device)")

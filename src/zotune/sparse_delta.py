@@ -39,7 +39,8 @@ class SparseDelta(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         device = next(base.parameters()).device
-        self.index = nn.Parameter(index.to(device=device, dtype=torch.int64), requires_grad=False)
+        # a copy: the index given may be a view of a larger tensor, whose whole storage it would keep
+        self.index = nn.Parameter(index.to(device=device, dtype=torch.int64, copy=True), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros(len(index), dtype=dtype, device=device), requires_grad=False)
 
     def weight_value(self) -> torch.Tensor:
@@ -99,7 +100,12 @@ def load_mask(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def attach_deltas(model: nn.Module, path, dtype: torch.dtype | None = None) -> int:
     """Wrap every linear the mask at `path` names in a SparseDelta; returns the entries that train."""
-    indices, _ = load_mask(path)
+    return wrap_entries(model, load_mask(path)[0], dtype, path)
+
+
+def wrap_entries(model: nn.Module, indices: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                 path="(in memory)") -> int:
+    """Wrap each linear `indices` names (weight name -> flat entries) in a SparseDelta; returns the entries."""
     modules = dict(model.named_modules())
     total = 0
     for name, index in indices.items():
