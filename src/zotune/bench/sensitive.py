@@ -63,10 +63,11 @@ def _child(spec: dict) -> dict:
         wrap_entries(model, mask)
     spec_of = {"sensitive": "sensitive:(random)", "forward": "all"}.get(trains, trains)
     if quantized:
-        keep = {id(p) for _, p in select_trainable(model, spec_of)} if trains not in ("forward", "sensitive") else set()
+        keep = set() if trains in ("forward", "sensitive") else {id(p) for _, p in select_trainable(model, spec_of)}
         quantize_(model, quantized, keep, log=lambda *a: None)
-    engine, folder = None, tempfile.TemporaryDirectory(dir=spec.get("dir"))
+    engine = folder = None
     if on_disk:  # the folder holds the base; the deltas are attached on it and stay outside the blocks
+        folder = tempfile.TemporaryDirectory()
         engine = stream_(model, StreamConfig(tier="disk", dir=os.path.join(folder.name, "blocks")), log=lambda *a: None)
         wrap_entries(model, mask)
     _release_freed_memory()
@@ -94,7 +95,7 @@ def _child(spec: dict) -> dict:
     got = peak.stop()
     if engine is not None:
         engine.close()
-    folder.cleanup()
+        folder.cleanup()
     return {**got, "at_rest": at_rest, "values": sum(p.numel() for p in params)}
 
 
