@@ -238,5 +238,4 @@ def test_the_memory_bench_trains_the_masked_entries_resident_and_from_disk():
                               cases=("full ZO, float32", "sensitive, int4 base on disk"))["cases"]
     full, disk = got["full ZO, float32"], got["sensitive, int4 base on disk"]
     assert full["of_full_zo"] == 1.0 and full["trained_values"] > 100 * disk["trained_values"] > 0
-    assert disk["peak_rss_mib"] > 0 and disk["of_full_zo"] == round(disk["peak_rss_mib"] / full["peak_rss_mib"], 3) \
-        or abs(disk["of_full_zo"] - disk["peak_rss_mib"] / full["peak_rss_mib"]) < 0.01
+    assert disk["peak_rss_mib"] > 0 and abs(disk["of_full_zo"] - disk["peak_rss_mib"] / full["peak_rss_mib"]) < 0.01
