@@ -210,4 +210,3 @@ def dequantize_(model: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, QuantizedLinear):
                 setattr(parent, name, linear_holding(child.weight_value(), child.bias))
-

@@ -99,15 +99,16 @@ def squared_gradients(model: nn.Module, task, batches, density: float, blocks_pa
     keep = max(1, round(density * total))
     best_scores, best_ids = torch.empty(0), torch.empty(0, dtype=torch.int64)
     spans: dict[str, tuple[int, int]] = {}  # weight name -> (its first global index, its size)
+    start = 0
     for j in reversed(range(first, len(blocks))):
         with hold(j) if hold is not None else contextlib.nullcontext():
             scores, grads = _block_scores(blocks[j], linears[j], calls[j], grads)
         for (name, weight), score in zip(linears[j], scores):
-            start = sum(size for _, size in spans.values())
             spans[name] = (start, weight.numel())
             top = score.view(-1).topk(min(keep, score.numel()))
             best_scores = torch.cat([best_scores, top.values])
             best_ids = torch.cat([best_ids, top.indices + start])
+            start += weight.numel()
             if len(best_scores) > keep:  # the running global top: one block's scores held at a time
                 kept = best_scores.topk(keep)
                 best_scores, best_ids = kept.values, best_ids[kept.indices]

@@ -73,6 +73,7 @@ def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear
             linear.bias.copy_(bias)
     return linear.requires_grad_(False)
 
+
 def save_mask(path, indices: dict[str, torch.Tensor], how: dict) -> None:
     """Write a mask: weight name -> sorted flat indices, and how it was made (safetensors metadata)."""
     from safetensors.torch import save_file
