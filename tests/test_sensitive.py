@@ -239,3 +239,39 @@ def test_the_memory_bench_trains_the_masked_entries_resident_and_from_disk():
     full, disk = got["full ZO, float32"], got["sensitive, int4 base on disk"]
     assert full["of_full_zo"] == 1.0 and full["trained_values"] > 100 * disk["trained_values"] > 0
     assert disk["peak_rss_mib"] > 0 and abs(disk["of_full_zo"] - disk["peak_rss_mib"] / full["peak_rss_mib"]) < 0.01
+
+
+def test_lr_scale_moves_each_form_at_its_own_lr_and_resumes_as_it_trained(mask, tiny_model_dir, data_file, tmp_path,
+                                                                          capsys):
+    def run(name, steps, lr, *extra):
+        out = tmp_path / name
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--steps",
+                     str(steps), *FAST, "run.eval_every=0", "run.keep=last", "--method", "zosgd", "--lr", lr,
+                     f"model.trainable=final-norm+sensitive:{mask}", *extra]) == 0
+        return out
+
+    # one step from the same point has the same projected gradient at any lr: the norm moves as at lr
+    # 1e-2, the mask's entries as at 1e-2 x 0.25 (a power of two: the same float as 2.5e-3)
+    scaled = exported(run("scaled", 1, "1e-2", "method.lr_scale={sensitive: 0.25}"), tmp_path / "m0")
+    at_lr = exported(run("at-lr", 1, "1e-2"), tmp_path / "m1")
+    at_quarter = exported(run("at-quarter", 1, "2.5e-3"), tmp_path / "m2")
+    masked = set(load_mask(mask)[0])
+    for name, weight in scaled.items():
+        same, other = (at_quarter, at_lr) if name in masked else (at_lr, at_quarter)
+        assert torch.equal(weight, same[name]), name
+    assert any(not torch.equal(scaled[k], at_lr[k]) for k in masked)  # the deltas did move at the smaller lr
+    assert any(not torch.equal(scaled[k], at_quarter[k]) for k in scaled if k not in masked)
+    # stopped and resumed: the run it would have been, each step recording both lrs
+    whole = run("whole", 4, "1e-2", "method.lr_scale={sensitive: 0.25}")
+    part = run("part", 2, "1e-2", "method.lr_scale={sensitive: 0.25}", "run.snapshot_every=2")
+    assert main(["resume", str(part), "run.steps=4"]) == 0
+    assert (part / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    capsys.readouterr()
+    both = f"model.trainable=final-norm+sensitive:{mask}"
+    for bad, match, *extra in (("{last-blocks: 2}", "'last-blocks', not a form of model.trainable", both),
+                               ("{sensitive: -1}", "must be a finite number >= 0", both),
+                               ("{final-norm: 2}", "an adapter trains its own tensors", "adapter.kind=lora")):
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "x"),
+                     *FAST, f"method.lr_scale={bad}", *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

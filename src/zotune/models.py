@@ -370,38 +370,49 @@ def select_trainable(model: nn.Module, spec, blocks_path: str | None = None) -> 
         if not chosen:
             raise ConfigError("the trainable module filter selects no parameter of this model")
         return chosen
-    chosen: list[tuple[str, nn.Parameter]] = []  # each form's parameters in turn: the order of the direction seeds
-    for kind, arg in parse_trainable(spec):
-        if kind == "last-blocks":
-            blocks = find_blocks(model, blocks_path)
-            if arg > len(blocks):
-                raise ConfigError(f"model.trainable=last-blocks:{arg}, but the model has {len(blocks)} blocks; use "
-                                  f"last-blocks:{len(blocks)} or fewer, or all")
-            tail = tuple(b + "." for b, _ in blocks[-arg:])
-            picked = [(n, p) for n, p in named if n.startswith(tail)] + _final_norm(model, named, blocks_path)
-        elif kind == "final-norm":
-            picked = _final_norm(model, named, blocks_path)
-        else:
-            if kind == "all":
-                ids = {id(p) for _, p in named}
-            elif kind == "re":
-                pattern = re.compile(arg)
-                ids = {id(p) for n, p in named if pattern.search(n)}
-            elif kind == "sensitive":
-                ids = _sparse_deltas(model, arg)
-            elif kind == "scales":
-                ids = {id(m.scale) for m in model.modules() if getattr(m, "is_quantized_linear", False)}
-            elif kind == "biases":
-                ids = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
-            elif kind == "norms":
-                ids = _norm_params(model)
-            else:  # modules
-                classes = {c.strip() for c in arg.split(",") if c.strip()}
-                ids = {id(p) for m in model.modules() if type(m).__name__ in classes
-                       for p in m.parameters(recurse=False)}
-            picked = [(n, p) for n, p in named if id(p) in ids]
-        have = {id(p) for _, p in chosen}
-        chosen += [(n, p) for n, p in picked if id(p) not in have]
-    if not chosen:
+    return [pair for _, _, pairs in trainable_forms(model, spec, blocks_path) for pair in pairs]
+
+
+def trainable_forms(model: nn.Module, spec: str, blocks_path: str | None = None) \
+        -> list[tuple[str, str, list[tuple[str, nn.Parameter]]]]:
+    """(form as written, its kind, the pairs it adds) for each form of `spec`, in order: a pair that an
+    earlier form took is not added again (`select_trainable` is their concatenation)."""
+    named = list(model.named_parameters())
+    forms, have = [], set()
+    for part, (kind, arg) in zip(_parts(spec), parse_trainable(spec)):
+        picked = [(n, p) for n, p in _picked(model, named, kind, arg, blocks_path) if id(p) not in have]
+        have |= {id(p) for _, p in picked}
+        forms.append((part, kind, picked))
+    if not have:
         raise ConfigError(f"model.trainable={spec!r} selects no parameter of this model; use one of: {TRAINABLE_FORMS}")
-    return chosen
+    return forms
+
+
+def _picked(model: nn.Module, named, kind: str, arg, blocks_path: str | None) -> list[tuple[str, nn.Parameter]]:
+    """The pairs one trainable form selects, in the model's order."""
+    if kind == "last-blocks":
+        blocks = find_blocks(model, blocks_path)
+        if arg > len(blocks):
+            raise ConfigError(f"model.trainable=last-blocks:{arg}, but the model has {len(blocks)} blocks; use "
+                              f"last-blocks:{len(blocks)} or fewer, or all")
+        tail = tuple(b + "." for b, _ in blocks[-arg:])
+        return [(n, p) for n, p in named if n.startswith(tail)] + _final_norm(model, named, blocks_path)
+    if kind == "final-norm":
+        return _final_norm(model, named, blocks_path)
+    if kind == "all":
+        ids = {id(p) for _, p in named}
+    elif kind == "re":
+        pattern = re.compile(arg)
+        ids = {id(p) for n, p in named if pattern.search(n)}
+    elif kind == "sensitive":
+        ids = _sparse_deltas(model, arg)
+    elif kind == "scales":
+        ids = {id(m.scale) for m in model.modules() if getattr(m, "is_quantized_linear", False)}
+    elif kind == "biases":
+        ids = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+    elif kind == "norms":
+        ids = _norm_params(model)
+    else:  # modules
+        classes = {c.strip() for c in arg.split(",") if c.strip()}
+        ids = {id(p) for m in model.modules() if type(m).__name__ in classes for p in m.parameters(recurse=False)}
+    return [(n, p) for n, p in named if id(p) in ids]

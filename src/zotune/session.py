@@ -28,6 +28,7 @@ from zotune.models import (
     parse_trainable,
     resolve_source,
     select_trainable,
+    trainable_forms,
     without_masks,
 )
 from zotune.parallel import SOLO, Group, weights_digest
@@ -122,16 +123,17 @@ class Session:
         self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
         if self.stream_cfg.tier == "none" and self.engine is None:
             self.model.to(device)
-        if not named:
-            named = select_trainable(self.model, model_cfg.trainable, model_cfg.blocks_path)
-        self.params = [p for _, p in named]
+        forms = [("adapter", "adapter", named)] if named else \
+            trainable_forms(self.model, model_cfg.trainable, model_cfg.blocks_path)
+        self.params = [p for _, _, pairs in forms for _, p in pairs]
         # A resident 16-bit model trains float32 masters of its trained tensors (zotune.precision); runs
         # started before masters existed resume as they were trained.
         resident = self.stream_cfg.tier == "none" and self.engine is None
         self.masters = Masters(self.params) if resident and base["float32_masters"] and Masters.needed(self.params) \
             else None
-        self.opt = make_optimizer(method_cfg.name, self.trained, seed=cfgs["run"].seed, group=group,
-                                  directions_format=base["directions"], config=method_cfg)
+        self.opt = make_optimizer(method_cfg.name, lr_groups(forms, self.trained, method_cfg, model_cfg.trainable, log),
+                                  seed=cfgs["run"].seed, group=group, directions_format=base["directions"],
+                                  config=method_cfg)
         self._base_lrs = [g["lr"] for g in self.opt.param_groups]  # the schedule scales each group's own lr
         if self.engine is not None:
             self.engine.device_blocks = self.stream_cfg.device_blocks or self.engine.device_blocks
@@ -332,3 +334,31 @@ def _check_folder_source(folder: str, model_cfg: ModelConfig, resume: bool) -> N
         raise ConfigError(f"the stream folder {folder} holds the blocks of {source['model']}, not of --model "
                           f"{model_cfg.name} (their weight files differ); give a new --offload-dir for this model, "
                           f"or train from the folder itself with --model {folder}")
+
+
+def lr_groups(forms, trained: list[torch.Tensor], method_cfg: MethodConfig, spec: str, log=print) -> list:
+    """The optimizer's parameters: `trained` as one group at method.lr, or with `method.lr_scale` one group
+    per run of forms (`trainable_forms`) at the same factor, in order, so direction seeds stay as they were."""
+    scale = method_cfg.lr_scale
+    if not scale:
+        return trained
+    if forms[0][1] == "adapter":
+        raise ConfigError("method.lr_scale scales forms of model.trainable, and an adapter trains its own tensors "
+                          "instead; drop method.lr_scale")
+    names = {name for part, kind, _ in forms for name in (part, kind)}
+    unknown = sorted(set(scale) - names)
+    if unknown:
+        raise ConfigError(f"method.lr_scale names {unknown[0]!r}, not a form of model.trainable={spec!r}; name one "
+                          f"of: {', '.join(sorted(names))}")
+    groups, at = [], 0
+    for part, kind, pairs in forms:
+        factor = scale.get(part, scale.get(kind, 1.0))
+        if groups and groups[-1]["factor"] == factor:
+            groups[-1]["params"] += trained[at: at + len(pairs)]
+        elif pairs:
+            groups.append({"params": trained[at: at + len(pairs)], "factor": factor})
+        at += len(pairs)
+    log("lr by form (method.lr_scale): " + ", ".join(f"{form} {method_cfg.lr * f:g}" for form, f in scale.items()) +
+        f"; the other forms {method_cfg.lr:g}")
+    return [{"params": g["params"], "lr": method_cfg.lr * g["factor"]} for g in groups]
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zotune.config import ConfigError, build
 from zotune.methods.perturb import DISTRIBUTIONS, FORMAT
@@ -63,6 +63,9 @@ class MethodConfig:
     n_directions_max: int = 0
     query_beta: float = 0.5
     query_every: int = 100
+    # A factor on lr for some forms of model.trainable, by the form as written or its kind, e.g.
+    # {sensitive: 0.05} (a mask's deltas at 1/20 of the final norm's lr); the other forms take lr itself
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -83,6 +86,7 @@ class MethodConfig:
             raise ConfigError(f"method.n_directions={self.n_directions} must be an integer >= 1")
         METHODS[self.name][1].check_probes(self.n_directions, self.one_sided)  # before any work, in the method's words
         self._check_schedule()
+        self.lr_scale = {str(form): _scale(form, factor) for form, factor in dict(self.lr_scale).items()}
 
     def _check_schedule(self) -> None:
         if not (isinstance(self.n_directions_max, int) and self.n_directions_max >= 0):
@@ -135,6 +139,17 @@ class MethodConfig:
     def options(self) -> dict:
         """The optimizer's keyword arguments: every field but the name."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+def _scale(form, factor) -> float:
+    try:
+        value = float(factor)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"method.lr_scale: {form}={factor!r} must be a finite number >= 0 (a factor on method.lr, "
+                          f"e.g. {{{form}: 0.05}})")
+    return value
 
 
 def register_method(name: str, config: type[MethodConfig], optimizer: type) -> None:
