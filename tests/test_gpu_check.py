@@ -94,7 +94,8 @@ def test_the_gpu_check_runs_every_part_in_its_own_process_and_passes_on_the_cpu(
     out = tmp_path / "check.jsonl"
     assert main(["bench", "gpu", "--device", "cpu", "--quick", "--repeats", "1", "--out", str(out)]) == 0
     got = {r["part"]: r for r in rows(out)}
-    assert list(got) == ["directions", "streamed_equals_resident", "stress", "memory", "step_time", "tf32", "scale"]
+    assert list(got) == ["directions", "streamed_equals_resident", "stress", "sensitivity", "memory", "step_time",
+                         "tf32", "scale"]
     assert all(r["status"] == "ok" for r in got.values()), got
     assert got["directions"]["result"]["equal"] and got["directions"]["result"]["kernel"] == "eager"
     assert got["directions"]["result"]["methods"] == {"kernel": "eager", "lozo_equal": True, "hizoo_bits": "the CPU's"}
@@ -102,7 +103,9 @@ def test_the_gpu_check_runs_every_part_in_its_own_process_and_passes_on_the_cpu(
         f"{m}/{t}" for m in ("zosgd", "zoadam", "n_directions=2", "lozo") for t in ("cpu", "disk")}
     assert got["tf32"]["result"] == {"relative_grad_change": None, "tf32_step_time_ratio": None}  # CUDA only
     assert got["step_time"]["result"]["float32"]["matmul_precision"] == "highest"
-    assert capsys.readouterr().out.count('"part": ') == 7
+    assert capsys.readouterr().out.count('"part": ') == 8
+    sensitivity = got["sensitivity"]["result"]  # (on the CPU the "device" is the CPU: it must agree exactly)
+    assert sensitivity["device_shares"] == 1.0 and sensitivity["streamed_equals_resident"] and sensitivity["entries"]
     assert "skipped" in got["stress"]["result"]  # CUDA only (the fake accelerator covers the CPU)
     assert main(["bench", "gpu", "--device", "cpu", "--quick", "--out", str(out)]) == 2  # exists: refused
     assert "exists and zotune did not write it" in capsys.readouterr().err

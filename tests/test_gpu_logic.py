@@ -375,3 +375,22 @@ def test_a_16_bit_tensor_trained_outside_the_blocks_trains_a_float32_master():
     (a, va, na), (b, vb, nb) = runs
     assert a == b and all(torch.equal(p, q) for p, q in zip(va, vb)) and torch.equal(na, nb)
     assert torch.equal(nb, vb[0].bfloat16()) and not torch.equal(vb[0], vb[0].bfloat16().float())
+
+
+def test_sensitivity_runs_on_the_device_resident_or_a_block_at_a_time(placements, tiny_model_dir, data_file, tmp_path):
+    """`zotune sensitivity` on run.device: a resident model goes there whole; a stream folder's blocks
+    never do (each is held there for its backward alone); the mask records the device."""
+    from zotune.sparse_delta import load_mask
+
+    common = ["--data", str(data_file), "--rows", "8", "--batch-size", "4", "run.device=cpu",
+              "task.verbalizer={pos: great, neg: terrible}", "task.n_dev=4", "task.n_test=4"]
+    assert main(["sensitivity", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a.safetensors"), *common]) == 0
+    assert max(placements["moved"]) > 0 and load_mask(tmp_path / "a.safetensors")[1]["device"] == "cpu"
+    folder = tmp_path / "stream"
+    assert main(["stream", "prepare", "--model", str(tiny_model_dir), "--out", str(folder)]) == 0
+    placements["moved"].clear()
+    assert main(["sensitivity", "--model", str(folder), "--out", str(tmp_path / "b.safetensors"), *common]) == 0
+    assert max(placements["moved"], default=0) == 0, "a whole model went to the compute device"
+    block = _real_bytes(tiny_model("llama").model.layers[0].parameters())
+    outside = _real_bytes(p for n, p in tiny_model("llama").named_parameters() if ".layers." not in n)
+    assert placements["held"] and max(placements["held"]) <= outside + (placements["engine"].prefetch + 2) * block

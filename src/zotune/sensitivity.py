@@ -5,9 +5,11 @@ diagonal Fisher estimate); the mask keeps the `density` share of all block linea
 largest, over the whole model (or over the last K blocks: `--last-blocks K`, so that in training the
 blocks before them stay a frozen prefix, computed once per batch, and each probe runs only K blocks).
 Backprop is allowed here since it runs once, and it runs block by block: one forward keeps each
-block's input for every batch (B x T x H values a block and batch), then, from the last block down,
-each block is run again with gradients, for every batch, from its kept input and the gradient at its
-output, so that only one block's gradients (and the running top entries) are ever held. The model's
+block's input for every batch (B x T x H values a block and batch, in host memory), then, from the
+last block down, each block is run again with gradients, for every batch, from its kept input and the
+gradient at its output, so that only one block's gradients are ever on the device (and the running
+top entries in host memory). It runs on `run.device` (a GPU when there is one), the model resident
+there or, from a stream folder, a block at a time. The model's
 own forward and blocks run, found by structure (`find_block_list`), with the arguments they were
 called with (captured by a pre-hook), and the loss at the last block's output comes from the model's
 forward with every block replayed (`FrozenPrefix`): no forward is copied.
@@ -25,21 +27,25 @@ from torch import nn
 from zotune.config import ConfigError
 from zotune.models import find_block_list
 from zotune.prefix import FrozenPrefix
+from zotune.resolve import resolve_device
 
 
-def _block_calls(model: nn.Module, blocks, first: int, task, batches) -> tuple[list[list[tuple]], list[torch.Tensor]]:
+def _block_calls(model: nn.Module, blocks, first: int, task, batches, device) \
+        -> tuple[list[list[tuple]], list[torch.Tensor]]:
     """(for each block from `first` on, for each batch: the (args, kwargs) it was called with, its input
-    detached; the last block's output for each batch), from one no-grad forward of each batch."""
+    detached, in host memory; the last block's output for each batch, on `device`), from one no-grad
+    forward of each batch."""
     calls: list[list[tuple]] = [[] for _ in blocks]
     last: list[torch.Tensor] = []
     handles = [blocks[j].register_forward_pre_hook(
-        lambda m, args, kwargs, j=j: calls[j].append((_detached(args), _detached(kwargs))), with_kwargs=True)
+        lambda m, args, kwargs, j=j: calls[j].append((_moved(args, HOST), _moved(kwargs, HOST))), with_kwargs=True)
         for j in range(first, len(blocks))]
     handles.append(blocks[-1].register_forward_hook(
         lambda m, args, out: last.append((out[0] if isinstance(out, (tuple, list)) else out).detach())))
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = batch.to(device)
                 with task.head(model, batch):  # (the head computes only what the loss reads)
                     task.forward(model, batch)
     finally:
@@ -48,13 +54,17 @@ def _block_calls(model: nn.Module, blocks, first: int, task, batches) -> tuple[l
     return calls, last
 
 
-def _detached(x):
+HOST = torch.device("cpu")  # where the kept inputs and the running top wait: the device holds one block's work
+
+
+def _moved(x, device):
+    """`x` (a tensor, or tuples and dicts of them) detached and on `device`."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return x.detach().to(device)
     if isinstance(x, tuple):
-        return tuple(_detached(v) for v in x)
+        return tuple(_moved(v, device) for v in x)
     if isinstance(x, dict):
-        return {k: _detached(v) for k, v in x.items()}
+        return {k: _moved(v, device) for k, v in x.items()}
     return x
 
 
@@ -76,8 +86,8 @@ def _output_grads(model, layers, task, batches, last_outputs) -> list[torch.Tens
         leaf = out.detach().requires_grad_(True)
         prefix.output = leaf
         with torch.enable_grad(), prefix.replaying():
-            task.loss(model, batch).backward()
-        grads.append(leaf.grad)
+            task.loss(model, batch.to(out.device)).backward()
+        grads.append(leaf.grad.to(HOST))
     return grads
 
 
@@ -91,8 +101,10 @@ def squared_gradients(model: nn.Module, task, batches, density: float, blocks_pa
     if last_blocks is not None and not 1 <= last_blocks <= len(blocks):
         raise ConfigError(f"--last-blocks {last_blocks}: the model has {len(blocks)} blocks; give 1 to {len(blocks)}")
     first = len(blocks) - (last_blocks or len(blocks))
-    calls, last = _block_calls(model, blocks, first, task, batches)
+    device = next(model.parameters()).device  # (a streamed model's stand-ins are on its device too)
+    calls, last = _block_calls(model, blocks, first, task, batches, device)
     grads = _output_grads(model, blocks, task, batches, last)
+    del last
     linears = [[(f"{path}.{j}.{n}.weight", m.weight) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
                if j >= first else [] for j, block in enumerate(blocks)]
     total = sum(w.numel() for block in linears for _, w in block)
@@ -106,8 +118,8 @@ def squared_gradients(model: nn.Module, task, batches, density: float, blocks_pa
         for (name, weight), score in zip(linears[j], scores):
             spans[name] = (start, weight.numel())
             top = score.view(-1).topk(min(keep, score.numel()))
-            best_scores = torch.cat([best_scores, top.values])
-            best_ids = torch.cat([best_ids, top.indices + start])
+            best_scores = torch.cat([best_scores, top.values.to(HOST)])
+            best_ids = torch.cat([best_ids, top.indices.to(HOST) + start])
             start += weight.numel()
             if len(best_scores) > keep:  # the running global top: one block's scores held at a time
                 kept = best_scores.topk(keep)
@@ -122,19 +134,22 @@ def _run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _block_scores(block, linears, calls, out_grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(summed squared gradient of each linear weight of `block`, d loss / d its input per batch)."""
+    """(summed squared gradient of each linear weight of `block`, on its device; d loss / d its input per
+    batch, in host memory)."""
     weights = [w for _, w in linears]
+    device = weights[0].device if weights else next(block.parameters()).device
     scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     in_grads = []
     for w in weights:
         w.requires_grad_(True)
     try:
         for (args, kwargs), g in zip(calls, out_grads):
-            hidden = _hidden(args, kwargs).detach().requires_grad_(True)
+            args, kwargs = _moved(args, device), _moved(kwargs, device)
+            hidden = _hidden(args, kwargs).requires_grad_(True)
             with torch.enable_grad():
                 out = _run(block, *_with_hidden(args, kwargs, hidden))
-                got = torch.autograd.grad(out, [hidden, *weights], g, allow_unused=True)
-            in_grads.append(got[0])
+                got = torch.autograd.grad(out, [hidden, *weights], g.to(device), allow_unused=True)
+            in_grads.append(got[0].to(HOST))
             for score, w_grad in zip(scores, got[1:]):
                 if w_grad is not None:
                     score.add_(w_grad.float().square())
@@ -163,7 +178,8 @@ def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=p
     if not 0 < density < 1:
         raise ConfigError(f"--density {density}: give the share of weights that train, between 0 and 1 (e.g. 0.001)")
     started = time.perf_counter()
-    model, tokenizer, engine = _open_model(cfgs["model"], log)
+    device = resolve_device(cfgs["run"].device)
+    model, tokenizer, engine = _open_model(cfgs["model"], device, log)
     task = make_task(cfgs["task"], tokenizer)
     rows = min(rows, len(task.train))
     if rows < 1:
@@ -180,25 +196,26 @@ def make_mask(cfgs: dict, out, density: float, rows: int, batch_size: int, log=p
            "model": cfgs["model"].name, "task": cfgs["task"].name or cfgs["task"].data,
            "template": cfgs["task"].template, "rows": rows, "batch_size": batch_size, "density": density,
            "blocks": f"the last {last_blocks}" if last_blocks else "all", "entries": kept, "of": total,
-           "tensors": len(indices), "seconds": round(time.perf_counter() - started, 1)}
+           "tensors": len(indices), "seconds": round(time.perf_counter() - started, 1), "device": str(device)}
     partial = out.with_name(out.name + ".partial")  # a stopped command leaves no half-written mask at `out`
     save_mask(partial, indices, how)
     os.replace(partial, out)
     log(f"wrote {out}: {kept:,} of {total:,} block linear weights ({kept / total:.3%}) in {len(indices)} tensors, from "
-        f"{rows} training rows in {how['seconds']:.0f}s; train them with model.trainable=sensitive:{out}")
+        f"{rows} training rows in {how['seconds']:.0f}s on {device}; train them with model.trainable=sensitive:{out}")
     return how
 
 
-def _open_model(model_cfg, log):
-    """(model, tokenizer, its StreamEngine or None): a stream folder streams, a block at a time, so the
-    mask is measured wherever training fits; any other model loads whole."""
+def _open_model(model_cfg, device: torch.device, log):
+    """(model, tokenizer, its StreamEngine or None) on `device`: a stream folder streams, a block at a time,
+    so the mask is measured wherever training fits; any other model loads whole."""
     from zotune.models import load_model
     from zotune.quant import QWEIGHT_KIND
     from zotune.stream import folder_tokenizer, is_stream_folder, load_streamed
 
     if not is_stream_folder(model_cfg.name):
-        return (*load_model(model_cfg, log=log), None)
-    model, engine = load_streamed(model_cfg.name, "cpu", model_cfg.dtype, log=log)
+        model, tokenizer = load_model(model_cfg, log=log)
+        return model.to(device), tokenizer, None
+    model, engine = load_streamed(model_cfg.name, device, model_cfg.dtype, log=log)
     if any(spec.dtype in QWEIGHT_KIND for specs in engine.tier.specs for spec in specs):
         engine.close()
         raise ConfigError(f"{model_cfg.name} holds quantized blocks: their weights have no gradient to measure; "

@@ -13,6 +13,8 @@ docs/performance.md, side by side in one process each:
 - `step_time`: a streamed step / a resident step, and a resident ZO step / two plain forwards, with
   full float32 and with TF32 products (`zotune train`'s default on CUDA), the precision recorded;
   streamed steps end when the engine's transfers have (`engine.wait()`);
+- `sensitivity`: `zotune sensitivity`'s mask summed on the device, resident and streamed (each
+  block held for its backward), against the CPU's (`zotune.bench.gpu_sensitivity`);
 - `tf32`: the projected gradients' relative change under TF32, and its step-time ratio;
 - `scale`: a Llama-7B-shaped model (random weights in host memory), all parameters trained (float32
   masters), streamed: peak device memory, seconds a step, and the bytes moved each way as a share of

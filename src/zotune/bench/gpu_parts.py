@@ -24,6 +24,7 @@ PARTS = {
     "directions": ("zotune.bench.gpu:part_directions", 20, 10, True),
     "streamed_equals_resident": ("zotune.bench.gpu:check_streamed_equals_resident", 60, 60, True),
     "stress": ("zotune.bench.gpu_stress:check_stress", 40, 5, True),
+    "sensitivity": ("zotune.bench.gpu_sensitivity:check_sensitivity", 30, 10, True),
     "memory": ("zotune.bench.gpu:measure_memory", 60, 20, False),
     "step_time": ("zotune.bench.gpu:measure_step_time", 60, 20, False),
     "tf32": ("zotune.bench.gpu:measure_tf32", 40, 5, False),
