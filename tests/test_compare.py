@@ -59,3 +59,21 @@ def test_compare_refuses_bad_seeds(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(["compare", "--run", "zosgd", "--seeds", "1,1", "--out", str(tmp_path / "c"),
                  *shared(tiny_model_dir, data_file)]) == 2
     assert "distinct seeds" in capsys.readouterr().err
+
+
+def test_a_query_schedule_is_counted_and_plotted_at_its_own_forward_passes(tiny_model_dir, data_file, tmp_path):
+    from zotune.resolve import resolve_configs
+
+    out = tmp_path / "cmp"
+    schedule = "zosgd method.n_directions_max=3 method.query_every=2"
+    assert main(["compare", "--run", schedule, "--forwards", "24", "--evals", "2", "--out", str(out),
+                 *shared(tiny_model_dir, data_file)]) == 0
+    (row,) = json.loads((out / "compare.json").read_text())
+    method = resolve_configs(None, ["method.name=zosgd", "method.n_directions_max=3", "method.query_every=2"])["method"]
+    steps = row["steps"]
+    assert method.forwards_in(steps) <= 24 < method.forwards_in(steps + 1)
+    assert row["forwards"] == method.forwards_in(steps)
+    assert row["forwards"] != steps * 2  # the steps grew: not the first step's forwards times the steps
+    every = steps // 2  # evaluations at equal steps (and after the last), each at its own forward count
+    at = dict.fromkeys([0, every, 2 * every, steps])
+    assert [f for f, _ in row["dev"]] == [method.forwards_in(s) for s in at]

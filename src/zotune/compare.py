@@ -1,9 +1,10 @@
 """`zotune compare`: several methods and setups on one task with the same budget of forward passes.
 
-Each run is `METHOD [section.key=value ...]` on top of the shared options; its steps are the budget
-divided by the method's forwards per step, and its dev set is evaluated at the same forward-pass
-counts as every other run's. Writes each run's folder, then `compare.json`, `compare.md` (a table)
-and `compare.png` (the dev metric against forward passes).
+Each run is `METHOD [section.key=value ...]` on top of the shared options; its steps are the most
+whose forward passes fit the budget, and its dev set is evaluated at the same forward-pass counts as
+every other run's (with AdaZeta's query schedule, whose steps grow, at equal steps instead: the table
+and the plot place each evaluation at its own forward-pass count). Writes each run's folder, then
+`compare.json`, `compare.md` (a table) and `compare.png` (the dev metric against forward passes).
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def compare(runs: list[str], forwards: int, evals: int, out: str, shared: list[s
         log(f"== {label} (seed {seed}): {cfgs['run'].steps} steps x {per_step} forwards")
         summary = train(cfgs, log=log)
         metrics = [json.loads(line) for line in (Path(cfgs["run"].out) / "metrics.jsonl").read_text().splitlines()]
-        dev = [(r["step"] * per_step, headline(r, "dev")[1]) for r in metrics if headline(r, "dev")]
+        at = cfgs["method"].forwards_in  # forward passes after a step (a query schedule's steps grow)
+        dev = [(at(r["step"]), headline(r, "dev")[1]) for r in metrics if headline(r, "dev")]
         metric = summary["before"]["metric"]
         rows.append({"run": label, "seed": seed, "status": summary["status"], "steps": summary["steps"],
-                     "forwards": summary["steps"] * per_step, "metric": metric, "dev": dev,
+                     "forwards": at(summary["steps"]), "metric": metric, "dev": dev,
                      "test_before": summary["before"][metric], "test_after": summary.get("after", {}).get(metric),
                      "reached": _reached(dev, target), "seconds": summary["seconds"], "folder": cfgs["run"].out})
     folder.mkdir(parents=True, exist_ok=True)
