@@ -9,10 +9,10 @@ block's input for every batch (B x T x H values a block and batch, in host memor
 last block down, each block is run again with gradients, for every batch, from its kept input and the
 gradient at its output, so that only one block's gradients are ever on the device (and the running
 top entries in host memory). It runs on `run.device` (a GPU when there is one), the model resident
-there or, from a stream folder, a block at a time. The model's
-own forward and blocks run, found by structure (`find_block_list`), with the arguments they were
-called with (captured by a pre-hook), and the loss at the last block's output comes from the model's
-forward with every block replayed (`FrozenPrefix`): no forward is copied.
+there or, from a stream folder, a block at a time. The model's own forward and blocks run, found by
+structure (`find_block_list`), with the arguments they were called with (captured by a pre-hook),
+and the loss at the last block's output comes from the model's forward with every block replayed
+(`FrozenPrefix`): no forward is copied.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from zotune.config import ConfigError
 from zotune.models import find_block_list
 from zotune.prefix import FrozenPrefix
 from zotune.resolve import resolve_device
+
+HOST = torch.device("cpu")  # where the kept inputs and the running top wait: the device holds one block's work
 
 
 def _block_calls(model: nn.Module, blocks, first: int, task, batches, device) \
@@ -52,9 +54,6 @@ def _block_calls(model: nn.Module, blocks, first: int, task, batches, device) \
         for h in handles:
             h.remove()
     return calls, last
-
-
-HOST = torch.device("cpu")  # where the kept inputs and the running top wait: the device holds one block's work
 
 
 def _moved(x, device):
