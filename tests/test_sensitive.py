@@ -14,6 +14,7 @@ from zotune.cli import main
 from zotune.models import find_blocks
 from zotune.sensitivity import squared_gradients
 from zotune.sparse_delta import SparseDelta, attach_deltas, load_mask, merge_deltas_, save_mask, wrap_entries
+from zotune.steplog import decode_steps
 from zotune.tasks import ClassificationTask, Table, TaskConfig
 
 VERBALIZER = ("task.verbalizer={pos: great, neg: terrible}", "task.n_dev=8", "task.n_test=8")
@@ -257,8 +258,7 @@ def test_lr_scale_moves_each_form_at_its_own_lr_and_resumes_as_it_trained(mask, 
     at_quarter = exported(run("at-quarter", 1, "2.5e-3"), tmp_path / "m2")
     masked = set(load_mask(mask)[0])
     for name, weight in scaled.items():
-        same, other = (at_quarter, at_lr) if name in masked else (at_lr, at_quarter)
-        assert torch.equal(weight, same[name]), name
+        assert torch.equal(weight, (at_quarter if name in masked else at_lr)[name]), name
     assert any(not torch.equal(scaled[k], at_lr[k]) for k in masked)  # the deltas did move at the smaller lr
     assert any(not torch.equal(scaled[k], at_quarter[k]) for k in scaled if k not in masked)
     # stopped and resumed: the run it would have been, each step recording both lrs
@@ -266,6 +266,8 @@ def test_lr_scale_moves_each_form_at_its_own_lr_and_resumes_as_it_trained(mask, 
     part = run("part", 2, "1e-2", "method.lr_scale={sensitive: 0.25}", "run.snapshot_every=2")
     assert main(["resume", str(part), "run.steps=4"]) == 0
     assert (part / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
+    records, _, _ = decode_steps((whole / "steps.log").read_bytes())
+    assert [r.lrs for r in records] == [[1e-2, 2.5e-3]] * 4  # the norm's group, then the deltas'
     capsys.readouterr()
     both = f"model.trainable=final-norm+sensitive:{mask}"
     for bad, match, *extra in (("{last-blocks: 2}", "'last-blocks', not a form of model.trainable", both),

@@ -361,4 +361,3 @@ def lr_groups(forms, trained: list[torch.Tensor], method_cfg: MethodConfig, spec
     log("lr by form (method.lr_scale): " + ", ".join(f"{form} {method_cfg.lr * f:g}" for form, f in scale.items()) +
         f"; the other forms {method_cfg.lr:g}")
     return [{"params": g["params"], "lr": method_cfg.lr * g["factor"]} for g in groups]
-
