@@ -18,6 +18,7 @@ adds) in one pass instead of two, without the scratch.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -104,22 +105,36 @@ def available() -> bool:
     return bool(_kernels)
 
 
+@contextmanager
+def _on_torch_threads():
+    """A parallel kernel on torch's number of threads (the user's `run.threads` or OMP_NUM_THREADS), and
+    torch's number given back after it: numba's OpenMP layer sets the process's OpenMP count to its own
+    (every core) when it starts, which would leave the forwards that follow on more threads than asked
+    (a different matmul summation, so different bits, and oversubscribed ranks)."""
+    import numba
+
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def signs_axpy(p: torch.Tensor, key: int, first_word: int, scale: float, decay: float = 1.0, then: float = 0.0) -> None:
     """p ← (p + scale·z)·decay + then·z in place, z the signs of counter words `first_word`, ... of `key`.
 
     `p`: a contiguous float32 CPU tensor. A term equal to 0 (or a decay of 1) is skipped, as in the
     eager path.
     """
-    import numba
     import numpy as np
 
     flat = p.detach().view(-1)
     signs = torch.empty((flat.numel() + 63) // 64, dtype=torch.int64)
     small = flat.numel() <= SERIAL_BELOW
     words, apply = _kernels[3:5] if small else _kernels[:2]
-    with _lock:
-        if not small:
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    with _lock, _on_torch_threads() if not small else nullcontext():
         words(signs.numpy().view(np.uint64), np.uint64(key), first_word)
         values, bits = flat.numpy(), signs.view(torch.int32).numpy()
         terms = np.float32(scale), np.float32(decay), np.float32(then)
@@ -133,11 +148,9 @@ def low_rank_axpy(p: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: floa
                   then: float = 0.0) -> None:
     """p ← (p + scale·Z)·decay + then·Z in place, Z = U·Vᵀ, for `p` a contiguous float32 CPU m × n matrix
     and U (m × r), V (n × r) holding ±1 with r in {1, 2, 4} (so that scale·Z is exact: the caller checks)."""
-    import numba
     import numpy as np
 
     low_rank = _kernels[2]
     terms = np.float32(scale), np.float32(decay), np.float32(then)
-    with _lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    with _lock, _on_torch_threads():
         low_rank(p.detach().numpy(), u.contiguous().numpy(), v.T.contiguous().numpy(), *terms)
