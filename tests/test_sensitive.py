@@ -268,6 +268,9 @@ def test_lr_scale_moves_each_form_at_its_own_lr_and_resumes_as_it_trained(mask, 
     assert (part / "steps.log").read_bytes() == (whole / "steps.log").read_bytes()
     records, _, _ = decode_steps((whole / "steps.log").read_bytes())
     assert [r.lrs for r in records] == [[1e-2, 2.5e-3]] * 4  # the norm's group, then the deltas'
+    for folder in (whole, part):  # and metrics.jsonl says both, after a resume too
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["lrs"] for r in rows if "loss" in r and "step" in r and "grads" in r] == [[1e-2, 2.5e-3]] * 4
     capsys.readouterr()
     both = f"model.trainable=final-norm+sensitive:{mask}"
     for bad, match, *extra in (("{last-blocks: 2}", "'last-blocks', not a form of model.trainable", both),

@@ -213,8 +213,7 @@ class RunFolder(RunRecord):
             elif not (headline(r, "dev") and step <= n and (step == 0 or keep_dev(step))):
                 continue
             kept.append(r)
-        kept += [{"step": rec.step + 1, "loss": rec.losses[0], "grads": rec.grads, "seed": rec.seed,
-                  "lr": rec.lrs[0], "seconds": None} for rec in records if rec.step + 1 not in seen]
+        kept += [step_row(rec.step + 1, rec.losses[0], rec, None) for rec in records if rec.step + 1 not in seen]
         # The order an uninterrupted run writes: zero-shot test, then per step its line and its dev eval.
         kept.sort(key=lambda r: (r["step"], 0 if headline(r, "test") else 1 if "loss" in r else 2))
         self._metrics.close()
@@ -285,6 +284,15 @@ class RunFolder(RunRecord):
 # What a run folder holds (zotune.trackers add tensorboard/ and wandb/; zotune eval adds eval.json).
 RUN_ENTRIES = {"config.yaml", "base.json", "steps.log", "metrics.jsonl", "summary.json", "curve.png", "lock",
                "snapshots", "eval.json", "trial.json", "tensorboard", "wandb"}
+
+
+def step_row(step: int, loss: float, rec: StepRecord, seconds: float | None) -> dict:
+    """A step's line of metrics.jsonl: the first group's lr as `lr`, and every group's as `lrs` when the
+    trained forms have lrs of their own (`method.lr_scale`)."""
+    row = {"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0], "seconds": seconds}
+    if len(rec.lrs) > 1:
+        row["lrs"] = list(rec.lrs)
+    return row
 
 
 def _never_started(path: Path) -> bool:

@@ -31,7 +31,7 @@ from zotune.parallel import SOLO, DivergedError, Group, text_digest, weights_dig
 from zotune.precision import Masters, Precision, set_tf32
 from zotune.prefix import FrozenPrefix, PrefixStore, batch_key
 from zotune.resolve import SECTIONS, check_as_recorded, resolve_device
-from zotune.runs import RunFolder, RunRecord
+from zotune.runs import RunFolder, RunRecord, step_row
 from zotune.schedule import batch_order, lr_factor
 from zotune.session import Session, back_to_step
 from zotune.tasks import Task, make_task
@@ -319,8 +319,7 @@ def _run_steps(r: _Run, start: int, seconds_before: float) -> _Outcome:
                     loss, rec = r.session.step(lambda: task.head_loss(probed, batch), share, factor)
                 out.step = step
                 run.append_step(step, rec, loss)  # the checkpoint: from here on, this step is never lost
-                run.log({"step": step, "loss": loss, "grads": rec.grads, "seed": rec.seed, "lr": rec.lrs[0],
-                         "seconds": round(seconds_before + time.perf_counter() - train_started, 3)})
+                run.log(step_row(step, loss, rec, round(seconds_before + time.perf_counter() - train_started, 3)))
                 if _after_step(r, step, bar):
                     out.stopped_early = step
                     break
