@@ -193,3 +193,39 @@ def test_tt_adapters_train_resume_stream_and_export_a_merged_model(tiny_model_di
                          (("adapter.targets=nothing",), "no nn.Linear of this model has that name")):
         assert main(args(tiny_model_dir, data_file, tmp_path / "bad", *extra, adapter=TT)) == 2
         assert match in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("adapter", [LORA, TT], ids=["lora", "tt"])
+def test_adapters_on_the_last_blocks_leave_a_frozen_prefix_equal_to_the_whole_forward(adapter, tiny_model_dir,
+                                                                                      data_file, tmp_path, capsys):
+    """`adapter.last_blocks=1`: only the last block's linears are adapted, so blocks 0..1 run once per
+    batch and every probe reuses their output; streamed (whole forwards, no prefix) is the same run."""
+    last = (*adapter, "adapter.last_blocks=1")
+    resident = tmp_path / "resident"
+    assert main(args(tiny_model_dir, data_file, resident, adapter=last)) == 0
+    out = capsys.readouterr().out
+    assert "of the last 1 blocks): " in out and "blocks 0..1 are frozen" in out
+    names = [line for line in out.splitlines() if "trainable (" in line]
+    streamed = tmp_path / "streamed"
+    assert main(args(tiny_model_dir, data_file, streamed, "--offload", "cpu", adapter=last)) == 0
+    assert "are frozen" not in capsys.readouterr().out
+    assert (streamed / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
+    everywhere = tmp_path / "everywhere"
+    assert main(args(tiny_model_dir, data_file, everywhere, adapter=adapter)) == 0
+    assert len(final(resident)) * 3 == len(final(everywhere))  # q and v of one block of three
+    assert names and "are frozen" not in capsys.readouterr().out
+    exported = tmp_path / "export"
+    assert main(["export", str(resident), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    if adapter == LORA:
+        targets = json.loads((exported / "adapter_config.json").read_text())["target_modules"]
+        assert sorted(targets) == ["model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"]
+    for extra, match in ((("adapter.last_blocks=4",), "adapter.last_blocks=4, but this model has 3 blocks"),
+                         (("adapter.last_blocks=-1",), "adapter.last_blocks=-1 must be an integer >= 0"),
+                         (("adapter.last_blocks=1", "adapter.targets=nothing"), "no nn.Linear of the last 1 blocks")):
+        assert main(args(tiny_model_dir, data_file, tmp_path / "bad", *extra, adapter=adapter)) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert main(args(tiny_model_dir, data_file, tmp_path / "bad", adapter=("adapter.kind=prefix",
+                                                                            "adapter.last_blocks=1"))) == 2
+    assert "adapter.last_blocks=1 is an option of adapter.kind=lora" in capsys.readouterr().err

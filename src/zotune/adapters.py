@@ -20,7 +20,8 @@ from torch import nn
 from zotune.config import ConfigError
 
 KINDS = ("none", "lora", "prefix", "tt")
-OPTIONS = {"lora": ("r", "alpha", "targets"), "prefix": ("tokens", "init"), "tt": ("r", "targets", "cores")}
+OPTIONS = {"lora": ("r", "alpha", "targets", "last_blocks"), "prefix": ("tokens", "init"),
+           "tt": ("r", "targets", "cores", "last_blocks")}
 
 
 @dataclass
@@ -36,6 +37,7 @@ class AdapterConfig:
     tokens: int = 5  # prefix: virtual tokens per layer (MeZO's 5)
     init: str = "real"  # prefix: "real" (the model's own keys and values of real tokens) or "random"
     cores: int = 3  # tt: cores in each adapted matrix's tensor train (its rank is r)
+    last_blocks: int = 0  # lora, tt: adapt only the last N blocks (their inputs are then a frozen prefix); 0: all
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -50,6 +52,9 @@ class AdapterConfig:
             raise ConfigError(f"adapter.init={self.init!r}: use real (activations of real tokens) or random")
         if not (isinstance(self.cores, int) and 2 <= self.cores <= 8):
             raise ConfigError(f"adapter.cores={self.cores} must be an integer from 2 to 8 (e.g. 3)")
+        if not (isinstance(self.last_blocks, int) and not isinstance(self.last_blocks, bool) and self.last_blocks >= 0):
+            raise ConfigError(f"adapter.last_blocks={self.last_blocks} must be an integer >= 0 (0: every block; "
+                              f"e.g. 2 for the last two)")
         defaults = AdapterConfig.__dataclass_fields__
         for kind, options in OPTIONS.items():
             stray = [o for o in options if getattr(self, o) != defaults[o].default and self.kind not in
@@ -60,25 +65,29 @@ class AdapterConfig:
                                   f"or drop adapter.{stray[0]}")
 
     def describe(self) -> str:
+        where = (self.targets or "PEFT default modules") + (f" of the last {self.last_blocks} blocks"
+                                                             if self.last_blocks else "")
         if self.kind == "tt":
-            where = self.targets or "PEFT default modules"
             return f"tensor-train adapters, {self.cores} cores of rank {self.r} on {where}"
         if self.kind == "lora":
-            return f"LoRA r={self.r} on {self.targets or 'PEFT default modules'}"
+            return f"LoRA r={self.r} on {where}"
         return f"prefix tuning, {self.tokens} tokens per layer, {self.init} initialisation"
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int,
+                  blocks_path: str | None = None) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """(the model with its adapter, the adapter's (name, parameter) pairs), or the model unchanged."""
     if cfg.kind == "none":
         return model, []
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()] if cfg.targets else None
+    if cfg.last_blocks:
+        targets = in_last_blocks(model, targets or default_targets(model, cfg.kind), cfg.last_blocks, blocks_path)
     if cfg.kind == "tt":
         from zotune.tt_adapter import apply_tt
 
-        return apply_tt(model, cfg.r, cfg.cores, targets, seed)
+        return apply_tt(model, cfg.r, cfg.cores, targets or default_targets(model, "tt"), seed)
     devices = {p.device for p in model.parameters()}
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # LoRA's A matrices, a random prefix: the same start on every run of this config
@@ -102,6 +111,35 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int) -> tuple[nn.M
     for _, p in peft_model.named_parameters():
         p.requires_grad_(False)  # forward passes only
     return peft_model.eval(), named
+
+
+def default_targets(model: nn.Module, kind: str) -> list[str]:
+    """PEFT's default LoRA modules for the model's architecture (what LoRA and `tt` adapt unless told)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not DEFAULTS.get(model_type):
+        raise ConfigError(f"adapter.kind={kind}: no default modules are known for model type {model_type!r}; name "
+                          f"them with adapter.targets (e.g. adapter.targets=q_proj,v_proj)")
+    return list(DEFAULTS[model_type])
+
+
+def in_last_blocks(model: nn.Module, targets: list[str], last_blocks: int, blocks_path: str | None) -> list[str]:
+    """The full names of the linears named `targets` in the model's last `last_blocks` blocks (found by
+    structure), so that the blocks before them stay frozen and their outputs are computed once per batch."""
+    from zotune.models import find_block_list
+
+    path, layers = find_block_list(model, blocks_path)
+    if last_blocks > len(layers):
+        raise ConfigError(f"adapter.last_blocks={last_blocks}, but this model has {len(layers)} blocks; use at most "
+                          f"{len(layers)} (or 0 for every block)")
+    names = [f"{path}.{i}.{name}" for i in range(len(layers) - last_blocks, len(layers))
+             for name, module in layers[i].named_modules()
+             if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets]
+    if not names:
+        raise ConfigError(f"adapter.targets={','.join(targets)}: no nn.Linear of the last {last_blocks} blocks has "
+                          f"that name; name modules they have (e.g. q_proj,v_proj)")
+    return names
 
 
 @torch.no_grad()

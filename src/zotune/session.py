@@ -120,7 +120,7 @@ class Session:
             self._quantize(model_cfg, log)
         else:  # a mask's deltas on the disk tier's base: on the device, outside its blocks (as an adapter's)
             self._attach_masks(model_cfg, log)
-        self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed)
+        self.model, named = apply_adapter(self.model, adapter, cfgs["run"].seed, model_cfg.blocks_path)
         if self.stream_cfg.tier == "none" and self.engine is None:
             self.model.to(device)
         forms = [("adapter", "adapter", named)] if named else \

@@ -78,19 +78,13 @@ class TTDelta(nn.Module):
         return f"cores {[tuple(c.shape) for c in self.cores]}: {sum(c.numel() for c in self.cores):,} values"
 
 
-def apply_tt(model: nn.Module, rank: int, n_cores: int, targets: list[str] | None, seed: int):
-    """(the model with TT adapters on its target linears, their cores as (name, parameter) pairs)."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = targets or DEFAULTS.get(model_type)
-    if not targets:
-        raise ConfigError(f"adapter.kind=tt: no default modules are known for model type {model_type!r}; name them "
-                          f"with adapter.targets (e.g. adapter.targets=q_proj,v_proj)")
+def apply_tt(model: nn.Module, rank: int, n_cores: int, targets: list[str], seed: int):
+    """(the model with TT adapters on its target linears, their cores as (name, parameter) pairs);
+    `targets` names modules by their last name (`q_proj`) or in full (`model.layers.3.self_attn.q_proj`)."""
     generator = torch.Generator().manual_seed(seed)
     wrapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets:
+        if isinstance(module, nn.Linear) and (name in targets or name.rpartition(".")[2] in targets):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     TTDelta(module, rank, n_cores, generator))
