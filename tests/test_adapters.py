@@ -199,7 +199,8 @@ def test_tt_adapters_train_resume_stream_and_export_a_merged_model(tiny_model_di
 def test_adapters_on_the_last_blocks_leave_a_frozen_prefix_equal_to_the_whole_forward(adapter, tiny_model_dir,
                                                                                       data_file, tmp_path, capsys):
     """`adapter.last_blocks=1`: only the last block's linears are adapted, so blocks 0..1 run once per
-    batch and every probe reuses their output; streamed (whole forwards, no prefix) is the same run."""
+    batch and every probe reuses their output; streamed from host memory or from the disk tier (whole
+    forwards, no prefix) is the same run."""
     last = (*adapter, "adapter.last_blocks=1")
     resident = tmp_path / "resident"
     assert main(args(tiny_model_dir, data_file, resident, adapter=last)) == 0
@@ -210,6 +211,10 @@ def test_adapters_on_the_last_blocks_leave_a_frozen_prefix_equal_to_the_whole_fo
     assert main(args(tiny_model_dir, data_file, streamed, "--offload", "cpu", adapter=last)) == 0
     assert "are frozen" not in capsys.readouterr().out
     assert (streamed / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
+    disk = tmp_path / "disk"  # the base from its folder, the adapter on the device
+    assert main(args(tiny_model_dir, data_file, disk, "--offload", "disk", "--offload-dir", str(tmp_path / "blocks"),
+                     adapter=last)) == 0
+    assert (disk / "steps.log").read_bytes() == (resident / "steps.log").read_bytes()
     everywhere = tmp_path / "everywhere"
     assert main(args(tiny_model_dir, data_file, everywhere, adapter=adapter)) == 0
     assert len(final(resident)) * 3 == len(final(everywhere))  # q and v of one block of three
